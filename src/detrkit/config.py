@@ -1,0 +1,122 @@
+"""Every default of detrkit, written once.
+
+Four dataclasses hold every setting: :class:`ModelConfig` (the network),
+:class:`LossConfig` (matching costs and loss weights), :class:`DataConfig`
+and :class:`TrainConfig`. Each default carries a comment saying where it
+comes from: the paper / official implementation (facebookresearch/detr), or
+our own measurement. The named presets at the bottom are the only other
+place where numbers are chosen.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class ModelConfig:
+    """The DETR network. Defaults are DETR-R50 as published (paper, Table 1)."""
+
+    backbone: str = "resnet50"  # torchvision ResNet depth: resnet18/34/50/101
+    dilation: bool = False  # DC5: dilate layer4 instead of striding it (stride 16, paper sec. 4)
+    backbone_stages: int = 4  # ResNet stages kept; 3 cuts after layer3 (stride 16, fewer channels: small presets)
+    frozen_stages: int = 1  # stem + layer1 frozen, layer2-4 trained (official backbone.py); 0 = all trainable
+    num_classes: int = 91  # classes without "no object"; official COCO uses max id + 1 = 91
+    d_model: int = 256  # transformer width (official hidden_dim)
+    nheads: int = 8  # attention heads (official)
+    enc_layers: int = 6  # encoder layers (official)
+    dec_layers: int = 6  # decoder layers (official)
+    dim_feedforward: int = 2048  # FFN width (official)
+    dropout: float = 0.1  # dropout in attention and FFN (official)
+    num_queries: int = 100  # object queries = maximum detections per image (official)
+    pre_norm: bool = False  # LayerNorm before (True) or after (False, official) each sub-layer
+    position_embedding: str = "sine"  # "sine" (official) or "learned"
+    aux_loss: bool = True  # return every decoder layer's predictions (official: on)
+
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONE_CHANNELS:
+            raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {sorted(BACKBONE_CHANNELS)}")
+        if self.dilation and self.backbone in ("resnet18", "resnet34"):
+            raise ValueError(f"dilation (DC5) needs a bottleneck ResNet (resnet50/101), not {self.backbone}")
+        if self.dilation and self.backbone_stages < 4:
+            raise ValueError("dilation dilates layer4, so it needs backbone_stages=4")
+        if self.position_embedding not in ("sine", "learned"):
+            raise ValueError(f"position_embedding must be 'sine' or 'learned', got {self.position_embedding!r}")
+        if self.d_model % self.nheads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by nheads ({self.nheads})")
+        if self.d_model % 2:
+            raise ValueError("d_model must be even: half the channels encode y, half x")
+
+
+# Output channels of each ResNet stage (layer1..layer4).
+BACKBONE_CHANNELS = {
+    "resnet18": (64, 128, 256, 512),
+    "resnet34": (64, 128, 256, 512),
+    "resnet50": (256, 512, 1024, 2048),
+    "resnet101": (256, 512, 1024, 2048),
+}
+
+
+@dataclass
+class LossConfig:
+    """Hungarian matching costs and set-loss weights (official defaults)."""
+
+    cost_class: float = 1.0  # matcher weight of the class term (official set_cost_class)
+    cost_bbox: float = 5.0  # matcher weight of the L1 box term (official set_cost_bbox)
+    cost_giou: float = 2.0  # matcher weight of the -GIoU term (official set_cost_giou)
+    # The class cost: "neg_prob" is -p (official code); "one_minus_prob" is 1 - p (the paper's
+    # explanation). They differ by a constant per target column, so the assignment is the same.
+    class_cost: str = "neg_prob"
+    loss_ce: float = 1.0  # weight of the classification loss (official)
+    loss_bbox: float = 5.0  # weight of the box regression loss (official bbox_loss_coef)
+    loss_giou: float = 2.0  # weight of the 1 - GIoU loss (official giou_loss_coef)
+    eos_coef: float = 0.1  # relative weight of the "no object" class in cross-entropy (official)
+    bbox_loss: str = "l1"  # "l1" (paper, official) or "smooth_l1"
+    smooth_l1_beta: float = 0.1  # Smooth L1 switch point in normalised box units (ours; boxes are in [0, 1])
+
+    def __post_init__(self) -> None:
+        if self.class_cost not in ("neg_prob", "one_minus_prob"):
+            raise ValueError(f"class_cost must be 'neg_prob' or 'one_minus_prob', got {self.class_cost!r}")
+        if self.bbox_loss not in ("l1", "smooth_l1"):
+            raise ValueError(f"bbox_loss must be 'l1' or 'smooth_l1', got {self.bbox_loss!r}")
+        if self.smooth_l1_beta <= 0:
+            raise ValueError("smooth_l1_beta must be > 0")
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets. The paper's four (d 256, 8 heads, 6+6 layers, FFN 2048, dropout 0.1, 100 queries)
+# and small ones for CPUs.
+# ---------------------------------------------------------------------------------------------
+PRESETS: dict[str, dict] = {
+    "detr_r50": dict(backbone="resnet50"),
+    "detr_r50_dc5": dict(backbone="resnet50", dilation=True),
+    "detr_r101": dict(backbone="resnet101"),
+    "detr_r101_dc5": dict(backbone="resnet101", dilation=True),
+    # Small presets for CPUs and small data: ResNet-18 trunk, narrower and shallower transformer.
+    "detr_r18_small": dict(
+        backbone="resnet18", d_model=128, nheads=8, enc_layers=3, dec_layers=3,
+        dim_feedforward=512, num_queries=30, frozen_stages=0,
+    ),
+    # The smallest useful model, for tests and smoke runs (seconds per step on a CPU).
+    "detr_r18_tiny": dict(
+        backbone="resnet18", backbone_stages=3, d_model=64, nheads=4, enc_layers=1, dec_layers=2,
+        dim_feedforward=128, num_queries=10, frozen_stages=0,
+    ),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """The :class:`ModelConfig` of a named preset, with optional field overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+def config_from_dict(cls, values: dict):
+    """Build a config dataclass from a dict, refusing unknown keys by name."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys: {', '.join(unknown)}")
+    return cls(**values)

@@ -1,0 +1,1 @@
+"""Data: COCO-format datasets, the synthetic demo set, box-aware transforms and batching."""

@@ -1,0 +1,1 @@
+"""The DETR network: backbone, positional encoding, transformer and heads."""

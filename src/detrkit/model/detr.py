@@ -1,0 +1,136 @@
+"""DETR: backbone -> 1x1 projection -> transformer -> shared class and box heads.
+
+The names of the parts are the paper's and the official code's (``input_proj``,
+``query_embed``, ``class_embed``, ``bbox_embed``, ``pred_logits``, ``pred_boxes``,
+``aux_outputs``), and so is the parameter layout: an official checkpoint maps onto it by
+renaming two prefixes (see :mod:`detrkit.checkpoint`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from detrkit.config import ModelConfig
+from detrkit.data.batch import pad_images
+from detrkit.model.backbone import Backbone
+from detrkit.model.position import PositionEmbeddingLearned, PositionEmbeddingSine
+from detrkit.model.transformer import Transformer
+
+Images = Union[Sequence[Tensor], tuple[Tensor, Tensor]]
+
+
+class MLP(nn.Module):
+    """``num_layers`` Linear layers with ReLU between them (the box head: 3 layers)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
+        outs = [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, outs))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+class DETR(nn.Module):
+    """The DETR detector.
+
+    Train/eval contract: the model itself never matches or computes losses (see
+    :class:`detrkit.HungarianMatcher` and :class:`detrkit.SetCriterion`); in train and eval
+    mode alike it maps images to raw predictions. Inference uses ``pred_logits`` and
+    ``pred_boxes`` (the last decoder layer) only, with no NMS.
+    """
+
+    def __init__(self, backbone: Backbone, position: nn.Module, transformer: Transformer,
+                 num_classes: int, num_queries: int, aux_loss: bool = True) -> None:
+        super().__init__()
+        d = transformer.d_model
+        self.backbone = backbone
+        self.position = position
+        self.transformer = transformer
+        self.input_proj = nn.Conv2d(backbone.num_channels, d, kernel_size=1)
+        self.query_embed = nn.Embedding(num_queries, d)
+        self.class_embed = nn.Linear(d, num_classes + 1)  # the last class is "no object"
+        self.bbox_embed = MLP(d, d, 4, 3)
+        self.num_classes = num_classes
+        self.num_queries = num_queries
+        self.aux_loss = aux_loss
+
+    def forward(self, images: Images) -> dict:
+        """Detect objects.
+
+        Args:
+            images: a list of ``3 x H_i x W_i`` float tensors normalised with the ImageNet
+                mean/std (sizes may differ), or a padded batch ``(images (B, 3, H, W),
+                mask (B, H, W) bool, True = padding)``.
+
+        Returns:
+            dict with
+            ``pred_logits (B, Q, num_classes + 1)``: class logits, the last is "no object";
+            ``pred_boxes (B, Q, 4)``: ``(cx, cy, w, h)`` in [0, 1] relative to each image's own
+            unpadded size;
+            ``aux_outputs``: (when ``aux_loss``) a list of ``{"pred_logits", "pred_boxes"}``,
+            one per decoder layer before the last.
+        """
+        x, mask = self._batch(images)
+        features, mask = self.backbone(x, mask)  # (B, C, h, w), (B, h, w)
+        pos = self.position(mask)  # (B, D, h, w)
+        hs, _ = self.transformer(self.input_proj(features), mask, self.query_embed.weight, pos)  # (L, B, Q, D)
+        return self.heads(hs)
+
+    def heads(self, hs: Tensor) -> dict:
+        """The shared heads on every decoder layer's output ``hs (L, B, Q, D)``."""
+        logits = self.class_embed(hs)  # (L, B, Q, K+1)
+        boxes = self.bbox_embed(hs).sigmoid()  # (L, B, Q, 4)
+        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+        if self.aux_loss:
+            out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
+        return out
+
+    @staticmethod
+    def _batch(images: Images) -> tuple[Tensor, Tensor]:
+        if isinstance(images, tuple) and len(images) == 2 and isinstance(images[0], Tensor) \
+                and images[0].dim() == 4:
+            x, mask = images
+            if mask.dtype != torch.bool or mask.shape != (x.shape[0],) + x.shape[2:]:
+                raise ValueError(
+                    f"padding mask must be bool (B, H, W) = {(x.shape[0],) + tuple(x.shape[2:])}, "
+                    f"got {mask.dtype} {tuple(mask.shape)}"
+                )
+            return x, mask
+        if isinstance(images, Tensor):
+            if images.dim() == 4:  # an unpadded batch of same-size images
+                return images, images.new_zeros((images.shape[0],) + images.shape[2:], dtype=torch.bool)
+            raise ValueError(f"expected a list of 3 x H x W images or a (B, 3, H, W) batch, got {tuple(images.shape)}")
+        return pad_images(list(images))
+
+
+def build_model(config: ModelConfig, *, train_backbone: bool = True,
+                backbone_weights: Optional[Union[str, Path]] = None) -> DETR:
+    """The one function that turns a :class:`ModelConfig` into a :class:`DETR`.
+
+    ``train_backbone=False`` (the official rule when the backbone learning rate is 0) freezes
+    the whole backbone; ``backbone_weights`` is a local torchvision ImageNet state-dict file.
+    """
+    backbone = Backbone(
+        config.backbone, dilation=config.dilation, stages=config.backbone_stages,
+        frozen_stages=config.frozen_stages, train_backbone=train_backbone, weights_path=backbone_weights,
+    )
+    half = config.d_model // 2
+    position = PositionEmbeddingSine(half) if config.position_embedding == "sine" else PositionEmbeddingLearned(half)
+    transformer = Transformer(
+        d_model=config.d_model, nheads=config.nheads, enc_layers=config.enc_layers,
+        dec_layers=config.dec_layers, dim_feedforward=config.dim_feedforward,
+        dropout=config.dropout, pre_norm=config.pre_norm,
+    )
+    model = DETR(backbone, position, transformer, config.num_classes, config.num_queries, config.aux_loss)
+    model.config = config
+    return model

@@ -1,0 +1,219 @@
+"""The DETR transformer: an encoder over image features and a decoder over object queries.
+
+Everything is batch-first: sequences are ``(B, L, D)``. Where positional information enters
+is the heart of DETR and differs from the original "Attention is all you need":
+
+* the image positional encoding ``pos`` is added to the queries and keys of every encoder
+  self-attention and to the keys of every decoder cross-attention, never to the values;
+* the learned object-query embedding ``query_pos`` is added to the queries and keys of every
+  decoder self-attention and to the queries of every cross-attention;
+* the decoder's content ``tgt`` (the "slots") starts at zero, so the queries differ only
+  through ``query_pos``.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class MultiheadAttention(nn.Module):
+    """Batch-first multi-head attention with the parameter layout of ``nn.MultiheadAttention``.
+
+    The q, k and v projections are packed into ``in_proj_weight (3D, D)`` / ``in_proj_bias (3D,)``
+    (rows q, then k, then v), the output projection is ``out_proj``: official checkpoints load
+    as they are. The product itself is :func:`torch.nn.functional.scaled_dot_product_attention`.
+    """
+
+    def __init__(self, d_model: int, nheads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.nheads = nheads
+        self.dropout = dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * d_model, d_model))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * d_model))
+        self.out_proj = nn.Linear(d_model, d_model)
+        # The initialisation of nn.MultiheadAttention.
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Optional[Tensor] = None,
+        attn_mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        """``query (B, Lq, D)``, ``key``/``value (B, Lk, D)`` -> ``(B, Lq, D)``.
+
+        ``key_padding_mask (B, Lk)`` and ``attn_mask (Lq, Lk)`` are bool with True = may NOT
+        attend (the ``nn.MultiheadAttention`` convention).
+        """
+        b, lq, d = query.shape
+        lk = key.shape[1]
+        h = self.nheads
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        q = F.linear(query, w_q, b_q).view(b, lq, h, d // h).transpose(1, 2)  # (B, h, Lq, D/h)
+        k = F.linear(key, w_k, b_k).view(b, lk, h, d // h).transpose(1, 2)  # (B, h, Lk, D/h)
+        v = F.linear(value, w_v, b_v).view(b, lk, h, d // h).transpose(1, 2)  # (B, h, Lk, D/h)
+        allowed = None  # SDPA takes a bool mask with True = may attend
+        if key_padding_mask is not None:
+            allowed = ~key_padding_mask[:, None, None, :]  # (B, 1, 1, Lk)
+        if attn_mask is not None:
+            allowed = ~attn_mask if allowed is None else allowed & ~attn_mask
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, h, Lq, D/h)
+        return self.out_proj(out.transpose(1, 2).reshape(b, lq, d))
+
+
+class EncoderLayer(nn.Module):
+    """Self-attention + FFN, each with a residual connection and LayerNorm (after, or before)."""
+
+    def __init__(self, d_model: int, nheads: int, dim_feedforward: int, dropout: float, pre_norm: bool) -> None:
+        super().__init__()
+        self.self_attn = MultiheadAttention(d_model, nheads, dropout)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)  # inside the FFN
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.pre_norm = pre_norm
+
+    def forward(self, src: Tensor, pos: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
+        """``src``, ``pos (B, HW, D)``, ``key_padding_mask (B, HW)`` -> ``(B, HW, D)``."""
+        x = self.norm1(src) if self.pre_norm else src
+        q = k = x + pos  # position on queries and keys, not values
+        src = src + self.dropout1(self.self_attn(q, k, x, key_padding_mask=key_padding_mask))
+        if not self.pre_norm:
+            src = self.norm1(src)
+        x = self.norm2(src) if self.pre_norm else src
+        src = src + self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(x)))))
+        if not self.pre_norm:
+            src = self.norm2(src)
+        return src
+
+
+class DecoderLayer(nn.Module):
+    """Self-attention among queries, cross-attention to the image, FFN; residual + LayerNorm each."""
+
+    def __init__(self, d_model: int, nheads: int, dim_feedforward: int, dropout: float, pre_norm: bool) -> None:
+        super().__init__()
+        self.self_attn = MultiheadAttention(d_model, nheads, dropout)
+        self.multihead_attn = MultiheadAttention(d_model, nheads, dropout)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.norm3 = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
+        self.pre_norm = pre_norm
+
+    def forward(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        pos: Tensor,
+        query_pos: Tensor,
+        memory_key_padding_mask: Optional[Tensor],
+        self_attn_mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        """``tgt``, ``query_pos (B, Q, D)``; ``memory``, ``pos (B, HW, D)`` -> ``(B, Q, D)``.
+
+        ``self_attn_mask (Q, Q)`` (True = blocked) is for training-time query groups; the
+        plain model passes None.
+        """
+        x = self.norm1(tgt) if self.pre_norm else tgt
+        q = k = x + query_pos
+        tgt = tgt + self.dropout1(self.self_attn(q, k, x, attn_mask=self_attn_mask))
+        if not self.pre_norm:
+            tgt = self.norm1(tgt)
+        x = self.norm2(tgt) if self.pre_norm else tgt
+        tgt = tgt + self.dropout2(
+            self.multihead_attn(x + query_pos, memory + pos, memory, key_padding_mask=memory_key_padding_mask)
+        )
+        if not self.pre_norm:
+            tgt = self.norm2(tgt)
+        x = self.norm3(tgt) if self.pre_norm else tgt
+        tgt = tgt + self.dropout3(self.linear2(self.dropout(F.relu(self.linear1(x)))))
+        if not self.pre_norm:
+            tgt = self.norm3(tgt)
+        return tgt
+
+
+class Encoder(nn.Module):
+    def __init__(self, layer: EncoderLayer, num_layers: int, norm: Optional[nn.LayerNorm]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
+        self.norm = norm  # only with pre-norm: the last layer's output is otherwise un-normalised
+
+    def forward(self, src: Tensor, pos: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
+        for layer in self.layers:
+            src = layer(src, pos, key_padding_mask)
+        return self.norm(src) if self.norm is not None else src
+
+
+class Decoder(nn.Module):
+    def __init__(self, layer: DecoderLayer, num_layers: int, norm: nn.LayerNorm) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
+        self.norm = norm
+
+    def forward(self, tgt: Tensor, memory: Tensor, pos: Tensor, query_pos: Tensor,
+                memory_key_padding_mask: Optional[Tensor], self_attn_mask: Optional[Tensor] = None) -> Tensor:
+        """Returns every layer's output, each through the shared final LayerNorm: ``(L, B, Q, D)``."""
+        outputs = []
+        for layer in self.layers:
+            tgt = layer(tgt, memory, pos, query_pos, memory_key_padding_mask, self_attn_mask)
+            outputs.append(self.norm(tgt))  # the heads see normalised outputs at every layer
+        return torch.stack(outputs)
+
+
+class Transformer(nn.Module):
+    """Encoder + decoder with DETR's positional scheme (see the module docstring)."""
+
+    def __init__(self, d_model: int = 256, nheads: int = 8, enc_layers: int = 6, dec_layers: int = 6,
+                 dim_feedforward: int = 2048, dropout: float = 0.1, pre_norm: bool = False) -> None:
+        super().__init__()
+        enc = EncoderLayer(d_model, nheads, dim_feedforward, dropout, pre_norm)
+        self.encoder = Encoder(enc, enc_layers, nn.LayerNorm(d_model) if pre_norm else None)
+        dec = DecoderLayer(d_model, nheads, dim_feedforward, dropout, pre_norm)
+        self.decoder = Decoder(dec, dec_layers, nn.LayerNorm(d_model))
+        self.d_model = d_model
+        self.nheads = nheads
+        # Official initialisation: Xavier-uniform on every matrix of the transformer.
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    def forward(self, src: Tensor, mask: Tensor, query_embed: Tensor, pos: Tensor,
+                self_attn_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """Run encoder and decoder.
+
+        Args:
+            src: projected features ``(B, D, H, W)``.
+            mask: ``(B, H, W)`` bool, True = padding (never attended to).
+            query_embed: the object-query embedding ``(Q, D)``.
+            pos: the positional encoding ``(B, D, H, W)``.
+
+        Returns:
+            ``hs (L, B, Q, D)``: every decoder layer's output; ``memory (B, HW, D)``.
+        """
+        b = src.shape[0]
+        src = src.flatten(2).transpose(1, 2)  # (B, HW, D)
+        pos = pos.flatten(2).transpose(1, 2).to(src.dtype)  # (B, HW, D)
+        mask = mask.flatten(1)  # (B, HW)
+        query_pos = query_embed.unsqueeze(0).expand(b, -1, -1)  # (B, Q, D)
+        tgt = torch.zeros_like(query_pos)  # the slots start empty
+        memory = self.encoder(src, pos, mask)
+        hs = self.decoder(tgt, memory, pos, query_pos, mask, self_attn_mask)
+        return hs, memory
