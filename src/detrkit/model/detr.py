@@ -63,6 +63,7 @@ class DETR(nn.Module):
         self.num_classes = num_classes
         self.num_queries = num_queries
         self.aux_loss = aux_loss
+        self.precision = "fp32"  # "bf16": run under bfloat16 autocast (fast inference mode)
 
     def forward(self, images: Images) -> dict:
         """Detect objects.
@@ -81,10 +82,14 @@ class DETR(nn.Module):
             one per decoder layer before the last.
         """
         x, mask = self._batch(images)
-        features, mask = self.backbone(x, mask)  # (B, C, h, w), (B, h, w)
-        pos = self.position(mask)  # (B, D, h, w)
-        hs, _ = self.transformer(self.input_proj(features), mask, self.query_embed.weight, pos)  # (L, B, Q, D)
-        return self.heads(hs)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            features, mask = self.backbone(x, mask)  # (B, C, h, w), (B, h, w)
+            pos = self.position(mask)  # (B, D, h, w)
+            hs, _ = self.transformer(self.input_proj(features), mask, self.query_embed.weight, pos)  # (L, B, Q, D)
+            out = self.heads(hs)
+        if self.precision == "bf16":  # losses, matching and postprocessing always see float32
+            out = _to_float(out)
+        return out
 
     def heads(self, hs: Tensor) -> dict:
         """The shared heads on every decoder layer's output ``hs (L, B, Q, D)``."""
@@ -111,6 +116,13 @@ class DETR(nn.Module):
                 return images, images.new_zeros((images.shape[0],) + images.shape[2:], dtype=torch.bool)
             raise ValueError(f"expected a list of 3 x H x W images or a (B, 3, H, W) batch, got {tuple(images.shape)}")
         return pad_images(list(images))
+
+
+def _to_float(out: dict) -> dict:
+    res = {k: v.float() for k, v in out.items() if k != "aux_outputs"}
+    if "aux_outputs" in out:
+        res["aux_outputs"] = [_to_float(a) for a in out["aux_outputs"]]
+    return res
 
 
 def build_model(config: ModelConfig, *, train_backbone: bool = True,

@@ -1,0 +1,161 @@
+"""The set loss: Hungarian matching, then classification and box losses on the matched pairs.
+
+For every decoder layer (the last and, with auxiliary losses, each earlier one) the
+predictions are matched to the targets on their own, and
+
+* ``loss_ce``: cross-entropy over *all* Q predictions; matched ones learn their target's class,
+  unmatched ones learn "no object", whose weight is ``eos_coef`` (0.1) to balance the many
+  background predictions. A weighted mean, as ``F.cross_entropy`` with class weights computes;
+* ``loss_bbox``: L1 (or Smooth L1) between matched predicted and target boxes (cxcywh, [0, 1]);
+* ``loss_giou``: ``1 - GIoU`` of the matched pairs;
+
+the box losses summed and divided by the number of target boxes in the batch. Keys of earlier
+layers carry the suffix ``_{i}`` (``loss_ce_0`` ... for layer 0). ``class_error`` and
+``cardinality_error`` are logged, never trained on.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from detrkit.boxes import cxcywh_to_xyxy, elementwise_generalized_box_iou
+from detrkit.config import LossConfig
+from detrkit.matcher import HungarianMatcher
+
+Indices = list[tuple[Tensor, Tensor]]
+
+
+class SetCriterion(nn.Module):
+    """DETR's loss. ``forward(outputs, targets)`` -> dict of named losses plus ``loss`` (the weighted total)."""
+
+    def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: dict[str, float],
+                 eos_coef: float = 0.1, bbox_loss: str = "l1", smooth_l1_beta: float = 0.1) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.weight_dict = dict(weight_dict)  # the one place the loss weights live
+        self.eos_coef = eos_coef
+        self.bbox_loss = bbox_loss
+        self.smooth_l1_beta = smooth_l1_beta
+        empty_weight = torch.ones(num_classes + 1)
+        empty_weight[-1] = eos_coef
+        self.register_buffer("empty_weight", empty_weight)
+
+    # --- the named losses -------------------------------------------------------------------
+    def loss_labels(self, outputs: dict, targets: list[dict], indices: Indices, log: bool = True) -> dict:
+        """Cross-entropy over all queries; unmatched queries are "no object" (index num_classes)."""
+        logits = outputs["pred_logits"]  # (B, Q, K+1)
+        batch_idx, src_idx = _permutation(indices)
+        matched_labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
+        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
+        target_classes[batch_idx, src_idx] = matched_labels
+        losses = {"loss_ce": F.cross_entropy(logits.transpose(1, 2).float(), target_classes, self.empty_weight)}
+        if log:
+            # Top-1 error on the matched queries, in percent. With no targets there is nothing
+            # to get wrong: 0, not 100.
+            if matched_labels.numel() == 0:
+                losses["class_error"] = torch.zeros((), device=logits.device)
+            else:
+                correct = (logits[batch_idx, src_idx].argmax(-1) == matched_labels).float().mean()
+                losses["class_error"] = 100 * (1 - correct)
+        return losses
+
+    @torch.no_grad()
+    def loss_cardinality(self, outputs: dict, targets: list[dict], indices: Indices) -> dict:
+        """L1 between the number of predicted objects (argmax is not "no object") and of targets. Logged only."""
+        logits = outputs["pred_logits"]
+        predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1).float()  # (B,)
+        actual = torch.as_tensor([float(len(t["labels"])) for t in targets], device=logits.device)
+        return {"cardinality_error": F.l1_loss(predicted, actual)}
+
+    def loss_boxes(self, outputs: dict, targets: list[dict], indices: Indices, num_boxes: float) -> dict:
+        """L1 / Smooth L1 and 1 - GIoU on matched pairs, summed and divided by ``num_boxes``."""
+        batch_idx, src_idx = _permutation(indices)
+        src = outputs["pred_boxes"][batch_idx, src_idx].float()  # (M, 4)
+        tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(src)  # (M, 4)
+        if self.bbox_loss == "smooth_l1":
+            reg = F.smooth_l1_loss(src, tgt, reduction="none", beta=self.smooth_l1_beta)
+        else:
+            reg = F.l1_loss(src, tgt, reduction="none")
+        giou = elementwise_generalized_box_iou(cxcywh_to_xyxy(src), cxcywh_to_xyxy(tgt))  # (M,)
+        # With no matched pairs both sums are over empty tensors: exactly 0, and still part of
+        # the graph, so every box-head parameter gets a (zero) gradient.
+        return {"loss_bbox": reg.sum() / num_boxes, "loss_giou": (1 - giou).sum() / num_boxes}
+
+    # --- the whole loss --------------------------------------------------------------------
+    def layer_losses(self, outputs: dict, targets: list[dict], num_boxes: float, log: bool,
+                     indices: Optional[Indices] = None) -> dict:
+        """Match one decoder layer's predictions and compute its named losses."""
+        if indices is None:
+            indices = self.matcher(outputs, targets)
+        losses = self.loss_labels(outputs, targets, indices, log=log)
+        losses.update(self.loss_boxes(outputs, targets, indices, num_boxes))
+        losses.update(self.loss_cardinality(outputs, targets, indices))
+        return losses
+
+    def forward(self, outputs: dict, targets: list[dict]) -> dict:
+        """Losses of a batch.
+
+        Args:
+            outputs: the model's output dict (``pred_logits``, ``pred_boxes``, optional ``aux_outputs``).
+            targets: one dict per image: ``labels (T,)`` int64 contiguous indices, ``boxes (T, 4)``
+                cxcywh normalised by the image size.
+
+        Returns:
+            ``loss_ce``, ``loss_bbox``, ``loss_giou``, ``class_error``, ``cardinality_error``;
+            the same (without ``class_error``) with suffix ``_{i}`` for auxiliary layer i; and
+            ``loss``, the sum of every key in ``weight_dict`` times its weight.
+        """
+        num_boxes = self.num_boxes(targets, outputs["pred_logits"].device)
+        losses = self.layer_losses(outputs, targets, num_boxes, log=True)
+        for i, aux in enumerate(outputs.get("aux_outputs", [])):
+            aux_losses = self.layer_losses(aux, targets, num_boxes, log=False)
+            losses.update({f"{k}_{i}": v for k, v in aux_losses.items()})
+        losses["loss"] = self.weighted_total(losses)
+        return losses
+
+    def weighted_total(self, losses: dict) -> Tensor:
+        return sum(losses[k] * w for k, w in self.weight_dict.items() if k in losses)
+
+    @staticmethod
+    def num_boxes(targets: list[dict], device: torch.device) -> float:
+        """Target boxes per process, averaged over the distributed batch, at least 1.
+
+        Box losses are normalised by the total number of boxes in the whole distributed batch.
+        DDP averages gradients over the W processes, so each process divides by
+        ``total / W``: the averaged gradient is then that of ``sum / total``, whatever the
+        split of boxes across processes (the official code does the same).
+        """
+        n = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+        world = 1
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(n)
+            world = dist.get_world_size()
+        return torch.clamp(n / world, min=1).item()
+
+
+def _permutation(indices: Indices) -> tuple[Tensor, Tensor]:
+    """Flatten per-image matches into (batch index, query index) for advanced indexing."""
+    batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
+    src_idx = torch.cat([src for src, _ in indices])
+    return batch_idx, src_idx
+
+
+def weight_dict(loss: LossConfig, num_aux: int) -> dict[str, float]:
+    """The loss weights, with a copy for each auxiliary layer ``_0 .. _{num_aux-1}``."""
+    base = {"loss_ce": loss.loss_ce, "loss_bbox": loss.loss_bbox, "loss_giou": loss.loss_giou}
+    weights = dict(base)
+    for i in range(num_aux):
+        weights.update({f"{k}_{i}": w for k, w in base.items()})
+    return weights
+
+
+def build_criterion(num_classes: int, loss: LossConfig, num_aux: int) -> SetCriterion:
+    """The one function that turns a :class:`LossConfig` into matcher + criterion."""
+    matcher = HungarianMatcher(loss.cost_class, loss.cost_bbox, loss.cost_giou, loss.class_cost)
+    return SetCriterion(num_classes, matcher, weight_dict(loss, num_aux), eos_coef=loss.eos_coef,
+                        bbox_loss=loss.bbox_loss, smooth_l1_beta=loss.smooth_l1_beta)

@@ -1,0 +1,190 @@
+"""Box-aware train / val presets on :mod:`torchvision.transforms.v2`.
+
+Contract. A preset is called as ``transform(image, target)`` where
+
+- ``image`` is a ``tv_tensors.Image`` (``uint8``, ``3 x H x W``),
+- ``target`` is a dict with ``boxes``: ``tv_tensors.BoundingBoxes`` in absolute ``(x0, y0, x1, y1)``
+  pixels with ``canvas_size=(H, W)``, and ``labels``: int64 ``[T]``.
+
+It returns ``(image, target)`` with ``image`` float32 ``3 x H' x W'`` normalised with the
+ImageNet mean/std, and ``target["boxes"]`` a plain float32 ``[T', 4]`` tensor of
+``(cx, cy, w, h)`` divided by the final ``(W', H', W', H')`` (so in [0, 1]); boxes that the
+crop or resize made empty are dropped together with their labels (``T' <= T``).
+
+All box geometry (flip, resize, crop, clamping, sanitising) is torchvision's: the boxes ride
+along as ``BoundingBoxes`` and only the last step, :class:`NormalizeBoxes`, leaves them.
+
+The numbers are the official DETR recipe (facebookresearch/detr ``datasets/coco.py``) at
+``image_size=800``; ``image_size=S`` scales every pixel number by ``S / 800``.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+# ImageNet statistics the torchvision ResNet weights were trained with.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# The official recipe at its reference size (shorter side 800, longer side at most 1333).
+REFERENCE_SIZE = 800
+REFERENCE_MAX_SIZE = 1333
+TRAIN_SCALES = tuple(range(480, 801, 32))  # multi-scale shorter sides 480, 512, ..., 800
+CROP_PRE_RESIZE = (400, 500, 600)  # shorter side before the random crop
+CROP_SIZE_RANGE = (384, 600)  # random crop height and width, each uniform in this range
+
+
+def _scaled(values: Sequence[int], image_size: int) -> list[int]:
+    """Reference pixel numbers scaled by ``image_size / 800``, rounded, duplicates removed, >= 1."""
+    out: list[int] = []
+    for v in values:
+        s = max(1, round(v * image_size / REFERENCE_SIZE))
+        if s not in out:  # rounding can merge neighbours at small sizes; keep each scale once
+            out.append(s)
+    return out
+
+
+def _max_size(image_size: int, max_size: Optional[int]) -> int:
+    """``max_size`` as given, or the official 800 / 1333 ratio applied to ``image_size``."""
+    if image_size < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
+    return _scaled([REFERENCE_MAX_SIZE], image_size)[0] if max_size is None else max_size
+
+
+def _check_sizes(scales: Sequence[int], max_size: int) -> None:
+    # torchvision's Resize refuses max_size <= size (it could not tell which side to fit).
+    if max_size <= max(scales):
+        raise ValueError(f"max_size ({max_size}) must be larger than the largest shorter-side size ({max(scales)})")
+
+
+def _resize_shorter(size: int, max_size: Optional[int]) -> v2.Resize:
+    """Shorter side to ``size`` unless the longer side would exceed ``max_size``; then longer = ``max_size``.
+
+    This is DETR's ``get_size`` rule; torchvision rounds the other side down where the
+    official code rounds it to nearest, so sizes can differ by one pixel. ``None``: no limit.
+    """
+    return v2.Resize(size=size, max_size=max_size)
+
+
+def _random_resize_shorter(scales: Sequence[int], max_size: Optional[int]) -> v2.Transform:
+    """One of ``scales`` (uniformly) as the shorter side, longer side at most ``max_size``."""
+    if len(scales) == 1:
+        return _resize_shorter(scales[0], max_size)
+    return v2.RandomChoice([_resize_shorter(s, max_size) for s in scales])
+
+
+class RandomSizeCrop(v2.Transform):
+    """Crop a random region whose height and width are each uniform in ``[min_size, max_size]``.
+
+    The official recipe's crop: each side is drawn independently, capped by the image's own
+    side (and ``min_size`` lowered to it for images smaller than ``min_size``), then the
+    region's position is uniform. Boxes are cropped by torchvision's kernel; boxes left
+    empty are removed later by ``SanitizeBoundingBoxes``.
+    """
+
+    def __init__(self, min_size: int, max_size: int) -> None:
+        super().__init__()
+        if not 1 <= min_size <= max_size:
+            raise ValueError(f"need 1 <= min_size <= max_size, got {min_size}, {max_size}")
+        self.min_size = min_size
+        self.max_size = max_size
+
+    def _side(self, image_side: int) -> int:
+        hi = min(image_side, self.max_size)
+        lo = min(self.min_size, hi)
+        return int(torch.randint(lo, hi + 1, ()))
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        h, w = v2.query_size(flat_inputs)
+        ch, cw = self._side(h), self._side(w)
+        top = int(torch.randint(0, h - ch + 1, ()))
+        left = int(torch.randint(0, w - cw + 1, ()))
+        return dict(top=top, left=left, height=ch, width=cw)
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return self._call_kernel(F.crop, inpt, **params)
+
+
+class NormalizeBoxes(v2.Transform):
+    """Absolute ``BoundingBoxes`` -> plain float32 ``(cx, cy, w, h)`` divided by the canvas ``(W, H, W, H)``.
+
+    The last step of every preset: after it the boxes are no longer a ``BoundingBoxes``, so
+    later v2 transforms would not move them.
+    """
+
+    _transformed_types = (tv_tensors.BoundingBoxes,)
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Tensor:
+        h, w = inpt.canvas_size
+        cxcywh = F.convert_bounding_box_format(inpt, new_format=tv_tensors.BoundingBoxFormat.CXCYWH)
+        scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=inpt.device)
+        return cxcywh.as_subclass(Tensor).to(torch.float32) / scale
+
+
+def finish_targets() -> v2.Compose:
+    """Clamp boxes to the image, drop empty ones (labels in sync), normalise to ``(cx, cy, w, h)``.
+
+    ``SanitizeBoundingBoxes`` drops boxes narrower or shorter than 1 pixel at the final size
+    (torchvision's default) and removes the matching entries of ``target["labels"]``.
+    """
+    return v2.Compose([v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(), NormalizeBoxes()])
+
+
+def _to_model_input() -> list[v2.Transform]:
+    # ToDtype with a single dtype converts only images (boxes keep their own dtype).
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)]
+
+
+def train_transforms(image_size: int = REFERENCE_SIZE, max_size: Optional[int] = None) -> v2.Compose:
+    """The official DETR training augmentation, scaled to ``image_size``.
+
+    Horizontal flip (p = 0.5), then with equal chance either
+
+    - a random multi-scale resize: shorter side one of 480, 512, ..., 800 (longer side <= ``max_size``), or
+    - resize the shorter side to 400/500/600, crop a random 384..600 region, then the same
+      multi-scale resize,
+
+    then float conversion and ImageNet normalisation. ``image_size=S`` multiplies every pixel
+    number above by ``S / 800``, ``max_size`` included when it is None (1333 at 800, 213 at 128).
+    """
+    max_size = _max_size(image_size, max_size)
+    scales = _scaled(TRAIN_SCALES, image_size)
+    pre_crop = _scaled(CROP_PRE_RESIZE, image_size)
+    crop_min, crop_max = (_scaled([s], image_size)[0] for s in CROP_SIZE_RANGE)
+    _check_sizes(scales, max_size)
+    return v2.Compose(
+        [
+            v2.RandomHorizontalFlip(p=0.5),
+            v2.RandomChoice(
+                [
+                    _random_resize_shorter(scales, max_size),
+                    v2.Compose(
+                        [
+                            # No longer-side limit before the crop, as in the official recipe.
+                            _random_resize_shorter(pre_crop, None),
+                            RandomSizeCrop(crop_min, crop_max),
+                            _random_resize_shorter(scales, max_size),
+                        ]
+                    ),
+                ]
+            ),
+            *_to_model_input(),
+            finish_targets(),
+        ]
+    )
+
+
+def val_transforms(image_size: int = REFERENCE_SIZE, max_size: Optional[int] = None) -> v2.Compose:
+    """Evaluation: shorter side ``image_size`` (longer side <= ``max_size``), ImageNet normalisation.
+
+    ``max_size=None`` keeps the official 800 / 1333 ratio: ``round(1333 * image_size / 800)``.
+    """
+    max_size = _max_size(image_size, max_size)
+    _check_sizes([image_size], max_size)
+    return v2.Compose([_resize_shorter(image_size, max_size), *_to_model_input(), finish_targets()])
+

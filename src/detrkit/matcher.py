@@ -1,0 +1,91 @@
+"""Bipartite (Hungarian) matching between predictions and ground-truth objects.
+
+DETR predicts a fixed-size set of Q boxes per image and compares it with the T <= Q
+targets through a one-to-one assignment that minimises the total matching cost
+
+    C[q, t] = w_class * class_cost(q, t) + w_l1 * ||b_q - b_t||_1 + w_giou * (-GIoU(b_q, b_t)),
+
+where ``class_cost`` is ``-p_q(c_t)`` (official code) or ``1 - p_q(c_t)`` (as the method is
+usually explained). The two differ by the constant ``w_class`` in every entry, which changes
+the total cost of every complete assignment by the same ``w_class * T``: the optimum is the same.
+Unmatched predictions are trained towards "no object".
+"""
+from __future__ import annotations
+
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+from torchvision.ops import generalized_box_iou
+
+from detrkit.boxes import cxcywh_to_xyxy
+
+
+class HungarianMatcher(nn.Module):
+    """One-to-one assignment of predictions to targets, one image at a time.
+
+    The cost is built per image, ``Q x T_i``, rather than as one ``B*Q x sum(T)`` matrix of
+    which only the diagonal blocks are used: the same assignments for a fraction of the work.
+    """
+
+    def __init__(self, cost_class: float = 1.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
+                 class_cost: str = "neg_prob") -> None:
+        super().__init__()
+        if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
+            raise ValueError("all matching costs are 0")
+        if class_cost not in ("neg_prob", "one_minus_prob"):
+            raise ValueError(f"class_cost must be 'neg_prob' or 'one_minus_prob', got {class_cost!r}")
+        self.cost_class = cost_class
+        self.cost_bbox = cost_bbox
+        self.cost_giou = cost_giou
+        self.class_cost = class_cost
+
+    def cost_matrix(self, logits: Tensor, boxes: Tensor, labels: Tensor, tgt_boxes: Tensor) -> Tensor:
+        """The matching cost of one image.
+
+        ``logits (Q, K+1)``, ``boxes (Q, 4)`` cxcywh; ``labels (T,)``, ``tgt_boxes (T, 4)``
+        cxcywh -> ``C (Q, T)``. Always computed in float32: half-precision costs round
+        distinct candidates to the same value and can hold NaN.
+        """
+        prob = logits.float().softmax(-1)  # (Q, K+1)
+        boxes = boxes.float()
+        tgt_boxes = tgt_boxes.float()
+        p = prob[:, labels]  # (Q, T): probability of each target's class
+        cost_class = 1 - p if self.class_cost == "one_minus_prob" else -p
+        cost_bbox = torch.cdist(boxes, tgt_boxes, p=1)  # (Q, T)
+        cost_giou = -generalized_box_iou(cxcywh_to_xyxy(boxes), cxcywh_to_xyxy(tgt_boxes))  # (Q, T)
+        return self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
+
+    @torch.no_grad()
+    def forward(self, outputs: dict, targets: list[dict]) -> list[tuple[Tensor, Tensor]]:
+        """Match each image's predictions to its targets.
+
+        Args:
+            outputs: ``pred_logits (B, Q, K+1)`` and ``pred_boxes (B, Q, 4)`` (cxcywh, [0, 1]).
+            targets: one dict per image with ``labels (T_i,)`` int64 and ``boxes (T_i, 4)``
+                cxcywh normalised by the image size.
+
+        Returns:
+            One ``(pred_indices, target_indices)`` pair of int64 CPU tensors per image, each of
+            length ``min(Q, T_i)``; target indices refer to the image's own target list.
+        """
+        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        indices = []
+        for b, t in enumerate(targets):
+            if len(t["labels"]) == 0:
+                empty = torch.empty(0, dtype=torch.int64)
+                indices.append((empty, empty))
+                continue
+            cost = self.cost_matrix(logits[b], boxes[b], t["labels"], t["boxes"]).cpu()
+            if not torch.isfinite(cost).all():
+                raise ValueError(_non_finite_message(b, logits[b], boxes[b], t))
+            rows, cols = linear_sum_assignment(cost.numpy())
+            indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+        return indices
+
+
+def _non_finite_message(b: int, logits: Tensor, boxes: Tensor, target: dict) -> str:
+    """Name the tensor that made the matching cost non-finite (instead of failing inside scipy)."""
+    for name, value in (("pred_logits", logits), ("pred_boxes", boxes), ("targets['boxes']", target["boxes"])):
+        if not torch.isfinite(value).all():
+            return f"matching cost of image {b} in the batch is not finite: {name} holds NaN or inf"
+    return f"matching cost of image {b} in the batch is not finite (degenerate boxes give an undefined GIoU)"

@@ -1,0 +1,121 @@
+"""Checkpoints: detrkit round trip, official-format import, safety against code in pickles."""
+import argparse
+import os
+import pickle
+
+import pytest
+import torch
+
+from detrkit import build_model, load_model, save_model
+from detrkit.checkpoint import detect_format
+from detrkit.config import ModelConfig
+from detrkit.errors import CheckpointError
+
+TINY = ModelConfig(backbone="resnet18", d_model=32, nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=64,
+                   num_queries=5, num_classes=3)
+CLASSES = [{"id": 3, "name": "circle"}, {"id": 7, "name": "square"}, {"id": 12, "name": "star"}]
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return build_model(TINY).eval()
+
+
+def _same_outputs(a, b):
+    x = [torch.randn(3, 64, 80, generator=torch.Generator().manual_seed(1))]
+    with torch.no_grad():
+        oa, ob = a(x), b(x)
+    torch.testing.assert_close(oa["pred_logits"], ob["pred_logits"], rtol=0, atol=0)
+    torch.testing.assert_close(oa["pred_boxes"], ob["pred_boxes"], rtol=0, atol=0)
+
+
+def test_detrkit_round_trip(model, tmp_path):
+    save_model(model, tmp_path / "ckpt", classes=CLASSES)
+    assert detect_format(tmp_path / "ckpt") == "detrkit"
+    loaded = load_model(tmp_path / "ckpt")
+    assert not loaded.training
+    assert loaded.config == TINY
+    assert [c["id"] for c in loaded.classes] == [3, 7, 12] and loaded.classes[2]["name"] == "star"
+    _same_outputs(model, loaded)
+    # The weights file alone carries its config too.
+    os.remove(tmp_path / "ckpt" / "config.json")
+    _same_outputs(model, load_model(tmp_path / "ckpt" / "model.safetensors"))
+
+
+def _to_official_names(state):
+    out = {}
+    for k, v in state.items():
+        k = k.replace("backbone.body.", "backbone.0.body.", 1) if k.startswith("backbone.body.") else k
+        k = k.replace("position.", "backbone.1.", 1) if k.startswith("position.") else k
+        out[k] = v
+    return out
+
+
+def test_official_layout_loads_and_reproduces(model, tmp_path):
+    path = tmp_path / "detr-tiny.pth"
+    # Official training checkpoints keep their argparse arguments: the head count lives there.
+    torch.save({"model": _to_official_names(model.state_dict()), "args": argparse.Namespace(nheads=4)}, path)
+    assert detect_format(path) == "official"
+    loaded = load_model(path)
+    assert loaded.config.pre_norm is False and loaded.config.num_queries == 5 and loaded.config.backbone == "resnet18"
+    _same_outputs(model, loaded)
+
+
+def test_official_pre_norm_and_dc5_are_recognised(tmp_path):
+    cfg = ModelConfig(backbone="resnet50", d_model=32, nheads=4, enc_layers=1, dec_layers=1, dim_feedforward=64,
+                      num_queries=5, num_classes=3, pre_norm=True, dilation=True)
+    m = build_model(cfg)
+    path = tmp_path / "detr-r50-dc5.pth"
+    torch.save({"model": _to_official_names(m.state_dict())}, path)
+    loaded = load_model(path)
+    assert loaded.config.pre_norm and loaded.config.dilation and loaded.config.backbone == "resnet50"
+
+
+def test_mismatched_weights_name_every_key(model, tmp_path):
+    state = _to_official_names(model.state_dict())
+    state["transformer.extra.weight"] = torch.zeros(1)
+    del state["transformer.decoder.norm.weight"]
+    path = tmp_path / "bad.pth"
+    torch.save({"model": state}, path)
+    with pytest.raises(CheckpointError) as e:
+        load_model(path)
+    assert "transformer.decoder.norm.weight" in str(e.value) and "transformer.extra.weight" in str(e.value)
+
+
+class _Payload:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_pickle_with_code_is_refused_and_does_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"model": {"x": _Payload(str(marker))}}, f)
+    torch.save({"model": {"x": _Payload(str(marker))}}, tmp_path / "evil2.pth")
+    marker.unlink(missing_ok=True)
+    for p in (path, tmp_path / "evil2.pth"):
+        with pytest.raises(CheckpointError, match="refused"):
+            load_model(p)
+    assert not marker.exists()
+
+
+def test_truncated_and_foreign_files_give_clear_errors(model, tmp_path):
+    save_model(model, tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_model(tmp_path / "ckpt")
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pth"):
+        load_model(junk)
+    torch.save({"something": 1}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="not an official DETR checkpoint"):
+        load_model(tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_model(tmp_path / "missing")

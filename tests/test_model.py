@@ -1,0 +1,144 @@
+"""Model contracts on every preset family: shapes, masks, gradients, positional encoding."""
+import math
+
+import pytest
+import torch
+
+from detrkit import build_criterion, build_model, preset
+from detrkit.config import LossConfig, ModelConfig
+from detrkit.model.position import PositionEmbeddingLearned, PositionEmbeddingSine
+
+TINY = dict(d_model=32, nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=64, num_queries=7, num_classes=3)
+
+
+def _targets():
+    return [
+        {"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])},
+        {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])},
+    ]
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(backbone="resnet18"),
+    dict(backbone="resnet18", backbone_stages=3),
+    dict(backbone="resnet50", dilation=True),
+    dict(backbone="resnet18", pre_norm=True, position_embedding="learned"),
+])
+def test_output_contract_and_every_parameter_gets_a_gradient(overrides):
+    torch.manual_seed(0)
+    config = ModelConfig(**{**TINY, **overrides, "frozen_stages": 0})
+    model = build_model(config)
+    images = [torch.randn(3, 64, 96), torch.randn(3, 80, 48)]
+    out = model(images)
+    assert out["pred_logits"].shape == (2, 7, 4)
+    assert out["pred_boxes"].shape == (2, 7, 4)
+    assert ((out["pred_boxes"] >= 0) & (out["pred_boxes"] <= 1)).all()
+    assert len(out["aux_outputs"]) == config.dec_layers - 1
+    for a in out["aux_outputs"]:
+        assert a["pred_logits"].shape == (2, 7, 4) and a["pred_boxes"].shape == (2, 7, 4)
+    criterion = build_criterion(3, LossConfig(), num_aux=config.dec_layers - 1)
+    losses = criterion(out, _targets())
+    assert all(torch.isfinite(v).all() for v in losses.values())
+    losses["loss"].backward()
+    no_grad = {n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)}
+    # The slots start at zero, so the first decoder layer's self-attention sees identical
+    # all-zero inputs: its projections (and, while the biases are still 0, the LayerNorm
+    # after it) get no gradient, in the official DETR as here. Everything else must learn.
+    first_self_attn = {"transformer.decoder.layers.0.self_attn.in_proj_weight",
+                       "transformer.decoder.layers.0.self_attn.out_proj.weight",
+                       "transformer.decoder.layers.0.norm1.weight"}
+    if config.pre_norm:  # there the constant slot reaches the cross-attention's LayerNorm too
+        first_self_attn.add("transformer.decoder.layers.0.norm2.weight")
+    assert no_grad <= first_self_attn, no_grad - first_self_attn
+    assert "transformer.decoder.layers.0.self_attn.in_proj_weight" in no_grad  # the test can fail
+
+
+def test_backbone_freezing_follows_the_official_rule():
+    model = build_model(ModelConfig(**TINY, backbone="resnet18"))  # frozen_stages=1 default
+    trainable = {n.split(".")[1] for n, p in model.backbone.named_parameters() if p.requires_grad}
+    assert trainable == {"layer2", "layer3", "layer4"}
+    frozen = build_model(ModelConfig(**TINY, backbone="resnet18"), train_backbone=False)
+    assert not any(p.requires_grad for p in frozen.backbone.parameters())
+    # The rest of the model always trains.
+    assert all(p.requires_grad for n, p in frozen.named_parameters() if not n.startswith("backbone."))
+
+
+def test_padded_cells_are_never_attended_to():
+    """Whatever the features in padded cells hold, the transformer's outputs are the same.
+
+    (The CNN itself does see the zero padding near an image's border, in the official
+    DETR as here, so the test holds the features fixed and varies only the padded ones.)
+    """
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**TINY, backbone="resnet18", dropout=0.0)).eval()
+    src = torch.randn(2, 32, 4, 5)
+    mask = torch.zeros(2, 4, 5, dtype=torch.bool)
+    mask[0, 3:, :] = True
+    mask[0, :, 4:] = True
+    pos = model.position(mask)
+    noisy = src.clone()
+    noisy[mask[:, None].expand_as(src)] = 100.0
+    with torch.no_grad():
+        hs, memory = model.transformer(src, mask, model.query_embed.weight, pos)
+        hs2, memory2 = model.transformer(noisy, mask, model.query_embed.weight, pos)
+    torch.testing.assert_close(hs, hs2, atol=1e-5, rtol=0)
+    valid = ~mask.flatten(1)
+    torch.testing.assert_close(memory[valid], memory2[valid], atol=1e-5, rtol=0)
+
+
+def test_sine_encoding_values():
+    """Channel layout: y first, then x; sin/cos interleaved; positions normalised to (0, 2*pi]."""
+    mask = torch.zeros(1, 2, 3, dtype=torch.bool)
+    mask[0, :, 2] = True  # the last column is padding
+    pos = PositionEmbeddingSine(4)(mask)  # (1, 8, 2, 3)
+    assert pos.shape == (1, 8, 2, 3)
+    eps = 1e-6
+    y = torch.tensor([1.0, 2.0]) / (2 + eps) * 2 * math.pi
+    x = torch.tensor([1.0, 2.0]) / (2 + eps) * 2 * math.pi
+    dim_t = 10000 ** (torch.tensor([0, 0, 2, 2]) / 4)
+    # y channels 0..3 at column 0: sin(y/d0), cos(y/d1), sin(y/d2), cos(y/d3)
+    expected_y = torch.stack([(y / dim_t[0]).sin(), (y / dim_t[1]).cos(), (y / dim_t[2]).sin(), (y / dim_t[3]).cos()])
+    torch.testing.assert_close(pos[0, :4, :, 0], expected_y)
+    expected_x = torch.stack([(x / dim_t[0]).sin(), (x / dim_t[1]).cos(), (x / dim_t[2]).sin(), (x / dim_t[3]).cos()])
+    torch.testing.assert_close(pos[0, 4:, 0, :2], expected_x)
+
+
+def test_learned_encoding_shape_and_size_limit():
+    enc = PositionEmbeddingLearned(8)
+    assert enc(torch.zeros(2, 5, 7, dtype=torch.bool)).shape == (2, 16, 5, 7)
+    with pytest.raises(ValueError, match="larger than the learned position table"):
+        enc(torch.zeros(1, 51, 3, dtype=torch.bool))
+
+
+def test_presets():
+    cfg = preset("detr_r50")
+    assert (cfg.d_model, cfg.nheads, cfg.enc_layers, cfg.dec_layers, cfg.dim_feedforward, cfg.dropout,
+            cfg.num_queries) == (256, 8, 6, 6, 2048, 0.1, 100)
+    assert preset("detr_r101_dc5").dilation and preset("detr_r101_dc5").backbone == "resnet101"
+    model = build_model(preset("detr_r50"))
+    # The published DETR-R50 has 41.3M parameters with its 92-way head.
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(41.5e6, rel=0.01)
+    with pytest.raises(ValueError, match="unknown model preset"):
+        preset("detr_r999")
+    with pytest.raises(ValueError, match="bottleneck"):
+        ModelConfig(backbone="resnet18", dilation=True)
+
+
+def test_input_validation():
+    model = build_model(ModelConfig(**TINY, backbone="resnet18"))
+    with pytest.raises(ValueError, match="3 x H x W"):
+        model([torch.randn(1, 32, 32)])
+    with pytest.raises(ValueError, match="padding mask"):
+        model((torch.randn(1, 3, 32, 32), torch.zeros(1, 32, 32)))
+
+
+def test_bf16_precision_runs_and_returns_float32():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**TINY, backbone="resnet18")).eval()
+    images = [torch.randn(3, 64, 64)]
+    with torch.no_grad():
+        ref = model(images)
+        model.precision = "bf16"
+        fast = model(images)
+    assert fast["pred_logits"].dtype == torch.float32
+    assert (fast["pred_boxes"] - ref["pred_boxes"]).abs().max() < 0.05
