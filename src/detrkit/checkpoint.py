@@ -57,8 +57,12 @@ def set_classes(model: DETR, classes: Optional[list[dict]]) -> None:
 # ---------------------------------------------------------------------------------------------
 # detrkit format
 # ---------------------------------------------------------------------------------------------
-def save_model(model: DETR, path: PathLike, *, classes: Optional[list[dict]] = None) -> Path:
+def save_model(model: DETR, path: PathLike, *, classes: Optional[list[dict]] = None,
+               inference: Optional[dict] = None) -> Path:
     """Save weights, model config and class mapping into the folder ``path``.
+
+    ``inference`` records how images are sized for this model (``image_size``, ``max_size``);
+    ``predict`` uses it.
 
     Each file is written to a temporary name and renamed into place, so a process killed
     mid-save leaves the previous checkpoint complete.
@@ -72,16 +76,17 @@ def save_model(model: DETR, path: PathLike, *, classes: Optional[list[dict]] = N
         "format_version": FORMAT_VERSION,
         "model": dataclasses.asdict(model.config),
         "classes": getattr(model, "classes", None) or default_classes(model.num_classes),
+        "inference": inference or model.inference,
     }
     text = json.dumps(meta, indent=2)
     # safetensors refuses shared or non-contiguous storage: give it plain copies.
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    _atomic_write(path / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"detrkit": text}))
-    _atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(text + "\n"))
+    atomic_write(path / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"detrkit": text}))
+    atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(text + "\n"))
     return path
 
 
-def _atomic_write(dest: Path, write) -> None:
+def atomic_write(dest: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -118,7 +123,7 @@ def _load_detrkit(path: Path) -> tuple[ModelConfig, dict[str, Tensor], list[dict
         config = config_from_dict(ModelConfig, meta["model"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{cfg_file}: invalid model config ({e})") from None
-    return config, state, meta.get("classes")
+    return config, state, meta.get("classes"), meta.get("inference")
 
 
 def _read_json(path: Path) -> dict:
@@ -207,7 +212,7 @@ def _load_official(path: Path) -> tuple[ModelConfig, dict[str, Tensor], list[dic
         if needed not in state:
             raise CheckpointError(f"{path}: not a DETR checkpoint (no '{needed}')")
     config = official_config(state, ckpt.get("args"), str(path))
-    return config, official_to_detrkit(state), None
+    return config, official_to_detrkit(state), None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,7 +315,7 @@ def _load_hf(path: Path) -> tuple[ModelConfig, dict[str, Tensor], list[dict]]:
         raise CheckpointError(f"{path}: a Hugging Face folder needs model.safetensors or pytorch_model.bin")
     id2label = {int(k): v for k, v in cfg.get("id2label", {}).items()}
     classes = [{"index": i, "id": i, "name": id2label.get(i, str(i))} for i in range(config.num_classes)]
-    return config, hf_to_detrkit(state), classes
+    return config, hf_to_detrkit(state), classes, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,6 +343,10 @@ def detect_format(path: PathLike) -> str:
 
 def load_state(path: PathLike) -> tuple[ModelConfig, dict[str, Tensor], Optional[list[dict]]]:
     """Read any supported checkpoint: its config, its state dict in our names, its class mapping."""
+    return _load_any(path)[:3]
+
+
+def _load_any(path: PathLike):
     path = Path(path)
     fmt = detect_format(path)
     loader = {"detrkit": _load_detrkit, "huggingface": _load_hf, "official": _load_official}[fmt]
@@ -368,10 +377,12 @@ def load_model(path: PathLike, device: Union[str, torch.device] = "cpu", precisi
     """
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
-    config, state, classes = load_state(path)
+    config, state, classes, inference = _load_any(path)
     model = build_model(config)
     check_and_load(model, state, str(path))
     set_classes(model, classes)
+    if inference:
+        model.inference = dict(inference)
     model.precision = precision
     return model.to(device).eval()
 

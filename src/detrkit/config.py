@@ -84,6 +84,55 @@ class LossConfig:
             raise ValueError("smooth_l1_beta must be > 0")
 
 
+@dataclass
+class DataConfig:
+    """Where the data is and how images are sized."""
+
+    data: Optional[str] = None  # a folder in a common layout (COCO, Roboflow COCO, YOLO), found automatically
+    train_json: Optional[str] = None  # explicit COCO annotation file of the training split
+    train_images: Optional[str] = None  # image root its file_name entries are relative to
+    val_json: Optional[str] = None
+    val_images: Optional[str] = None
+    image_size: int = 800  # shorter side at evaluation; training scales 480..800 scale with it (official)
+    max_size: Optional[int] = None  # longer side limit; None = image_size * 1333 / 800 (official ratio)
+    workers: int = 2  # DataLoader worker processes
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation recipe. Defaults are the paper's (AdamW, lr 1e-4, backbone 1e-5, clip 0.1)."""
+
+    model: str = "detr_r50"  # model preset (see PRESETS)
+    weights: Optional[str] = None  # start from any checkpoint load_model reads (fine-tuning)
+    backbone_weights: Optional[str] = None  # local torchvision ImageNet ResNet state dict
+    epochs: int = 300  # official schedule length (the paper's 500-epoch runs use --epochs 500 --lr-drop 400)
+    minutes: Optional[float] = None  # a time budget instead of (at most) `epochs`
+    batch_size: int = 2  # per process (official: 2 per GPU x 8 GPUs)
+    lr: float = 1e-4  # transformer and heads (official)
+    lr_backbone: float = 1e-5  # backbone (official); 0 freezes it
+    weight_decay: float = 1e-4  # AdamW weight decay (official)
+    clip: float = 0.1  # gradient-norm clipping (official clip_max_norm); 0 = off
+    schedule: str = "step"  # "step" (official lr drop x0.1) or "cosine"
+    lr_drop: Optional[float] = None  # epoch of the x0.1 drop; None = at 2/3 of training (official 200 of 300)
+    warmup: float = 0.0  # linear warm-up, as a fraction of training (official: none)
+    eval_every: int = 1  # evaluate every N epochs (and always after the last)
+    out: str = "runs/train"  # run folder
+    resume: bool = False  # continue the run in `out` from its last checkpoint
+    device: str = "auto"  # "auto" = cuda if available else cpu
+    seed: int = 42  # official seed
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast); matching and losses stay float32
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("step", "cosine"):
+            raise ValueError(f"schedule must be 'step' or 'cosine', got {self.schedule!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.batch_size < 1 or self.epochs < 1:
+            raise ValueError("batch_size and epochs must be >= 1")
+        if self.minutes is not None and self.minutes <= 0:
+            raise ValueError("minutes must be > 0")
+
+
 # ---------------------------------------------------------------------------------------------
 # Presets. The paper's four (d 256, 8 heads, 6+6 layers, FFN 2048, dropout 0.1, 100 queries)
 # and small ones for CPUs.
@@ -120,3 +169,16 @@ def config_from_dict(cls, values: dict):
     if unknown:
         raise ValueError(f"unknown {cls.__name__} keys: {', '.join(unknown)}")
     return cls(**values)
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo: the one place its recipe is chosen (see docs/benchmarks.md for the measurements).
+# ---------------------------------------------------------------------------------------------
+DEMO = dict(
+    image_size=128,  # the synthetic set's images are 128 x 128
+    num_train=2000,  # synthetic training images
+    num_val=200,  # synthetic validation images
+    minutes=10.0,  # training budget of `make demo`
+    train=dict(model="detr_r18_small", batch_size=16, lr=2e-4, lr_backbone=2e-4, schedule="cosine",
+               warmup=0.03, epochs=1000, eval_every=5),
+)

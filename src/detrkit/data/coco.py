@@ -3,11 +3,11 @@
 :func:`load_coco` reads an annotation file once, repairs what it safely can (clamps boxes
 to their image, drops empty or off-image boxes, counting each), and collects everything it
 cannot fix into one :class:`~detrkit.errors.DataError` that lists every problem with its
-record id and the fix. ``detrkit check-data`` calls it with ``strict=False`` to print the
-:class:`CocoReport` instead.
+record id and the fix. With ``strict=False`` it returns the :class:`CocoReport` with the
+problems instead (what ``detrkit check-data`` prints).
 
 :class:`CocoDetection` serves ``(image, target)`` pairs in the model's target contract
-(see ``docs``/DESIGN.md): contiguous class indices and normalised ``(cx, cy, w, h)`` boxes.
+(DESIGN.md, "Targets"): contiguous class indices and normalised ``(cx, cy, w, h)`` boxes.
 Dataset category ids are kept in ``dataset.categories`` (index ``i`` <-> ``categories[i]["id"]``).
 """
 from __future__ import annotations
@@ -208,7 +208,8 @@ def _categories_from_json(raw: list, json_path: Path, problems: list[str]) -> li
     for k, c in enumerate(raw):
         if not isinstance(c, dict) or not _is_int(c.get("id")):
             problems.append(
-                f"{json_path}: categories[{k}] = {_short(c)} has no integer 'id'; fix: give every category an integer id"
+                f"{json_path}: categories[{k}] = {_short(c)} has no integer 'id'; "
+                "fix: give every category an integer id"
             )
             continue
         name = c.get("name")
@@ -290,7 +291,9 @@ def load_coco(
     json_path, image_root = Path(json_path), Path(image_root)
     raw = _read_json(json_path)
     if not isinstance(raw, dict):
-        raise DataError(f"{json_path}: expected a COCO object with {', '.join(REQUIRED_KEYS)}, got a {type(raw).__name__}")
+        raise DataError(
+            f"{json_path}: expected a COCO object with {', '.join(REQUIRED_KEYS)}, got a {type(raw).__name__}"
+        )
     missing = [k for k in REQUIRED_KEYS if not isinstance(raw.get(k), list)]
     if missing:
         raise DataError(
@@ -299,7 +302,9 @@ def load_coco(
         )
     problems: list[str] = []
     if not image_root.is_dir():
-        problems.append(f"{json_path}: the image folder {image_root} does not exist; fix: pass the folder holding the images")
+        problems.append(
+            f"{json_path}: the image folder {image_root} does not exist; fix: pass the folder holding the images"
+        )
     if categories is None:
         cats = _categories_from_json(raw["categories"], json_path, problems)
     else:
@@ -331,7 +336,8 @@ def load_coco(
         if not _is_int(cid) or cid not in cat_index:
             known = ", ".join(str(c) for c in list(cat_index)[:20])
             errs.append(
-                f"category_id {_short(cid)} is not a known category (ids: {known}); fix: correct the id or add the category"
+                f"category_id {_short(cid)} is not a known category (ids: {known}); "
+                "fix: correct the id or add the category"
             )
         crowd = ann.get("iscrowd", 0)
         if crowd not in (0, 1, None):  # True/False compare equal to 1/0
@@ -423,15 +429,15 @@ def open_rgb(path: PathLike, json_path: Optional[PathLike] = None) -> Image.Imag
     """
     where = f" (listed in {json_path})" if json_path else ""
     try:
-        with Image.open(path) as im:
-            im.load()
+        with Image.open(path) as raw:
+            raw.load()
             try:
-                im = ImageOps.exif_transpose(im)
+                im = ImageOps.exif_transpose(raw)  # a new image, so closing the file leaves it intact
             except Exception:  # a corrupt EXIF block should not make a decodable image unusable
-                pass
-            if im.mode == "P" and "transparency" in im.info:
-                im = im.convert("RGBA")  # PIL warns when a palette with transparency goes straight to RGB
-            return im.convert("RGB") if im.mode != "RGB" else im.copy()
+                im = raw.copy()
+        if im.mode == "P" and "transparency" in im.info:
+            im = im.convert("RGBA")  # PIL warns when a palette with transparency goes straight to RGB
+        return im if im.mode == "RGB" else im.convert("RGB")
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found{where}; fix: add the file or remove its record") from None
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)

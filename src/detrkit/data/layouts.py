@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -125,9 +126,12 @@ def _yolo_layout(data_dir: Path) -> Optional[dict[str, Path]]:
     if not isinstance(spec, dict):
         raise DataError(f"{yaml_path}: expected a mapping with names, train and val")
     names = _yolo_names(spec, yaml_path)
-    root = Path(spec["path"]) if isinstance(spec.get("path"), str) else yaml_path.parent
-    if not root.is_absolute():
-        root = yaml_path.parent / root
+    root = yaml_path.parent
+    if isinstance(spec.get("path"), str):
+        given = Path(spec["path"]) if Path(spec["path"]).is_absolute() else yaml_path.parent / spec["path"]
+        # Exports often keep the exporting machine's absolute `path`; then the YAML's folder is the root.
+        if given.is_dir():
+            root = given
     out: dict[str, Path] = {}
     for split in ("train", "val"):
         if split not in spec:
@@ -248,7 +252,8 @@ def _convert_yolo_split(
             })
     if problems:
         raise DataError(
-            f"{yaml_path}: {len(problems)} problem(s) in the YOLO {split} split:\n" + "\n".join(f"  - {p}" for p in problems)
+            f"{yaml_path}: {len(problems)} problem(s) in the YOLO {split} split:\n"
+            + "\n".join(f"  - {p}" for p in problems)
         )
     coco = {
         "info": {"description": f"converted by detrkit from {yaml_path}", "detrkit_yolo_fingerprint": stamp},
@@ -284,10 +289,6 @@ def _parse_yolo_line(line: str, num_classes: int):
         cx, cy, w, h = (min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2, max(xs) - min(xs), max(ys) - min(ys)
     else:
         return f"expected 'class cx cy w h' (5 numbers), got {len(fields)}"
-    if not all(map(_finite, (cx, cy, w, h))):
+    if not all(map(math.isfinite, (cx, cy, w, h))):
         return "a coordinate is NaN or infinite"
     return cls, cx, cy, w, h
-
-
-def _finite(x: float) -> bool:
-    return x == x and abs(x) != float("inf")

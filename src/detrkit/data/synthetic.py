@@ -31,7 +31,7 @@ from detrkit.errors import DataError
 CATEGORIES = ({"id": 1, "name": "circle"}, {"id": 2, "name": "square"}, {"id": 3, "name": "triangle"},
               {"id": 5, "name": "star"})
 REFERENCE_SIZE = 128  # the pixel numbers below are for 128 px images; other sizes scale them
-SHAPE_SIZE_RANGE = (10.0, 60.0)  # shape extent (diameter / side) in pixels at 128 px
+SHAPE_SIZE_RANGE = (10.0, 60.0)  # diameter of the circle each shape fits in, pixels at 128 px
 MIN_VISIBLE = 0.6  # a new shape may hide at most 40% of any earlier shape, so every box shows its object
 PLACEMENT_TRIES = 10  # positions tried before a shape that would hide too much is skipped
 STAR_INNER_RATIO = 0.45  # inner / outer radius of the five-pointed star
@@ -41,10 +41,10 @@ _SPLIT_CODE = {"train": 0, "val": 1}  # part of each image's seed
 
 
 def _polygon(kind: str, cx: float, cy: float, size: float, angle: float) -> list[tuple[float, float]]:
-    """Vertices of a shape whose extent is about ``size`` pixels, rotated by ``angle``."""
+    """Vertices of a shape inscribed in a circle of diameter ``size``, rotated by ``angle``."""
     r = size / 2
     if kind == "square":
-        radii, n = [r * math.sqrt(2) / 1.3] * 4, 4  # side ~ size / 1.3 so the rotated square stays in range
+        radii, n = [r] * 4, 4  # side size / sqrt(2): at any rotation the square fits the circle
     elif kind == "triangle":
         radii, n = [r] * 3, 3
     else:  # star: outer and inner points alternate

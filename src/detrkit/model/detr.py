@@ -64,6 +64,8 @@ class DETR(nn.Module):
         self.num_queries = num_queries
         self.aux_loss = aux_loss
         self.precision = "fp32"  # "bf16": run under bfloat16 autocast (fast inference mode)
+        self.inference = {"image_size": 800, "max_size": None}  # how predict() sizes images (official 800/1333)
+        self.classes = [{"index": i, "id": i, "name": str(i)} for i in range(num_classes)]
 
     def forward(self, images: Images) -> dict:
         """Detect objects.
@@ -99,6 +101,52 @@ class DETR(nn.Module):
         if self.aux_loss:
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
         return out
+
+    @torch.no_grad()
+    def predict(self, images, threshold: float = 0.5, batch_size: int = 8) -> list[dict]:
+        """Detect objects in image files, PIL images or uint8 ``3 x H x W`` tensors.
+
+        Images are resized as the model was trained (``self.inference``) and normalised.
+        Returns one dict per image: ``boxes (N, 4)`` absolute ``(x0, y0, x1, y1)`` in the
+        original image's pixels, ``scores (N,)``, ``labels (N,)`` dataset category ids and
+        ``names`` (list of N class names), for detections scoring above ``threshold``.
+        """
+        from PIL import Image
+
+        from detrkit.data.coco import open_rgb
+        from detrkit.data.transforms import val_transforms
+        from detrkit.postprocess import postprocess
+        from torchvision.transforms.v2 import functional as TF
+        from torchvision.tv_tensors import BoundingBoxes
+        from torchvision.tv_tensors import Image as Image_
+
+        if isinstance(images, (str, Path, Image.Image, Tensor)):
+            images = [images]
+        transform = val_transforms(self.inference["image_size"], self.inference.get("max_size"))
+        device = next(self.parameters()).device
+        was_training = self.training
+        self.eval()
+        names = {c["id"]: c["name"] for c in self.classes}
+        results = []
+        for start in range(0, len(images), batch_size):
+            tensors, sizes = [], []
+            for img in images[start:start + batch_size]:
+                if isinstance(img, (str, Path)):
+                    img = open_rgb(img)
+                if isinstance(img, Image.Image):
+                    img = TF.pil_to_tensor(img.convert("RGB"))
+                sizes.append(tuple(img.shape[-2:]))
+                # The presets transform (image, target) pairs; an empty target carries no boxes.
+                no_boxes = {"boxes": BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=sizes[-1]),
+                            "labels": torch.zeros(0, dtype=torch.int64)}
+                tensors.append(transform(Image_(img), no_boxes)[0].to(device))
+            out = self(tensors)
+            dets = postprocess(out, sizes, threshold=threshold, index_to_category=[c["id"] for c in self.classes])
+            for d in dets:
+                d["names"] = [names[int(i)] for i in d["labels"]]
+            results += dets
+        self.train(was_training)
+        return results
 
     @staticmethod
     def _batch(images: Images) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,298 @@
+"""The command line: parses flags into the config dataclasses and calls the modules.
+
+Every default shown in ``--help`` is read from the config dataclasses (written once there).
+Exit status: 0 on success, 2 on a usage or data error (one clear line; ``--debug`` shows the
+traceback), 1 on anything unexpected.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from detrkit.config import DataConfig, LossConfig, ModelConfig, PRESETS, TrainConfig, config_from_dict, preset
+from detrkit.errors import DetrkitError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def _default(cls, name: str):
+    return {f.name: f.default for f in dataclasses.fields(cls)}[name]
+
+
+def _flag(parser, cls, name: str, help: str, **kw) -> None:
+    """A flag for dataclass field ``name``; argparse's default None means "not given"."""
+    d = _default(cls, name)
+    parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
+                        help=f"{help} (default: {d})", **kw)
+
+
+def _data_flags(p) -> None:
+    g = p.add_argument_group("data (a folder in a common layout, or explicit COCO files)")
+    _flag(g, DataConfig, "data", "folder in COCO, Roboflow-COCO or YOLO layout", metavar="DIR")
+    _flag(g, DataConfig, "train_json", "COCO annotation file of the training split", metavar="FILE")
+    _flag(g, DataConfig, "train_images", "image root of the training split (file_name is relative to it)",
+          metavar="DIR")
+    _flag(g, DataConfig, "val_json", "COCO annotation file of the validation split", metavar="FILE")
+    _flag(g, DataConfig, "val_images", "image root of the validation split", metavar="DIR")
+    _flag(g, DataConfig, "image_size", "shorter image side at evaluation; training scales follow it", type=int)
+    _flag(g, DataConfig, "max_size", "longer image side limit (None: image-size * 1333 / 800)", type=int)
+    _flag(g, DataConfig, "workers", "data loader worker processes", type=int)
+
+
+def _common(p) -> None:
+    p.add_argument("--debug", action="store_true", help="show the Python traceback on errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="detrkit", description="DETR: train, evaluate and run object detectors.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="make the synthetic shapes set, train on it, evaluate and draw predictions")
+    p.add_argument("--minutes", type=float, default=None, help="training time budget (default: the demo recipe's)")
+    p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
+    p.add_argument("--data-dir", default="data/synthetic", help="where the synthetic set is cached (default: data/synthetic)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")
+    _common(p)
+
+    p = sub.add_parser("synth", help="write the synthetic shapes data set (COCO format)")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--num-train", type=int, default=2000, help="training images (default: 2000)")
+    p.add_argument("--num-val", type=int, default=200, help="validation images (default: 200)")
+    p.add_argument("--image-size", type=int, default=128, help="image side in pixels (default: 128)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    _common(p)
+
+    p = sub.add_parser("check-data", help="check a data set and print a summary with every problem found")
+    _data_flags(p)
+    p.add_argument("--no-images", action="store_true", help="skip opening every image file")
+    _common(p)
+
+    p = sub.add_parser("train", help="train a detector on COCO-format data")
+    p.add_argument("--config", metavar="FILE", help="YAML file with any of the flags below "
+                   "(sections model/loss/data/train or flat keys); flags given here win")
+    g = p.add_argument_group("model")
+    _flag(g, TrainConfig, "model", f"model preset: {', '.join(PRESETS)}")
+    _flag(g, TrainConfig, "weights", "start from a checkpoint (detrkit, official .pth or Hugging Face folder); "
+          "the class head is re-initialised when the classes differ", metavar="PATH")
+    _flag(g, TrainConfig, "backbone_weights", "local torchvision ImageNet ResNet state dict", metavar="FILE")
+    g = p.add_argument_group("optimisation")
+    for name, help, typ in [
+        ("epochs", "number of epochs", int), ("minutes", "time budget in minutes (stops early)", float),
+        ("batch_size", "images per step", int), ("lr", "learning rate of transformer and heads", float),
+        ("lr_backbone", "learning rate of the backbone (0 freezes it)", float),
+        ("weight_decay", "AdamW weight decay", float), ("clip", "gradient norm clipping (0 = off)", float),
+        ("lr_drop", "epoch of the x0.1 learning-rate drop (None: at 2/3 of training)", float),
+        ("warmup", "linear warm-up as a fraction of training", float),
+        ("eval_every", "evaluate every N epochs", int), ("seed", "random seed", int),
+    ]:
+        _flag(g, TrainConfig, name, help, type=typ)
+    _flag(g, TrainConfig, "schedule", "learning-rate schedule", choices=["step", "cosine"])
+    _flag(g, TrainConfig, "precision", "fp32, or bf16 autocast (matching and losses stay fp32)",
+          choices=["fp32", "bf16"])
+    _flag(g, LossConfig, "bbox_loss", "box regression loss", choices=["l1", "smooth_l1"])
+    _flag(g, LossConfig, "class_cost", "class term of the matching cost: -p (official) or 1-p",
+          choices=["neg_prob", "one_minus_prob"])
+    _data_flags(p)
+    g = p.add_argument_group("run")
+    _flag(g, TrainConfig, "out", "run folder", metavar="RUN_DIR")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    _flag(g, TrainConfig, "device", "cpu, cuda, cuda:1 ... or auto")
+    _common(p)
+
+    p = sub.add_parser("eval", help="COCO metrics of a checkpoint on a data set")
+    p.add_argument("--weights", required=True, metavar="PATH", help="checkpoint (detrkit, official or Hugging Face)")
+    _data_flags(p)
+    p.add_argument("--out", default=None, help="folder for metrics.json and detections.json (default: beside the weights)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per batch (default: 8)")
+    p.add_argument("--device", default="auto", help="cpu, cuda ... (default: auto)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="(default: fp32)")
+    _common(p)
+
+    p = sub.add_parser("predict", help="detect objects in images and draw them")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
+    p.add_argument("--weights", required=True, metavar="PATH", help="checkpoint (detrkit, official or Hugging Face)")
+    p.add_argument("--threshold", type=float, default=0.5, help="minimum score (default: 0.5)")
+    p.add_argument("--out", default="runs/predict", help="output folder (default: runs/predict)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per batch (default: 8)")
+    p.add_argument("--device", default="auto", help="cpu, cuda ... (default: auto)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="(default: fp32)")
+    _common(p)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------
+def _given(args, cls) -> dict:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
+def _yaml_sections(path: Optional[str]) -> dict[str, dict]:
+    """Read a --config YAML: sections model/loss/data/train, or flat flag-named keys."""
+    if not path:
+        return {}
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise DetrkitError(f"{path}: cannot read the YAML config ({e})") from None
+    if not isinstance(raw, dict):
+        raise DetrkitError(f"{path}: the YAML config must be a mapping")
+    sections = {s: dict(raw.pop(s) or {}) for s in ("model", "loss", "data", "train") if isinstance(raw.get(s), dict)}
+    flat = {k.replace("-", "_"): v for k, v in raw.items()}
+    for name, cls in (("loss", LossConfig), ("data", DataConfig), ("train", TrainConfig)):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        sections.setdefault(name, {}).update({k: v for k, v in flat.items() if k in fields})
+    known = set().union(*({f.name for f in dataclasses.fields(c)} for c in (LossConfig, DataConfig, TrainConfig)))
+    unknown = sorted(set(flat) - known)
+    if unknown:
+        raise DetrkitError(f"{path}: unknown keys {', '.join(unknown)}")
+    return sections
+
+
+def cmd_train(args) -> int:
+    from detrkit.engine import load_run_config, train
+
+    if args.resume:
+        model_cfg, loss_cfg, data_cfg, train_cfg = load_run_config(Path(args.resume))
+        overrides = {k: v for k, v in _given(args, TrainConfig).items() if k in ("epochs", "minutes", "device")}
+        train_cfg = dataclasses.replace(train_cfg, **overrides, out=args.resume, resume=True)
+    else:
+        sections = _yaml_sections(args.config)
+        train_cfg = config_from_dict(TrainConfig, {**sections.get("train", {}), **_given(args, TrainConfig)})
+        model_cfg = preset(train_cfg.model, **sections.get("model", {}))
+        loss_cfg = config_from_dict(LossConfig, {**sections.get("loss", {}), **_given(args, LossConfig)})
+        data_cfg = config_from_dict(DataConfig, {**sections.get("data", {}), **_given(args, DataConfig)})
+    run_dir = train(model_cfg, loss_cfg, data_cfg, train_cfg)
+    print(f"run folder: {run_dir}\nbest checkpoint: {run_dir / 'best'}\nresults: {run_dir / 'results.csv'}, "
+          f"{run_dir / 'results.png'}")
+    return 0
+
+
+def cmd_check_data(args) -> int:
+    from detrkit.data.coco import load_coco
+    from detrkit.engine import data_paths
+
+    paths = data_paths(config_from_dict(DataConfig, _given(args, DataConfig)))
+    if not any(k in paths for k in ("train_json", "val_json")):
+        raise DetrkitError("no data given: use --data DIR or --train-json/--train-images (and/or --val-json/--val-images)")
+    failed = False
+    for split in ("train", "val"):
+        if f"{split}_json" not in paths:
+            continue
+        data = load_coco(paths[f"{split}_json"], paths[f"{split}_images"], check_images=not args.no_images,
+                         strict=False)
+        print(f"== {split}: {paths[f'{split}_json']}")
+        print(data.report.summary())
+        failed |= bool(data.report.problems)
+    if failed:
+        raise DetrkitError("problems found (listed above); fix them before training")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from detrkit import load_model
+    from detrkit.engine import build_datasets, evaluate
+    from detrkit.evaluate import format_metrics, write_metrics
+
+    model = load_model(args.weights, precision=args.precision)
+    data_cfg = config_from_dict(DataConfig, {"image_size": model.inference["image_size"],
+                                             "max_size": model.inference.get("max_size"), **_given(args, DataConfig)})
+    _, val_set = build_datasets(data_cfg, categories=[{"id": c["id"], "name": c["name"]} for c in model.classes],
+                                train=False)
+    if val_set is None:
+        raise DetrkitError("no evaluation data: give --data DIR or --val-json FILE --val-images DIR")
+    metrics, detections = evaluate(model, val_set, batch_size=args.batch_size, workers=data_cfg.workers,
+                                   device=args.device)
+    out = Path(args.out) if args.out else Path(args.weights).resolve().parent / "eval"
+    write_metrics(out, metrics, detections)
+    print(format_metrics(metrics))
+    print(f"written: {out / 'metrics.json'}, {out / 'detections.json'}")
+    return 0
+
+
+def _expand(paths: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for p in paths:
+        matches = [Path(m) for m in sorted(glob.glob(p))] or [Path(p)]
+        for m in matches:
+            if m.is_dir():
+                files += sorted(f for f in m.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+            elif m.exists():
+                files.append(m)
+            else:
+                raise DetrkitError(f"{m}: no such file, folder or matching pattern")
+    if not files:
+        raise DetrkitError(f"no images found in {' '.join(paths)}")
+    return files
+
+
+def cmd_predict(args) -> int:
+    from torchvision.transforms.v2 import functional as TF
+
+    from detrkit import load_model
+    from detrkit.data.coco import open_rgb
+    from detrkit.engine import select_device
+    from detrkit.visualize import draw_detections, save_image
+
+    files = _expand(args.paths)
+    model = load_model(args.weights, device=select_device(args.device), precision=args.precision)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for start in range(0, len(files), args.batch_size):
+        chunk = files[start:start + args.batch_size]
+        images = [TF.pil_to_tensor(open_rgb(f)) for f in chunk]
+        for f, img, det in zip(chunk, images, model.predict(images, threshold=args.threshold)):
+            drawn = draw_detections(img, det["boxes"].cpu(), det["names"], det["scores"].cpu())
+            save_image(drawn, out / f"{f.stem}.png")
+            records.append({"file": str(f), "detections": [
+                {"box": [round(float(v), 2) for v in b], "score": float(s), "category_id": int(l), "name": n}
+                for b, s, l, n in zip(det["boxes"], det["scores"], det["labels"], det["names"])]})
+    (out / "detections.json").write_text(json.dumps(records, indent=1))
+    print(f"{len(files)} images, {sum(len(r['detections']) for r in records)} detections -> {out}")
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from detrkit.data.synthetic import make_synthetic
+
+    paths = make_synthetic(args.out, num_train=args.num_train, num_val=args.num_val, image_size=args.image_size,
+                           seed=args.seed)
+    for k, v in paths.items():
+        print(f"{k}: {v}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from detrkit.demo import run_demo
+
+    run_demo(out=args.out, data_dir=args.data_dir, minutes=args.minutes, device=args.device)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "check-data": cmd_check_data, "eval": cmd_eval, "predict": cmd_predict,
+            "synth": cmd_synth, "demo": cmd_demo}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (DetrkitError, ValueError) as e:
+        # The user's input is wrong (data, weights, flags): one clear message, no traceback.
+        if args.debug:
+            traceback.print_exc()
+        print(f"detrkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
