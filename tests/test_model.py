@@ -142,3 +142,16 @@ def test_bf16_precision_runs_and_returns_float32():
         fast = model(images)
     assert fast["pred_logits"].dtype == torch.float32
     assert (fast["pred_boxes"] - ref["pred_boxes"]).abs().max() < 0.05
+
+
+def test_imagenet_weights_from_a_local_file(tmp_path):
+    import torchvision
+
+    resnet = torchvision.models.resnet18(weights=None)
+    torch.save(resnet.state_dict(), tmp_path / "resnet18.pth")
+    model = build_model(ModelConfig(**TINY, backbone="resnet18"), backbone_weights=tmp_path / "resnet18.pth")
+    torch.testing.assert_close(model.backbone.body.layer3[0].conv1.weight, resnet.layer3[0].conv1.weight)
+    torch.testing.assert_close(model.backbone.body.bn1.running_var, resnet.bn1.running_var)
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), tmp_path / "resnet34.pth")
+    with pytest.raises(ValueError, match="resnet34.pth"):
+        build_model(ModelConfig(**TINY, backbone="resnet18"), backbone_weights=tmp_path / "resnet34.pth")

@@ -2,20 +2,70 @@
 
 The public API::
 
-    from detrkit import build_model, load_model, save_model, preset
-    model = load_model("weights/")            # detrkit, official DETR .pth or Hugging Face folder
-    outputs = model([image])                  # pred_logits, pred_boxes, aux_outputs
-    detections = postprocess(outputs, [(h, w)], threshold=0.5)
+    import detrkit
+    model = detrkit.load_model("weights/")       # detrkit, official DETR .pth or Hugging Face folder
+    outputs = model([image])                     # pred_logits, pred_boxes, aux_outputs
+    detections = model.predict(["photo.jpg"], threshold=0.5)
+    run_dir = detrkit.train(data="my_coco_dir", model="detr_r18_small", minutes=10)
+    metrics = detrkit.evaluate(run_dir / "best", data="my_coco_dir")
 """
+from pathlib import Path
+from typing import Union
+
+# The submodule detrkit.evaluate is loaded before the function of the same name is defined
+# below, so that the function, not the module, is the package attribute.
+import detrkit.evaluate  # noqa: F401  isort: skip
 from detrkit.checkpoint import load_model, save_model
-from detrkit.config import LossConfig, ModelConfig, preset
+from detrkit.config import DataConfig, LossConfig, ModelConfig, TrainConfig, preset
 from detrkit.criterion import SetCriterion, build_criterion
 from detrkit.matcher import HungarianMatcher
 from detrkit.model.detr import DETR, build_model
 from detrkit.postprocess import postprocess
 
 __all__ = [
-    "DETR", "HungarianMatcher", "LossConfig", "ModelConfig", "SetCriterion", "build_criterion",
-    "build_model", "load_model", "postprocess", "preset", "save_model",
+    "DETR", "DataConfig", "HungarianMatcher", "LossConfig", "ModelConfig", "SetCriterion", "TrainConfig",
+    "build_criterion", "build_model", "evaluate", "load_model", "postprocess", "preset", "save_model", "train",
 ]
 __version__ = "0.1.0"
+
+
+def train(**options) -> Path:
+    """Train a detector; the Python face of ``detrkit train``. Returns the run folder.
+
+    ``options`` are the command's flags as Python names, e.g. ``data="dir"``,
+    ``train_json=..., train_images=..., val_json=..., val_images=...``, ``model="detr_r18_small"``,
+    ``epochs=50``, ``minutes=10``, ``lr=1e-4``, ``bbox_loss="smooth_l1"``, ``out="runs/x"``; each
+    goes to the config dataclass that owns it (TrainConfig, DataConfig or LossConfig).
+    """
+    import dataclasses
+
+    from detrkit.config import config_from_dict
+    from detrkit.engine import train as run_training
+
+    parts = {}
+    for cls in (TrainConfig, DataConfig, LossConfig):
+        names = {f.name for f in dataclasses.fields(cls)}
+        parts[cls] = {k: options.pop(k) for k in list(options) if k in names}
+    if options:
+        raise TypeError(f"unknown training options: {', '.join(sorted(options))}")
+    train_cfg = config_from_dict(TrainConfig, parts[TrainConfig])
+    return run_training(preset(train_cfg.model), config_from_dict(LossConfig, parts[LossConfig]),
+                        config_from_dict(DataConfig, parts[DataConfig]), train_cfg)
+
+
+def evaluate(weights: Union[str, Path, DETR], *, batch_size: int = 8, device: str = "auto", **data) -> dict:
+    """COCO metrics of a checkpoint (or model) on the validation split given by ``data``
+    (``data="dir"`` or ``val_json=..., val_images=...``): the 12 COCO numbers and ``per_class``."""
+    from detrkit.config import config_from_dict
+    from detrkit.engine import build_datasets
+    from detrkit.engine import evaluate as run_evaluation
+
+    model = weights if isinstance(weights, DETR) else load_model(weights)
+    data_cfg = config_from_dict(DataConfig, {"image_size": model.inference["image_size"],
+                                             "max_size": model.inference.get("max_size"), **data})
+    _, val_set = build_datasets(data_cfg, categories=[{"id": c["id"], "name": c["name"]} for c in model.classes],
+                                train=False)
+    if val_set is None:
+        raise ValueError("no evaluation data: give data=DIR or val_json=..., val_images=...")
+    metrics, _ = run_evaluation(model, val_set, batch_size=batch_size, workers=data_cfg.workers, device=device)
+    return metrics

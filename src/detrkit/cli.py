@@ -45,6 +45,8 @@ def _data_flags(p) -> None:
     _flag(g, DataConfig, "image_size", "shorter image side at evaluation; training scales follow it", type=int)
     _flag(g, DataConfig, "max_size", "longer image side limit (None: image-size * 1333 / 800)", type=int)
     _flag(g, DataConfig, "workers", "data loader worker processes", type=int)
+    _flag(g, DataConfig, "augment", "training augmentation: detr (official multi-scale + crop) or flip",
+          choices=["detr", "flip"])
 
 
 def _common(p) -> None:
@@ -76,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("train", help="train a detector on COCO-format data")
-    p.add_argument("--config", metavar="FILE", help="YAML file with any of the flags below "
-                   "(sections model/loss/data/train or flat keys); flags given here win")
+    p.add_argument("--config", metavar="FILE", help="YAML file with any of the flags below as flat keys "
+                   "(lr: 0.0002) or in sections loss/data/train; a section model: {preset: NAME, field: value} "
+                   "overrides preset fields; flags given here win")
     g = p.add_argument_group("model")
     _flag(g, TrainConfig, "model", f"model preset: {', '.join(PRESETS)}")
     _flag(g, TrainConfig, "weights", "start from a checkpoint (detrkit, official .pth or Hugging Face folder); "
@@ -118,12 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="detect objects in images and draw them")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
-    p.add_argument("--weights", required=True, metavar="PATH", help="checkpoint (detrkit, official or Hugging Face)")
+    p.add_argument("--weights", required=True, metavar="PATH",
+                   help="checkpoint (detrkit, official or Hugging Face) or an exported .onnx file")
     p.add_argument("--threshold", type=float, default=0.5, help="minimum score (default: 0.5)")
     p.add_argument("--out", default="runs/predict", help="output folder (default: runs/predict)")
     p.add_argument("--batch-size", type=int, default=8, help="images per batch (default: 8)")
     p.add_argument("--device", default="auto", help="cpu, cuda ... (default: auto)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="(default: fp32)")
+    _common(p)
+    from detrkit.export import add_export_arguments
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX and check it against onnxruntime")
+    add_export_arguments(p)
     _common(p)
     return parser
 
@@ -147,6 +156,8 @@ def _yaml_sections(path: Optional[str]) -> dict[str, dict]:
     if not isinstance(raw, dict):
         raise DetrkitError(f"{path}: the YAML config must be a mapping")
     sections = {s: dict(raw.pop(s) or {}) for s in ("model", "loss", "data", "train") if isinstance(raw.get(s), dict)}
+    if "preset" in sections.get("model", {}):  # `model: {preset: NAME, <field overrides>}`
+        raw["model"] = sections["model"].pop("preset")
     flat = {k.replace("-", "_"): v for k, v in raw.items()}
     for name, cls in (("loss", LossConfig), ("data", DataConfig), ("train", TrainConfig)):
         fields = {f.name for f in dataclasses.fields(cls)}
@@ -244,7 +255,12 @@ def cmd_predict(args) -> int:
     from detrkit.visualize import draw_detections, save_image
 
     files = _expand(args.paths)
-    model = load_model(args.weights, device=select_device(args.device), precision=args.precision)
+    if str(args.weights).endswith(".onnx"):  # an exported model runs through onnxruntime
+        from detrkit.export import OnnxDetector
+
+        model = OnnxDetector(args.weights)
+    else:
+        model = load_model(args.weights, device=select_device(args.device), precision=args.precision)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records = []
@@ -279,7 +295,13 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "check-data": cmd_check_data, "eval": cmd_eval, "predict": cmd_predict,
+def cmd_export(args) -> int:
+    from detrkit.export import run_export
+
+    return run_export(args)
+
+
+COMMANDS = {"export": cmd_export, "train": cmd_train, "check-data": cmd_check_data, "eval": cmd_eval, "predict": cmd_predict,
             "synth": cmd_synth, "demo": cmd_demo}
 
 

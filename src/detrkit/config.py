@@ -22,6 +22,10 @@ class ModelConfig:
     dilation: bool = False  # DC5: dilate layer4 instead of striding it (stride 16, paper sec. 4)
     backbone_stages: int = 4  # ResNet stages kept; 3 cuts after layer3 (stride 16, fewer channels: small presets)
     frozen_stages: int = 1  # stem + layer1 frozen, layer2-4 trained (official backbone.py); 0 = all trainable
+    # "frozen": FrozenBatchNorm2d (official: ImageNet statistics, batches too small to estimate them).
+    # "batch": trainable BatchNorm2d, for training from random weights, where frozen identity
+    # statistics leave the ResNet unnormalised (our measurement, docs/benchmarks.md).
+    backbone_norm: str = "frozen"
     num_classes: int = 91  # classes without "no object"; official COCO uses max id + 1 = 91
     d_model: int = 256  # transformer width (official hidden_dim)
     nheads: int = 8  # attention heads (official)
@@ -33,6 +37,9 @@ class ModelConfig:
     pre_norm: bool = False  # LayerNorm before (True) or after (False, official) each sub-layer
     position_embedding: str = "sine"  # "sine" (official) or "learned"
     aux_loss: bool = True  # return every decoder layer's predictions (official: on)
+    # Fast-convergence architecture (docs/training.md): queries chosen from the encoder with box
+    # references refined layer by layer, sigmoid classification. False is the paper's DETR.
+    two_stage: bool = False
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONE_CHANNELS:
@@ -41,6 +48,8 @@ class ModelConfig:
             raise ValueError(f"dilation (DC5) needs a bottleneck ResNet (resnet50/101), not {self.backbone}")
         if self.dilation and self.backbone_stages < 4:
             raise ValueError("dilation dilates layer4, so it needs backbone_stages=4")
+        if self.backbone_norm not in ("frozen", "batch"):
+            raise ValueError(f"backbone_norm must be 'frozen' or 'batch', got {self.backbone_norm!r}")
         if self.position_embedding not in ("sine", "learned"):
             raise ValueError(f"position_embedding must be 'sine' or 'learned', got {self.position_embedding!r}")
         if self.d_model % self.nheads:
@@ -74,6 +83,9 @@ class LossConfig:
     eos_coef: float = 0.1  # relative weight of the "no object" class in cross-entropy (official)
     bbox_loss: str = "l1"  # "l1" (paper, official) or "smooth_l1"
     smooth_l1_beta: float = 0.1  # Smooth L1 switch point in normalised box units (ours; boxes are in [0, 1])
+    # Sigmoid (focal) classification, used by two-stage models: Deformable DETR's values.
+    focal_alpha: float = 0.25  # focal loss alpha (Lin et al. 2017; Deformable DETR)
+    focal_gamma: float = 2.0  # focal loss gamma (same)
 
     def __post_init__(self) -> None:
         if self.class_cost not in ("neg_prob", "one_minus_prob"):
@@ -96,6 +108,7 @@ class DataConfig:
     image_size: int = 800  # shorter side at evaluation; training scales 480..800 scale with it (official)
     max_size: Optional[int] = None  # longer side limit; None = image_size * 1333 / 800 (official ratio)
     workers: int = 2  # DataLoader worker processes
+    augment: str = "detr"  # "detr": official flip + multi-scale + crop; "flip": flip only (small images)
 
 
 @dataclass
@@ -146,6 +159,12 @@ PRESETS: dict[str, dict] = {
     "detr_r18_small": dict(
         backbone="resnet18", d_model=128, nheads=8, enc_layers=3, dec_layers=3,
         dim_feedforward=512, num_queries=30, frozen_stages=0,
+    ),
+    # The fast-convergence model for CPUs and small data: the small preset's sizes, queries chosen
+    # from the encoder with refined box references (docs/training.md).
+    "detr_r18_fast": dict(
+        backbone="resnet18", backbone_stages=3, d_model=128, nheads=8, enc_layers=3, dec_layers=3,
+        dim_feedforward=512, num_queries=30, frozen_stages=0, two_stage=True,
     ),
     # The smallest useful model, for tests and smoke runs (seconds per step on a CPU).
     "detr_r18_tiny": dict(

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.ops import sigmoid_focal_loss
 
 from detrkit.boxes import cxcywh_to_xyxy, elementwise_generalized_box_iou
 from detrkit.config import LossConfig
@@ -33,7 +34,8 @@ class SetCriterion(nn.Module):
     """DETR's loss. ``forward(outputs, targets)`` -> dict of named losses plus ``loss`` (the weighted total)."""
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: dict[str, float],
-                 eos_coef: float = 0.1, bbox_loss: str = "l1", smooth_l1_beta: float = 0.1) -> None:
+                 eos_coef: float = 0.1, bbox_loss: str = "l1", smooth_l1_beta: float = 0.1, *,
+                 sigmoid: bool = False, focal_alpha: float = 0.25, focal_gamma: float = 2.0) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.matcher = matcher
@@ -41,19 +43,32 @@ class SetCriterion(nn.Module):
         self.eos_coef = eos_coef
         self.bbox_loss = bbox_loss
         self.smooth_l1_beta = smooth_l1_beta
+        self.sigmoid = sigmoid  # sigmoid focal classification (two-stage models) instead of softmax CE
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight)
 
     # --- the named losses -------------------------------------------------------------------
-    def loss_labels(self, outputs: dict, targets: list[dict], indices: Indices, log: bool = True) -> dict:
-        """Cross-entropy over all queries; unmatched queries are "no object" (index num_classes)."""
-        logits = outputs["pred_logits"]  # (B, Q, K+1)
+    def loss_labels(self, outputs: dict, targets: list[dict], indices: Indices, log: bool = True,
+                    num_boxes: float = 1.0) -> dict:
+        """Cross-entropy over all queries; unmatched queries are "no object" (index num_classes).
+
+        With ``sigmoid``: focal loss over all queries and classes (a matched query's target is
+        its class, every other entry 0), summed and divided by ``num_boxes`` (Deformable DETR).
+        """
+        logits = outputs["pred_logits"]  # (B, Q, K+1), or (B, Q, K) with sigmoid
         batch_idx, src_idx = _permutation(indices)
         matched_labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
         target_classes[batch_idx, src_idx] = matched_labels
-        losses = {"loss_ce": F.cross_entropy(logits.transpose(1, 2).float(), target_classes, self.empty_weight)}
+        if self.sigmoid:
+            onehot = F.one_hot(target_classes, self.num_classes + 1)[..., :-1].float()  # (B, Q, K)
+            focal = sigmoid_focal_loss(logits.float(), onehot, self.focal_alpha, self.focal_gamma, reduction="sum")
+            losses = {"loss_ce": focal / num_boxes}
+        else:
+            losses = {"loss_ce": F.cross_entropy(logits.transpose(1, 2).float(), target_classes, self.empty_weight)}
         if log:
             # Top-1 error on the matched queries, in percent. With no targets there is nothing
             # to get wrong: 0, not 100.
@@ -68,7 +83,10 @@ class SetCriterion(nn.Module):
     def loss_cardinality(self, outputs: dict, targets: list[dict], indices: Indices) -> dict:
         """L1 between the number of predicted objects (argmax is not "no object") and of targets. Logged only."""
         logits = outputs["pred_logits"]
-        predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1).float()  # (B,)
+        if self.sigmoid:  # an object is a query with some class above probability 0.5
+            predicted = (logits.max(-1).values > 0).sum(1).float()
+        else:
+            predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1).float()  # (B,)
         actual = torch.as_tensor([float(len(t["labels"])) for t in targets], device=logits.device)
         return {"cardinality_error": F.l1_loss(predicted, actual)}
 
@@ -92,7 +110,7 @@ class SetCriterion(nn.Module):
         """Match one decoder layer's predictions and compute its named losses."""
         if indices is None:
             indices = self.matcher(outputs, targets)
-        losses = self.loss_labels(outputs, targets, indices, log=log)
+        losses = self.loss_labels(outputs, targets, indices, log=log, num_boxes=num_boxes)
         losses.update(self.loss_boxes(outputs, targets, indices, num_boxes))
         losses.update(self.loss_cardinality(outputs, targets, indices))
         return losses
@@ -115,6 +133,9 @@ class SetCriterion(nn.Module):
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             aux_losses = self.layer_losses(aux, targets, num_boxes, log=False)
             losses.update({f"{k}_{i}": v for k, v in aux_losses.items()})
+        if "enc_outputs" in outputs:  # two-stage: the encoder proposals get the same set loss
+            enc_losses = self.layer_losses(outputs["enc_outputs"], targets, num_boxes, log=False)
+            losses.update({f"{k}_enc": v for k, v in enc_losses.items()})
         losses["loss"] = self.weighted_total(losses)
         return losses
 
@@ -145,17 +166,25 @@ def _permutation(indices: Indices) -> tuple[Tensor, Tensor]:
     return batch_idx, src_idx
 
 
-def weight_dict(loss: LossConfig, num_aux: int) -> dict[str, float]:
-    """The loss weights, with a copy for each auxiliary layer ``_0 .. _{num_aux-1}``."""
+def weight_dict(loss: LossConfig, num_aux: int, encoder: bool = False) -> dict[str, float]:
+    """The loss weights, with a copy for each auxiliary layer ``_0 .. _{num_aux-1}`` (and ``_enc``)."""
     base = {"loss_ce": loss.loss_ce, "loss_bbox": loss.loss_bbox, "loss_giou": loss.loss_giou}
     weights = dict(base)
     for i in range(num_aux):
         weights.update({f"{k}_{i}": w for k, w in base.items()})
+    if encoder:
+        weights.update({f"{k}_enc": w for k, w in base.items()})
     return weights
 
 
-def build_criterion(num_classes: int, loss: LossConfig, num_aux: int) -> SetCriterion:
-    """The one function that turns a :class:`LossConfig` into matcher + criterion."""
-    matcher = HungarianMatcher(loss.cost_class, loss.cost_bbox, loss.cost_giou, loss.class_cost)
-    return SetCriterion(num_classes, matcher, weight_dict(loss, num_aux), eos_coef=loss.eos_coef,
-                        bbox_loss=loss.bbox_loss, smooth_l1_beta=loss.smooth_l1_beta)
+def build_criterion(num_classes: int, loss: LossConfig, num_aux: int, *, sigmoid: bool = False) -> SetCriterion:
+    """The one function that turns a :class:`LossConfig` into matcher + criterion.
+
+    ``sigmoid=True`` for two-stage models: focal classification and matching cost, and a
+    loss on the encoder proposals.
+    """
+    matcher = HungarianMatcher(loss.cost_class, loss.cost_bbox, loss.cost_giou, loss.class_cost, sigmoid=sigmoid,
+                               focal_alpha=loss.focal_alpha, focal_gamma=loss.focal_gamma)
+    return SetCriterion(num_classes, matcher, weight_dict(loss, num_aux, encoder=sigmoid), eos_coef=loss.eos_coef,
+                        bbox_loss=loss.bbox_loss, smooth_l1_beta=loss.smooth_l1_beta, sigmoid=sigmoid,
+                        focal_alpha=loss.focal_alpha, focal_gamma=loss.focal_gamma)

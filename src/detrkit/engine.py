@@ -72,7 +72,7 @@ def build_datasets(cfg: DataConfig, categories: Optional[list[dict]] = None, *, 
         if "train_json" not in paths or "train_images" not in paths:
             raise DataError("no training data: give --data DIR or --train-json FILE --train-images DIR")
         train_set = CocoDetection(paths["train_json"], paths["train_images"],
-                                  train_transforms(cfg.image_size, cfg.max_size), categories=categories)
+                                  train_transforms(cfg.image_size, cfg.max_size, cfg.augment), categories=categories)
         categories = train_set.categories
     if "val_json" in paths and "val_images" in paths:
         val_set = CocoDetection(paths["val_json"], paths["val_images"],
@@ -215,7 +215,7 @@ def predict_dataset(model: DETR, loader: DataLoader, device: torch.device) -> li
     for images, mask, targets in tqdm(loader, desc="evaluate", leave=False, dynamic_ncols=True, mininterval=1.0):
         outputs = model((images.to(device), mask.to(device)))
         sizes = torch.stack([t["orig_size"] for t in targets])
-        results = postprocess(outputs, sizes, index_to_category=lut)
+        results = postprocess(outputs, sizes, index_to_category=lut, sigmoid=model.sigmoid_class)
         detections += detections_to_coco(results, [t["image_id"] for t in targets])
     return detections
 
@@ -366,8 +366,8 @@ def train(model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig, tr
     model = initial_model(model_cfg, train_cfg, classes)
     model_cfg = model.config
     model.to(device)
-    criterion = build_criterion(model.num_classes, loss_cfg,
-                                num_aux=model_cfg.dec_layers - 1 if model_cfg.aux_loss else 0).to(device)
+    criterion = build_criterion(model.num_classes, loss_cfg, num_aux=model_cfg.dec_layers - 1 if model_cfg.aux_loss else 0,
+                                sigmoid=model_cfg.two_stage).to(device)
     optimizer = make_optimizer(model, train_cfg)
     inference = {"image_size": data_cfg.image_size, "max_size": data_cfg.max_size}
 

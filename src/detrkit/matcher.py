@@ -28,7 +28,8 @@ class HungarianMatcher(nn.Module):
     """
 
     def __init__(self, cost_class: float = 1.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
-                 class_cost: str = "neg_prob") -> None:
+                 class_cost: str = "neg_prob", *, sigmoid: bool = False, focal_alpha: float = 0.25,
+                 focal_gamma: float = 2.0) -> None:
         super().__init__()
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
             raise ValueError("all matching costs are 0")
@@ -38,19 +39,30 @@ class HungarianMatcher(nn.Module):
         self.cost_bbox = cost_bbox
         self.cost_giou = cost_giou
         self.class_cost = class_cost
+        # Sigmoid-classified models (two-stage) are matched with the focal terms they are trained
+        # with (Deformable DETR): the class cost is focal(p, positive) - focal(p, negative).
+        self.sigmoid = sigmoid
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
 
     def cost_matrix(self, logits: Tensor, boxes: Tensor, labels: Tensor, tgt_boxes: Tensor) -> Tensor:
         """The matching cost of one image.
 
-        ``logits (Q, K+1)``, ``boxes (Q, 4)`` cxcywh; ``labels (T,)``, ``tgt_boxes (T, 4)``
+        ``logits (Q, K+1)`` (``(Q, K)`` with sigmoid), ``boxes (Q, 4)`` cxcywh; ``labels (T,)``, ``tgt_boxes (T, 4)``
         cxcywh -> ``C (Q, T)``. Always computed in float32: half-precision costs round
         distinct candidates to the same value and can hold NaN.
         """
-        prob = logits.float().softmax(-1)  # (Q, K+1)
         boxes = boxes.float()
         tgt_boxes = tgt_boxes.float()
-        p = prob[:, labels]  # (Q, T): probability of each target's class
-        cost_class = 1 - p if self.class_cost == "one_minus_prob" else -p
+        if self.sigmoid:
+            p = logits.float().sigmoid()[:, labels]  # (Q, T)
+            a, g = self.focal_alpha, self.focal_gamma
+            pos = a * (1 - p) ** g * -(p + 1e-8).log()
+            neg = (1 - a) * p ** g * -(1 - p + 1e-8).log()
+            cost_class = pos - neg
+        else:
+            p = logits.float().softmax(-1)[:, labels]  # (Q, T): probability of each target's class
+            cost_class = 1 - p if self.class_cost == "one_minus_prob" else -p
         cost_bbox = torch.cdist(boxes, tgt_boxes, p=1)  # (Q, T)
         cost_giou = -generalized_box_iou(cxcywh_to_xyxy(boxes), cxcywh_to_xyxy(tgt_boxes))  # (Q, T)
         return self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou

@@ -15,7 +15,8 @@ from detrkit.boxes import cxcywh_to_xyxy, scale_boxes
 
 @torch.no_grad()
 def postprocess(outputs: dict, target_sizes: Tensor | Sequence[Sequence[int]], *, threshold: float = 0.0,
-                index_to_category: Optional[Sequence[int]] = None) -> list[dict]:
+                index_to_category: Optional[Sequence[int]] = None, sigmoid: bool = False,
+                top_k: int = 100) -> list[dict]:
     """Turn the last decoder layer's predictions into per-image detections.
 
     Args:
@@ -25,6 +26,9 @@ def postprocess(outputs: dict, target_sizes: Tensor | Sequence[Sequence[int]], *
         threshold: keep detections whose score is above it (0 keeps all Q).
         index_to_category: the dataset category id of each class index; without it the
             index is reported as the id (true of official COCO checkpoints, where index = COCO id).
+        sigmoid: the logits are per-class sigmoid logits with no "no object" column (two-stage
+            models). Then the ``top_k`` best (query, class) pairs are kept, so one query may
+            report two classes: a better ranking for COCO AP than one class per query.
 
     Returns:
         One dict per image: ``scores (N,)``, ``labels (N,)`` int64 dataset category ids,
@@ -34,9 +38,16 @@ def postprocess(outputs: dict, target_sizes: Tensor | Sequence[Sequence[int]], *
     sizes = torch.as_tensor(target_sizes, dtype=torch.float32, device=boxes.device)
     if sizes.shape != (logits.shape[0], 2):
         raise ValueError(f"target_sizes must be (B, 2) = ({logits.shape[0]}, 2), got {tuple(sizes.shape)}")
-    prob = logits.float().softmax(-1)
-    scores, labels = prob[..., :-1].max(-1)  # (B, Q): drop "no object", best class per query
     boxes = scale_boxes(cxcywh_to_xyxy(boxes.float()), sizes)  # (B, Q, 4) absolute xyxy
+    if sigmoid:
+        b, q, k = logits.shape
+        prob = logits.float().sigmoid().flatten(1)  # (B, Q*K)
+        scores, flat = prob.topk(min(top_k, q * k), dim=1)  # (B, top_k)
+        labels = flat % k
+        boxes = torch.gather(boxes, 1, (flat // k)[..., None].expand(-1, -1, 4))
+    else:
+        prob = logits.float().softmax(-1)
+        scores, labels = prob[..., :-1].max(-1)  # (B, Q): drop "no object", best class per query
     if index_to_category is not None:
         lut = torch.as_tensor(list(index_to_category), dtype=torch.int64, device=labels.device)
         labels = lut[labels]

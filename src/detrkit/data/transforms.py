@@ -140,7 +140,8 @@ def _to_model_input() -> list[v2.Transform]:
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)]
 
 
-def train_transforms(image_size: int = REFERENCE_SIZE, max_size: Optional[int] = None) -> v2.Compose:
+def train_transforms(image_size: int = REFERENCE_SIZE, max_size: Optional[int] = None,
+                     augment: str = "detr") -> v2.Compose:
     """The official DETR training augmentation, scaled to ``image_size``.
 
     Horizontal flip (p = 0.5), then with equal chance either
@@ -151,7 +152,12 @@ def train_transforms(image_size: int = REFERENCE_SIZE, max_size: Optional[int] =
 
     then float conversion and ImageNet normalisation. ``image_size=S`` multiplies every pixel
     number above by ``S / 800``, ``max_size`` included when it is None (1333 at 800, 213 at 128).
+    ``augment="flip"`` keeps only the flip, at the evaluation size.
     """
+    if augment == "flip":
+        return _flip_only(image_size, max_size)
+    if augment != "detr":
+        raise ValueError(f"augment must be 'detr' or 'flip', got {augment!r}")
     max_size = _max_size(image_size, max_size)
     scales = _scaled(TRAIN_SCALES, image_size)
     pre_crop = _scaled(CROP_PRE_RESIZE, image_size)
@@ -177,6 +183,15 @@ def train_transforms(image_size: int = REFERENCE_SIZE, max_size: Optional[int] =
             finish_targets(),
         ]
     )
+
+
+def _flip_only(image_size: int, max_size: Optional[int]) -> v2.Compose:
+    """Horizontal flip at the evaluation size: for small images, where the official scale
+    augmentation shrinks objects below what a stride-16 feature map can separate."""
+    max_size = _max_size(image_size, max_size)
+    _check_sizes([image_size], max_size)
+    return v2.Compose([v2.RandomHorizontalFlip(p=0.5), _resize_shorter(image_size, max_size), *_to_model_input(),
+                       finish_targets()])
 
 
 def val_transforms(image_size: int = REFERENCE_SIZE, max_size: Optional[int] = None) -> v2.Compose:

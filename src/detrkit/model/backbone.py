@@ -35,6 +35,7 @@ class Backbone(nn.Module):
         dilation: bool = False,
         stages: int = 4,
         frozen_stages: int = 1,
+        norm: str = "frozen",
         train_backbone: bool = True,
         weights_path: Optional[str | Path] = None,
     ) -> None:
@@ -42,7 +43,7 @@ class Backbone(nn.Module):
         resnet = getattr(torchvision.models, name)(
             weights=None,  # nothing is ever downloaded; ImageNet weights come from a local file
             replace_stride_with_dilation=[False, False, dilation],
-            norm_layer=FrozenBatchNorm2d,
+            norm_layer=FrozenBatchNorm2d if norm == "frozen" else nn.BatchNorm2d,
         )
         if weights_path is not None:
             load_imagenet_weights(resnet, weights_path)

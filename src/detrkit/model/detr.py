@@ -43,11 +43,16 @@ class MLP(nn.Module):
 class DETR(nn.Module):
     """The DETR detector.
 
+    ``sigmoid_class`` tells how class scores are read: False (DETR) = softmax over
+    ``num_classes + 1`` logits, the last "no object"; True (two-stage) = sigmoid per class.
+
     Train/eval contract: the model itself never matches or computes losses (see
     :class:`detrkit.HungarianMatcher` and :class:`detrkit.SetCriterion`); in train and eval
     mode alike it maps images to raw predictions. Inference uses ``pred_logits`` and
     ``pred_boxes`` (the last decoder layer) only, with no NMS.
     """
+
+    sigmoid_class = False
 
     def __init__(self, backbone: Backbone, position: nn.Module, transformer: Transformer,
                  num_classes: int, num_queries: int, aux_loss: bool = True) -> None:
@@ -141,7 +146,8 @@ class DETR(nn.Module):
                             "labels": torch.zeros(0, dtype=torch.int64)}
                 tensors.append(transform(Image_(img), no_boxes)[0].to(device))
             out = self(tensors)
-            dets = postprocess(out, sizes, threshold=threshold, index_to_category=[c["id"] for c in self.classes])
+            dets = postprocess(out, sizes, threshold=threshold, index_to_category=[c["id"] for c in self.classes],
+                               sigmoid=self.sigmoid_class)
             for d in dets:
                 d["names"] = [names[int(i)] for i in d["labels"]]
             results += dets
@@ -182,7 +188,7 @@ def build_model(config: ModelConfig, *, train_backbone: bool = True,
     """
     backbone = Backbone(
         config.backbone, dilation=config.dilation, stages=config.backbone_stages,
-        frozen_stages=config.frozen_stages, train_backbone=train_backbone, weights_path=backbone_weights,
+        frozen_stages=config.frozen_stages, norm=config.backbone_norm, train_backbone=train_backbone, weights_path=backbone_weights,
     )
     half = config.d_model // 2
     position = PositionEmbeddingSine(half) if config.position_embedding == "sine" else PositionEmbeddingLearned(half)
@@ -191,6 +197,12 @@ def build_model(config: ModelConfig, *, train_backbone: bool = True,
         dec_layers=config.dec_layers, dim_feedforward=config.dim_feedforward,
         dropout=config.dropout, pre_norm=config.pre_norm,
     )
-    model = DETR(backbone, position, transformer, config.num_classes, config.num_queries, config.aux_loss)
+    if config.two_stage:
+        from detrkit.model.two_stage import TwoStageDETR
+
+        cls = TwoStageDETR
+    else:
+        cls = DETR
+    model = cls(backbone, position, transformer, config.num_classes, config.num_queries, config.aux_loss)
     model.config = config
     return model

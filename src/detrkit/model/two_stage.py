@@ -1,0 +1,157 @@
+"""Two-stage DETR: queries chosen from the encoder, boxes refined layer by layer.
+
+Plain DETR starts every image from the same N learned queries, and global cross-attention
+must learn from scratch where to look: on small data and small compute it barely learns
+(see docs/benchmarks.md). This variant keeps DETR's contract (a set of predictions, matched
+one-to-one, no NMS, no hand-made anchor boxes) and changes where the queries come from:
+
+1. Encoder proposals (two-stage Deformable DETR, RT-DETR): every encoder token gets a class
+   score and a box, relative to its own grid cell; the top-N tokens by score become the
+   decoder's queries, their features the initial content and their boxes the references.
+   The proposals are trained with the same set loss (keys with suffix ``_enc``).
+2. Box references refined layer by layer (Deformable DETR's iterative refinement, DAB-DETR):
+   each decoder layer predicts a correction of its reference box in inverse-sigmoid space, and
+   the query's positional embedding is a sine encoding of the current box, so cross-attention
+   knows where the object is.
+3. Sigmoid classification (trained with focal loss): ``pred_logits`` has ``num_classes``
+   columns and no "no object" column; a class score is ``sigmoid(logit)``.
+
+The backbone, positional encoding and encoder/decoder layers are the plain DETR's.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from detrkit.model.backbone import Backbone
+from detrkit.model.detr import DETR, MLP
+from detrkit.model.transformer import Transformer
+
+PRIOR_PROB = 0.01  # initial foreground probability of the sigmoid class heads (focal-loss practice)
+ANCHOR_SIZE = 0.05  # initial proposal width/height relative to the image (two-stage Deformable DETR)
+
+
+def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
+    x = x.clamp(min=eps, max=1 - eps)
+    return torch.log(x / (1 - x))
+
+
+def box_sine_embedding(boxes: Tensor, d_model: int, temperature: float = 10000.0) -> Tensor:
+    """``(B, Q, 4)`` boxes in [0, 1] -> ``(B, Q, 2 * d_model)``: d/2 sine channels per coordinate.
+
+    The same sin/cos interleaving as the image encoding, so a box's embedding is comparable
+    with the positional encoding of the feature cells it covers.
+    """
+    f = d_model // 2
+    dim_t = torch.arange(f, dtype=torch.float32, device=boxes.device)
+    dim_t = temperature ** (2 * (dim_t // 2) / f)  # (f,)
+    pos = boxes.float()[..., None] * 2 * math.pi / dim_t  # (B, Q, 4, f)
+    pos = torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)  # (B, Q, 4, f)
+    # Order (cy, cx, w, h) so the first d channels match the image encoding's (y, x) layout.
+    return torch.cat([pos[:, :, 1], pos[:, :, 0], pos[:, :, 2], pos[:, :, 3]], dim=-1)  # (B, Q, 4f)
+
+
+class TwoStageDETR(DETR):
+    """DETR with encoder-selected queries and iterative box refinement (see the module docstring).
+
+    ``forward`` takes the same inputs as :class:`DETR` and returns the same keys, with
+    ``pred_logits (B, Q, num_classes)`` sigmoid logits and, in addition, ``enc_outputs``:
+    ``{"pred_logits" (B, HW, K), "pred_boxes" (B, HW, 4)}``, the encoder proposals.
+    """
+
+    sigmoid_class = True
+
+    def __init__(self, backbone: Backbone, position: nn.Module, transformer: Transformer,
+                 num_classes: int, num_queries: int, aux_loss: bool = True) -> None:
+        super().__init__(backbone, position, transformer, num_classes, num_queries, aux_loss)
+        d = transformer.d_model
+        num_layers = len(transformer.decoder.layers)
+        del self.query_embed  # queries come from the encoder
+        self.class_embed = nn.ModuleList(nn.Linear(d, num_classes) for _ in range(num_layers))
+        self.bbox_embed = nn.ModuleList(MLP(d, d, 4, 3) for _ in range(num_layers))
+        self.enc_output = nn.Linear(d, d)
+        self.enc_output_norm = nn.LayerNorm(d)
+        self.enc_class = nn.Linear(d, num_classes)
+        self.enc_bbox = MLP(d, d, 4, 3)
+        self.ref_point_head = MLP(4 * (d // 2), d, d, 2)  # box sine embedding -> query position
+        bias = -math.log((1 - PRIOR_PROB) / PRIOR_PROB)
+        for head in [*self.class_embed, self.enc_class]:
+            nn.init.constant_(head.bias, bias)
+        for mlp in [*self.bbox_embed, self.enc_bbox]:
+            # Start from the reference box itself: a zero correction.
+            nn.init.zeros_(mlp.layers[-1].weight)
+            nn.init.zeros_(mlp.layers[-1].bias)
+
+    def proposals(self, memory: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """One class score and box per encoder token.
+
+        ``memory (B, HW, D)``, ``mask (B, H, W)`` -> ``logits (B, HW, K)`` (padding tokens at -1e4)
+        and ``boxes (B, HW, 4)``, each relative to a grid-cell anchor of the image's own size.
+        """
+        b, h, w = mask.shape
+        valid_h = (~mask[:, :, 0]).sum(1).clamp(min=1).float()  # (B,) rows inside each image
+        valid_w = (~mask[:, 0, :]).sum(1).clamp(min=1).float()
+        ys, xs = torch.meshgrid(torch.arange(h, device=mask.device, dtype=torch.float32),
+                                torch.arange(w, device=mask.device, dtype=torch.float32), indexing="ij")
+        cx = (xs.reshape(1, -1) + 0.5) / valid_w[:, None]  # (B, HW)
+        cy = (ys.reshape(1, -1) + 0.5) / valid_h[:, None]
+        size = torch.full_like(cx, ANCHOR_SIZE)
+        anchors = torch.stack([cx, cy, size, size], dim=-1)  # (B, HW, 4)
+        invalid = mask.flatten(1) | (cx >= 1) | (cy >= 1)  # (B, HW)
+        feats = self.enc_output_norm(self.enc_output(memory.masked_fill(invalid[..., None], 0.0)))
+        # A large finite negative, not -inf: focal loss on -inf logits would compute 0 * inf = NaN.
+        logits = self.enc_class(feats).masked_fill(invalid[..., None], -1e4)
+        boxes = (self.enc_bbox(feats) + inverse_sigmoid(anchors)).sigmoid()
+        return logits, boxes, feats
+
+    def forward(self, images) -> dict:
+        x, mask = self._batch(images)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            out = self._forward(x, mask)
+        if self.precision == "bf16":
+            out = _to_float(out)
+        return out
+
+    def _forward(self, x: Tensor, mask: Tensor) -> dict:
+        features, mask = self.backbone(x, mask)  # (B, C, h, w), (B, h, w)
+        pos = self.position(mask).flatten(2).transpose(1, 2)  # (B, hw, D)
+        src = self.input_proj(features).flatten(2).transpose(1, 2)  # (B, hw, D)
+        flat_mask = mask.flatten(1)  # (B, hw)
+        memory = self.transformer.encoder(src, pos.to(src.dtype), flat_mask)
+        enc_logits, enc_boxes, enc_feats = self.proposals(memory, mask)
+
+        # The top-Q tokens by best class score become the queries (content and reference box).
+        k = min(self.num_queries, enc_logits.shape[1])
+        top = enc_logits.max(-1).values.topk(k, dim=1).indices  # (B, Q)
+        tgt = torch.gather(enc_feats, 1, top[..., None].expand(-1, -1, enc_feats.shape[-1])).detach()
+        ref = torch.gather(enc_boxes, 1, top[..., None].expand(-1, -1, 4)).detach()  # (B, Q, 4)
+
+        d = self.transformer.d_model
+        logits, boxes = [], []
+        for layer, cls_head, box_head in zip(self.transformer.decoder.layers, self.class_embed, self.bbox_embed):
+            query_pos = self.ref_point_head(box_sine_embedding(ref, d).to(tgt.dtype))  # (B, Q, D)
+            tgt = layer(tgt, memory, pos.to(tgt.dtype), query_pos, flat_mask)
+            hs = self.transformer.decoder.norm(tgt)
+            new_boxes = (box_head(hs) + inverse_sigmoid(ref)).sigmoid()  # refine the reference
+            logits.append(cls_head(hs))
+            boxes.append(new_boxes)
+            ref = new_boxes.detach()  # each layer learns its own correction (Deformable DETR)
+        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1],
+               "enc_outputs": {"pred_logits": enc_logits, "pred_boxes": enc_boxes}}
+        if self.aux_loss:
+            out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
+        return out
+
+
+def _to_float(out: dict) -> dict:
+    res = {}
+    for k, v in out.items():
+        if k == "aux_outputs":
+            res[k] = [_to_float(a) for a in v]
+        elif isinstance(v, dict):
+            res[k] = _to_float(v)
+        else:
+            res[k] = v.float()
+    return res

@@ -1,0 +1,104 @@
+"""The fast-convergence architecture: encoder-selected queries, refined boxes, sigmoid classes."""
+import pytest
+import torch
+
+from detrkit import build_criterion, build_model, load_model, postprocess, preset, save_model
+from detrkit.config import LossConfig, ModelConfig
+from detrkit.model.two_stage import TwoStageDETR, box_sine_embedding, inverse_sigmoid
+
+CFG = ModelConfig(backbone="resnet18", backbone_stages=3, d_model=32, nheads=4, enc_layers=1, dec_layers=2,
+                  dim_feedforward=64, num_queries=6, num_classes=3, frozen_stages=0, two_stage=True)
+TARGETS = [
+    {"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])},
+    {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])},
+]
+
+
+def _images():
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(3, 96, 128, generator=gen), torch.randn(3, 128, 64, generator=gen)]
+
+
+def test_outputs_and_losses():
+    torch.manual_seed(0)
+    model = build_model(CFG)
+    assert isinstance(model, TwoStageDETR) and model.sigmoid_class
+    out = model(_images())
+    assert out["pred_logits"].shape == (2, 6, 3)  # sigmoid logits: no "no object" column
+    assert out["pred_boxes"].shape == (2, 6, 4) and ((out["pred_boxes"] > 0) & (out["pred_boxes"] < 1)).all()
+    assert len(out["aux_outputs"]) == 1
+    enc = out["enc_outputs"]
+    assert enc["pred_logits"].shape[:2] == enc["pred_boxes"].shape[:2] == (2, 8 * 8)
+    # Padding tokens (image 2 is 64 wide: columns 4..7 of the 8x8 map) are never proposed.
+    padded = enc["pred_logits"][1].view(8, 8, 3)[:, 4:]
+    assert (padded <= -1e3).all()
+    losses = build_criterion(3, LossConfig(), num_aux=1, sigmoid=True)(out, TARGETS)
+    for key in ("loss_ce", "loss_bbox", "loss_giou", "loss_ce_0", "loss_ce_enc", "loss_giou_enc"):
+        assert torch.isfinite(losses[key]), key
+    assert "loss_ce_enc" in losses and torch.isfinite(losses["loss"])
+
+
+def test_every_parameter_learns_after_one_step():
+    """The box heads start at a zero correction (their inner layers get gradient from step 2)."""
+    torch.manual_seed(0)
+    model = build_model(CFG)
+    crit = build_criterion(3, LossConfig(), num_aux=1, sigmoid=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(2):
+        opt.zero_grad()
+        crit(model(_images()), TARGETS)["loss"].backward()
+        opt.step()
+    no_grad = {n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0}
+    assert no_grad == set()
+
+
+def test_box_refinement_starts_at_the_reference():
+    """Zero-initialised correction heads: every layer returns its reference box unchanged."""
+    torch.manual_seed(0)
+    model = build_model(CFG).eval()
+    with torch.no_grad():
+        out = model(_images())
+    torch.testing.assert_close(out["aux_outputs"][0]["pred_boxes"], out["pred_boxes"])
+    boxes = torch.rand(5, 4) * 0.8 + 0.1
+    torch.testing.assert_close(inverse_sigmoid(boxes).sigmoid(), boxes)
+    assert box_sine_embedding(boxes[None], 32).shape == (1, 5, 64)
+
+
+def test_save_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(CFG).eval()
+    save_model(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert isinstance(loaded, TwoStageDETR)
+    with torch.no_grad():
+        a, b = model(_images()), loaded(_images())
+    assert torch.equal(a["pred_logits"], b["pred_logits"]) and torch.equal(a["pred_boxes"], b["pred_boxes"])
+
+
+def test_sigmoid_postprocess_keeps_best_query_class_pairs():
+    logits = torch.tensor([[[4.0, 3.0], [-5.0, -5.0], [0.0, 5.0]]])  # query 0 is confident in both classes
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.1, 0.1, 0.1, 0.1], [0.3, 0.3, 0.2, 0.2]]])
+    res = postprocess({"pred_logits": logits, "pred_boxes": boxes}, [[100, 100]], sigmoid=True, top_k=3,
+                      index_to_category=[10, 20])[0]
+    assert res["labels"].tolist() == [20, 10, 20]
+    torch.testing.assert_close(res["scores"], torch.sigmoid(torch.tensor([5.0, 4.0, 3.0])))
+    torch.testing.assert_close(res["boxes"][1], res["boxes"][2])  # both from query 0
+
+
+def test_focal_matching_is_optimal():
+    import itertools
+
+    from detrkit import HungarianMatcher
+
+    gen = torch.Generator().manual_seed(1)
+    out = {"pred_logits": torch.randn(1, 5, 3, generator=gen), "pred_boxes": torch.rand(1, 5, 4, generator=gen) * 0.5 + 0.1}
+    tgt = [{"labels": torch.tensor([0, 2, 1]), "boxes": torch.rand(3, 4, generator=gen) * 0.4 + 0.1}]
+    m = HungarianMatcher(2, 5, 2, sigmoid=True)
+    (rows, cols), = m(out, tgt)
+    cost = m.cost_matrix(out["pred_logits"][0], out["pred_boxes"][0], tgt[0]["labels"], tgt[0]["boxes"])
+    best = min(sum(float(cost[q, t]) for t, q in enumerate(p)) for p in itertools.permutations(range(5), 3))
+    assert float(cost[rows, cols].sum()) == pytest.approx(best, abs=1e-5)
+
+
+def test_fast_preset_is_two_stage():
+    assert preset("detr_r18_fast").two_stage and not preset("detr_r50").two_stage
