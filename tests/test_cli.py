@@ -233,3 +233,22 @@ def test_fine_tuning_reinitialises_the_class_head(shapes, tmp_path):
     tuned = load_file(run / "last" / "model.safetensors")
     assert tuned["class_embed.weight"].shape == (5, 64)  # 4 shapes + no object
     torch.testing.assert_close(tuned["query_embed.weight"], src.query_embed.weight.detach())  # lr 0: unchanged
+
+
+def test_fast_recipe_trains_and_evaluates(shapes, tmp_path):
+    import yaml
+
+    run = tmp_path / "fast"
+    assert main(["train", "--recipe", "fast", *_data_flags(shapes), "--image-size", "64", "--batch-size", "4",
+                 "--epochs", "1", "--out", str(run)]) == 0
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["model"]["two_stage"] and cfg["model"]["backbone_norm"] == "batch"
+    assert cfg["data"]["augment"] == "flip" and cfg["train"]["lr"] == 5e-4 and cfg["loss"]["loss_ce"] == 2.0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0 <= metrics["AP"] <= 1
+    dets = json.loads((run / "detections.json").read_text())
+    assert len(dets) == 6 * 100  # top-100 (query, class) pairs per image
+    # Flags still win over the recipe.
+    assert main(["train", "--recipe", "fast", *_data_flags(shapes), "--image-size", "64", "--batch-size", "4",
+                 "--epochs", "1", "--lr", "1e-4", "--out", str(tmp_path / "f2")]) == 0
+    assert yaml.safe_load((tmp_path / "f2" / "config.yaml").read_text())["train"]["lr"] == 1e-4

@@ -102,3 +102,20 @@ def test_focal_matching_is_optimal():
 
 def test_fast_preset_is_two_stage():
     assert preset("detr_r18_fast").two_stage and not preset("detr_r50").two_stage
+
+
+def test_encoder_one_to_many_matching_trains_more_proposals():
+    """encoder_repeats=K matches each target to K encoder tokens; the decoder stays one-to-one."""
+    torch.manual_seed(0)
+    model = build_model(CFG)
+    out = model(_images())
+    one = build_criterion(3, LossConfig(), num_aux=1, sigmoid=True)
+    many = build_criterion(3, LossConfig(encoder_repeats=3), num_aux=1, sigmoid=True)
+    a, b = one(out, TARGETS), many(out, TARGETS)
+    for key in ("loss_ce", "loss_bbox", "loss_giou", "loss_ce_0"):  # decoder losses unchanged
+        assert torch.equal(a[key], b[key]), key
+    assert not torch.equal(a["loss_ce_enc"], b["loss_ce_enc"])
+    repeated = [{"labels": t["labels"].repeat(3), "boxes": t["boxes"].repeat(3, 1)} for t in TARGETS]
+    matches = many.matcher(out["enc_outputs"], repeated)
+    assert [len(r) for r, _ in matches] == [6, 3]
+    assert all(len(set(r.tolist())) == len(r) for r, _ in matches)  # distinct tokens

@@ -17,7 +17,9 @@ from typing import Optional
 
 import yaml
 
-from detrkit.config import DataConfig, LossConfig, ModelConfig, PRESETS, TrainConfig, config_from_dict, preset
+from detrkit.config import (
+    RECIPES, DataConfig, LossConfig, ModelConfig, PRESETS, TrainConfig, config_from_dict, preset, recipe,
+)
 from detrkit.errors import DetrkitError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -81,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="YAML file with any of the flags below as flat keys "
                    "(lr: 0.0002) or in sections loss/data/train; a section model: {preset: NAME, field: value} "
                    "overrides preset fields; flags given here win")
+    p.add_argument("--recipe", choices=list(RECIPES), default=None,
+                   help="defaults for every setting: 'paper' (DETR-R50, the paper's optimisation) or 'fast' "
+                        "(two-stage model that learns in minutes from random weights); --config and flags win")
     g = p.add_argument_group("model")
     _flag(g, TrainConfig, "model", f"model preset: {', '.join(PRESETS)}")
     _flag(g, TrainConfig, "weights", "start from a checkpoint (detrkit, official .pth or Hugging Face folder); "
@@ -177,11 +182,13 @@ def cmd_train(args) -> int:
         overrides = {k: v for k, v in _given(args, TrainConfig).items() if k in ("epochs", "minutes", "device")}
         train_cfg = dataclasses.replace(train_cfg, **overrides, out=args.resume, resume=True)
     else:
+        base = recipe(args.recipe) if args.recipe else {}
         sections = _yaml_sections(args.config)
-        train_cfg = config_from_dict(TrainConfig, {**sections.get("train", {}), **_given(args, TrainConfig)})
-        model_cfg = preset(train_cfg.model, **sections.get("model", {}))
-        loss_cfg = config_from_dict(LossConfig, {**sections.get("loss", {}), **_given(args, LossConfig)})
-        data_cfg = config_from_dict(DataConfig, {**sections.get("data", {}), **_given(args, DataConfig)})
+        merged = {s: {**base.get(s, {}), **sections.get(s, {})} for s in ("model", "loss", "data", "train")}
+        train_cfg = config_from_dict(TrainConfig, {**merged["train"], **_given(args, TrainConfig)})
+        model_cfg = preset(train_cfg.model, **merged["model"])
+        loss_cfg = config_from_dict(LossConfig, {**merged["loss"], **_given(args, LossConfig)})
+        data_cfg = config_from_dict(DataConfig, {**merged["data"], **_given(args, DataConfig)})
     run_dir = train(model_cfg, loss_cfg, data_cfg, train_cfg)
     print(f"run folder: {run_dir}\nbest checkpoint: {run_dir / 'best'}\nresults: {run_dir / 'results.csv'}, "
           f"{run_dir / 'results.png'}")

@@ -35,7 +35,8 @@ class SetCriterion(nn.Module):
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: dict[str, float],
                  eos_coef: float = 0.1, bbox_loss: str = "l1", smooth_l1_beta: float = 0.1, *,
-                 sigmoid: bool = False, focal_alpha: float = 0.25, focal_gamma: float = 2.0) -> None:
+                 sigmoid: bool = False, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
+                 encoder_repeats: int = 1) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.matcher = matcher
@@ -46,6 +47,7 @@ class SetCriterion(nn.Module):
         self.sigmoid = sigmoid  # sigmoid focal classification (two-stage models) instead of softmax CE
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
+        self.encoder_repeats = encoder_repeats
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight)
@@ -134,7 +136,10 @@ class SetCriterion(nn.Module):
             aux_losses = self.layer_losses(aux, targets, num_boxes, log=False)
             losses.update({f"{k}_{i}": v for k, v in aux_losses.items()})
         if "enc_outputs" in outputs:  # two-stage: the encoder proposals get the same set loss
-            enc_losses = self.layer_losses(outputs["enc_outputs"], targets, num_boxes, log=False)
+            k = self.encoder_repeats  # one-to-many: each target matched to k proposals
+            enc_targets = targets if k == 1 else [
+                {**t, "labels": t["labels"].repeat(k), "boxes": t["boxes"].repeat(k, 1)} for t in targets]
+            enc_losses = self.layer_losses(outputs["enc_outputs"], enc_targets, num_boxes * k, log=False)
             losses.update({f"{k}_enc": v for k, v in enc_losses.items()})
         losses["loss"] = self.weighted_total(losses)
         return losses
@@ -187,4 +192,5 @@ def build_criterion(num_classes: int, loss: LossConfig, num_aux: int, *, sigmoid
                                focal_alpha=loss.focal_alpha, focal_gamma=loss.focal_gamma)
     return SetCriterion(num_classes, matcher, weight_dict(loss, num_aux, encoder=sigmoid), eos_coef=loss.eos_coef,
                         bbox_loss=loss.bbox_loss, smooth_l1_beta=loss.smooth_l1_beta, sigmoid=sigmoid,
-                        focal_alpha=loss.focal_alpha, focal_gamma=loss.focal_gamma)
+                        focal_alpha=loss.focal_alpha, focal_gamma=loss.focal_gamma,
+                        encoder_repeats=loss.encoder_repeats)
