@@ -10,7 +10,7 @@ The public API::
     metrics = detrkit.evaluate(run_dir / "best", data="my_coco_dir")
 """
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 # The submodule detrkit.evaluate is loaded before the function of the same name is defined
 # below, so that the function, not the module, is the package attribute.
@@ -29,28 +29,27 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def train(**options) -> Path:
+def train(*, recipe: Optional[str] = None, **options) -> Path:
     """Train a detector; the Python face of ``detrkit train``. Returns the run folder.
 
-    ``options`` are the command's flags as Python names, e.g. ``data="dir"``,
-    ``train_json=..., train_images=..., val_json=..., val_images=...``, ``model="detr_r18_small"``,
-    ``epochs=50``, ``minutes=10``, ``lr=1e-4``, ``bbox_loss="smooth_l1"``, ``out="runs/x"``; each
-    goes to the config dataclass that owns it (TrainConfig, DataConfig or LossConfig).
+    ``recipe`` is ``"paper"`` or ``"fast"`` (docs/training.md); ``options`` are the command's
+    flags as Python names, e.g. ``data="dir"``, ``train_json=..., train_images=..., val_json=...,
+    val_images=...``, ``model="detr_r18_small"``, ``epochs=50``, ``minutes=10``, ``lr=1e-4``,
+    ``bbox_loss="smooth_l1"``, ``out="runs/x"``; each goes to the config dataclass that owns it
+    (TrainConfig, DataConfig or LossConfig).
     """
     import dataclasses
 
-    from detrkit.config import config_from_dict
+    from detrkit.config import resolve
     from detrkit.engine import train as run_training
 
-    parts = {}
-    for cls in (TrainConfig, DataConfig, LossConfig):
-        names = {f.name for f in dataclasses.fields(cls)}
-        parts[cls] = {k: options.pop(k) for k in list(options) if k in names}
+    sections = {}
+    for name, cls in (("train", TrainConfig), ("data", DataConfig), ("loss", LossConfig)):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        sections[name] = {k: options.pop(k) for k in list(options) if k in fields}
     if options:
         raise TypeError(f"unknown training options: {', '.join(sorted(options))}")
-    train_cfg = config_from_dict(TrainConfig, parts[TrainConfig])
-    return run_training(preset(train_cfg.model), config_from_dict(LossConfig, parts[LossConfig]),
-                        config_from_dict(DataConfig, parts[DataConfig]), train_cfg)
+    return run_training(*resolve(recipe, sections))
 
 
 def evaluate(weights: Union[str, Path, DETR], *, batch_size: int = 8, device: str = "auto", **data) -> dict:

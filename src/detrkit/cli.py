@@ -18,7 +18,7 @@ from typing import Optional
 import yaml
 
 from detrkit.config import (
-    RECIPES, DataConfig, LossConfig, ModelConfig, PRESETS, TrainConfig, config_from_dict, preset, recipe,
+    RECIPES, DataConfig, LossConfig, PRESETS, TrainConfig, config_from_dict, resolve,
 )
 from detrkit.errors import DetrkitError
 
@@ -182,13 +182,8 @@ def cmd_train(args) -> int:
         overrides = {k: v for k, v in _given(args, TrainConfig).items() if k in ("epochs", "minutes", "device")}
         train_cfg = dataclasses.replace(train_cfg, **overrides, out=args.resume, resume=True)
     else:
-        base = recipe(args.recipe) if args.recipe else {}
-        sections = _yaml_sections(args.config)
-        merged = {s: {**base.get(s, {}), **sections.get(s, {})} for s in ("model", "loss", "data", "train")}
-        train_cfg = config_from_dict(TrainConfig, {**merged["train"], **_given(args, TrainConfig)})
-        model_cfg = preset(train_cfg.model, **merged["model"])
-        loss_cfg = config_from_dict(LossConfig, {**merged["loss"], **_given(args, LossConfig)})
-        data_cfg = config_from_dict(DataConfig, {**merged["data"], **_given(args, DataConfig)})
+        flags = {"train": _given(args, TrainConfig), "loss": _given(args, LossConfig), "data": _given(args, DataConfig)}
+        model_cfg, loss_cfg, data_cfg, train_cfg = resolve(args.recipe, _yaml_sections(args.config), flags)
     run_dir = train(model_cfg, loss_cfg, data_cfg, train_cfg)
     print(f"run folder: {run_dir}\nbest checkpoint: {run_dir / 'best'}\nresults: {run_dir / 'results.csv'}, "
           f"{run_dir / 'results.png'}")

@@ -221,6 +221,25 @@ def recipe(name: str) -> dict[str, dict]:
     return {section: dict(values) for section, values in RECIPES[name].items()}
 
 
+def resolve(recipe_name: Optional[str], *layers: dict[str, dict]):
+    """``(ModelConfig, LossConfig, DataConfig, TrainConfig)`` from a recipe's defaults and layers of
+    ``{"model"|"loss"|"data"|"train": {field: value}}`` applied in order (later layers win).
+
+    ``model`` values override fields of the preset named by ``train.model``.
+    """
+    merged: dict[str, dict] = recipe(recipe_name) if recipe_name else {}
+    for layer in layers:
+        for section, values in layer.items():
+            merged.setdefault(section, {}).update(values)
+    unknown = sorted(set(merged) - {"model", "loss", "data", "train"})
+    if unknown:
+        raise ValueError(f"unknown config sections: {', '.join(unknown)}")
+    train = config_from_dict(TrainConfig, merged.get("train", {}))
+    model = preset(train.model, **merged.get("model", {}))
+    return (model, config_from_dict(LossConfig, merged.get("loss", {})),
+            config_from_dict(DataConfig, merged.get("data", {})), train)
+
+
 # ---------------------------------------------------------------------------------------------
 # The demo: the one place its recipe is chosen (see docs/benchmarks.md for the measurements).
 # ---------------------------------------------------------------------------------------------

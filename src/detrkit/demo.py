@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from detrkit.config import DEMO, DataConfig, LossConfig, TrainConfig, preset, recipe
+from detrkit.config import DEMO, resolve
 
 
 def run_demo(out: str = "runs/demo", data_dir: str = "data/synthetic", minutes: Optional[float] = None,
@@ -29,12 +29,11 @@ def run_demo(out: str = "runs/demo", data_dir: str = "data/synthetic", minutes: 
     size = DEMO["image_size"]
     paths = make_synthetic(Path(data_dir) / f"shapes-{size}", num_train=DEMO["num_train"], num_val=DEMO["num_val"],
                            image_size=size)
-    parts = recipe(DEMO["recipe"])
-    data_cfg = DataConfig(**{**parts.get("data", {}), **{k: str(v) for k, v in paths.items()}, "image_size": size})
-    train_cfg = TrainConfig(**{**parts["train"], "minutes": minutes or DEMO["minutes"], "out": out,
-                               "device": device, "eval_every": DEMO["eval_every"]})
-    loss_cfg = LossConfig(**parts.get("loss", {}))
-    run_dir = train(preset(train_cfg.model, **parts.get("model", {})), loss_cfg, data_cfg, train_cfg)
+    model_cfg, loss_cfg, data_cfg, train_cfg = resolve(DEMO["recipe"], {
+        "data": {**{k: str(v) for k, v in paths.items()}, "image_size": size},
+        "train": {"minutes": minutes or DEMO["minutes"], "out": out, "device": device, "eval_every": DEMO["eval_every"]},
+    })
+    run_dir = train(model_cfg, loss_cfg, data_cfg, train_cfg)
 
     model = load_model(run_dir / "best")
     val_set = CocoDetection(paths["val_json"], paths["val_images"], val_transforms(size))

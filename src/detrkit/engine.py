@@ -192,7 +192,7 @@ def train_one_epoch(model: nn.Module, criterion: SetCriterion, loader: DataLoade
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach())
         seen += images.shape[0]
-        bar.set_postfix(loss=f"{float(loss):.3f}", ce=f"{float(losses['loss_ce']):.3f}",
+        bar.set_postfix(loss=f"{loss.detach().item():.3f}", ce=f"{losses['loss_ce'].detach().item():.3f}",
                         lr=f"{optimizer.param_groups[0]['lr']:.1e}",
                         img_s=f"{seen / (time.perf_counter() - t0):.1f}", refresh=False)
         if clock.out_of_time():
@@ -339,9 +339,9 @@ def initial_model(model_cfg: ModelConfig, train_cfg: TrainConfig, classes: list[
                                                 dropout=model_cfg.dropout, frozen_stages=model_cfg.frozen_stages),
                             train_backbone=train_backbone)
         same = src_classes is not None and [c["id"] for c in src_classes] == [c["id"] for c in classes]
-        if not same:
-            fresh = model.class_embed.state_dict()
-            state = {**state, **{f"class_embed.{k}": v for k, v in fresh.items()}}
+        if not same:  # every class head (two-stage models also score encoder tokens) starts afresh
+            fresh = {k: v for k, v in model.state_dict().items() if k.startswith(("class_embed.", "enc_class."))}
+            state = {**state, **fresh}
             print(f"fine-tuning: new class head for {len(classes)} classes (checkpoint had {src_cfg.num_classes})")
         check_and_load(model, state, str(train_cfg.weights))
     set_classes(model, classes)
