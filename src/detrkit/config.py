@@ -207,8 +207,9 @@ RECIPES: dict[str, dict[str, dict]] = {
     # Learns in minutes from random weights on a CPU: the two-stage preset, focal loss weighted as
     # in Deformable DETR, a 5x larger learning rate with warm-up and cosine decay, flip-only augmentation.
     "fast": {
-        "train": dict(model="detr_r18_fast", batch_size=16, lr=5e-4, lr_backbone=5e-4, schedule="cosine",
-                      warmup=0.03, epochs=1000),
+        "train": dict(model="detr_r18_fast", lr=5e-4, lr_backbone=5e-4, schedule="cosine", warmup=0.03,
+                      batch_size=8,  # more updates per minute: AP 0.632 vs 0.592 at batch 16 in 10 min
+                      epochs=1000),
         "loss": dict(loss_ce=2.0, cost_class=2.0),
         "data": dict(augment="flip", workers=0),  # on 2 cores a loader process steals more than it gives
     },

@@ -44,7 +44,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from detrkit.boxes import cxcywh_to_xyxy, scale_boxes
+from detrkit.postprocess import score_boxes
 from detrkit.errors import DetrkitError
 
 DEFAULT_OPSET = 17  # ONNX opset 17 (LayerNormalization as one op); 14 is the least that has our attention
@@ -74,8 +74,8 @@ class ExportWrapper(nn.Module):
     """What the ONNX graph computes: ``model((images, mask))``, last layer only, optionally postprocessed.
 
     It adds no arithmetic to the model's: ``pred_logits`` and ``pred_boxes`` are the model's own
-    tensors, and the postprocessing repeats :func:`detrkit.postprocess` step by step (its
-    threshold and category-id lookup aside) in a form with a fixed number of outputs per image.
+    tensors, and the postprocessing is :func:`detrkit.postprocess.score_boxes`, the batch part of
+    :func:`detrkit.postprocess` (its threshold and category-id lookup aside).
     """
 
     def __init__(self, model: nn.Module, with_postprocess: bool = False, top_k: int = 100) -> None:
@@ -90,16 +90,8 @@ class ExportWrapper(nn.Module):
         logits, boxes = out["pred_logits"], out["pred_boxes"]  # (B, Q, K+1), (B, Q, 4)
         if not self.with_postprocess:
             return logits, boxes
-        sizes = orig_sizes.to(torch.float32)  # (B, 2) as (h, w)
-        abs_boxes = scale_boxes(cxcywh_to_xyxy(boxes.float()), sizes)  # (B, Q, 4) absolute xyxy
-        if self.sigmoid:
-            _, q, k = logits.shape
-            prob = logits.float().sigmoid().flatten(1)  # (B, Q*K)
-            scores, flat = prob.topk(min(self.top_k, q * k), dim=1)  # (B, N)
-            labels = flat % k
-            abs_boxes = torch.gather(abs_boxes, 1, (flat // k)[..., None].expand(-1, -1, 4))  # (B, N, 4)
-        else:
-            scores, labels = logits.float().softmax(-1)[..., :-1].max(-1)  # (B, Q): "no object" dropped
+        scores, labels, abs_boxes = score_boxes(logits, boxes, orig_sizes.to(torch.float32), sigmoid=self.sigmoid,
+                                                top_k=self.top_k)
         return logits, boxes, scores, labels, abs_boxes
 
 
@@ -326,7 +318,7 @@ class OnnxDetector:
         from PIL import Image
 
         from detrkit.data.batch import pad_images
-        from detrkit.data.transforms import val_transforms
+        from detrkit.data.transforms import prepare_image, val_transforms
         from detrkit.postprocess import postprocess
 
         if isinstance(images, (str, Path, Image.Image, Tensor)):
@@ -335,7 +327,7 @@ class OnnxDetector:
         names = {c["id"]: c["name"] for c in self.classes}
         results = []
         for start in range(0, len(images), batch_size):
-            tensors, sizes = zip(*(_prepare(img, transform) for img in images[start:start + batch_size]))
+            tensors, sizes = zip(*(prepare_image(img, transform) for img in images[start:start + batch_size]))
             batch, mask = pad_images(list(tensors))
             got = _run(self.session, _feeds(self.session, batch, mask, torch.tensor(sizes)))
             out = {k: torch.from_numpy(got[k]) for k in RAW_OUTPUTS}
@@ -345,26 +337,6 @@ class OnnxDetector:
                 d["names"] = [names[int(i)] for i in d["labels"]]
             results += dets
         return results
-
-
-def _prepare(img, transform) -> tuple[Tensor, tuple[int, int]]:
-    """One image as :meth:`DETR.predict` prepares it: the model input and the original ``(h, w)``."""
-    from PIL import Image
-    from torchvision.transforms.v2 import functional as TF
-    from torchvision.tv_tensors import BoundingBoxes
-    from torchvision.tv_tensors import Image as Image_
-
-    from detrkit.data.coco import open_rgb
-
-    if isinstance(img, (str, Path)):
-        img = open_rgb(img)
-    if isinstance(img, Image.Image):
-        img = TF.pil_to_tensor(img.convert("RGB"))
-    size = tuple(img.shape[-2:])
-    # The presets transform (image, target) pairs; an empty target carries no boxes.
-    no_boxes = {"boxes": BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=size),
-                "labels": torch.zeros(0, dtype=torch.int64)}
-    return transform(Image_(img), no_boxes)[0], size
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,26 @@ from torch import Tensor
 from detrkit.boxes import cxcywh_to_xyxy, scale_boxes
 
 
+def score_boxes(logits: Tensor, boxes: Tensor, sizes: Tensor, *, sigmoid: bool = False,
+                top_k: int = 100) -> tuple[Tensor, Tensor, Tensor]:
+    """The batch part of :func:`postprocess` (also traced into ONNX graphs).
+
+    ``logits (B, Q, K+1)`` (``(B, Q, K)`` with ``sigmoid``), ``boxes (B, Q, 4)`` cxcywh in [0, 1],
+    ``sizes (B, 2)`` float ``(h, w)`` -> ``scores (B, N)``, ``labels (B, N)`` class indices,
+    ``boxes (B, N, 4)`` absolute xyxy; ``N = Q``, or ``min(top_k, Q*K)`` with ``sigmoid``.
+    """
+    boxes = scale_boxes(cxcywh_to_xyxy(boxes.float()), sizes)  # (B, Q, 4) absolute xyxy
+    if sigmoid:
+        _, q, k = logits.shape
+        prob = logits.float().sigmoid().flatten(1)  # (B, Q*K)
+        scores, flat = prob.topk(min(top_k, q * k), dim=1)  # (B, N)
+        labels = flat % k
+        boxes = torch.gather(boxes, 1, (flat // k)[..., None].expand(-1, -1, 4))  # (B, N, 4)
+    else:
+        scores, labels = logits.float().softmax(-1)[..., :-1].max(-1)  # (B, Q): drop "no object"
+    return scores, labels, boxes
+
+
 @torch.no_grad()
 def postprocess(outputs: dict, target_sizes: Tensor | Sequence[Sequence[int]], *, threshold: float = 0.0,
                 index_to_category: Optional[Sequence[int]] = None, sigmoid: bool = False,
@@ -38,16 +58,7 @@ def postprocess(outputs: dict, target_sizes: Tensor | Sequence[Sequence[int]], *
     sizes = torch.as_tensor(target_sizes, dtype=torch.float32, device=boxes.device)
     if sizes.shape != (logits.shape[0], 2):
         raise ValueError(f"target_sizes must be (B, 2) = ({logits.shape[0]}, 2), got {tuple(sizes.shape)}")
-    boxes = scale_boxes(cxcywh_to_xyxy(boxes.float()), sizes)  # (B, Q, 4) absolute xyxy
-    if sigmoid:
-        b, q, k = logits.shape
-        prob = logits.float().sigmoid().flatten(1)  # (B, Q*K)
-        scores, flat = prob.topk(min(top_k, q * k), dim=1)  # (B, top_k)
-        labels = flat % k
-        boxes = torch.gather(boxes, 1, (flat // k)[..., None].expand(-1, -1, 4))
-    else:
-        prob = logits.float().softmax(-1)
-        scores, labels = prob[..., :-1].max(-1)  # (B, Q): drop "no object", best class per query
+    scores, labels, boxes = score_boxes(logits, boxes, sizes, sigmoid=sigmoid, top_k=top_k)
     if index_to_category is not None:
         lut = torch.as_tensor(list(index_to_category), dtype=torch.int64, device=labels.device)
         labels = lut[labels]

@@ -203,3 +203,23 @@ def val_transforms(image_size: int = REFERENCE_SIZE, max_size: Optional[int] = N
     _check_sizes([image_size], max_size)
     return v2.Compose([_resize_shorter(image_size, max_size), *_to_model_input(), finish_targets()])
 
+
+
+def prepare_image(image, transform: v2.Transform) -> tuple[Tensor, tuple[int, int]]:
+    """One image for inference: a file path, PIL image or uint8 ``3 x H x W`` tensor ->
+    ``(model input, original (h, w))``, through an evaluation preset such as :func:`val_transforms`."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from detrkit.data.coco import open_rgb
+
+    if isinstance(image, (str, Path)):
+        image = open_rgb(image)
+    if isinstance(image, Image.Image):
+        image = F.pil_to_tensor(image.convert("RGB"))
+    size = tuple(image.shape[-2:])
+    # The presets transform (image, target) pairs; an empty target carries no boxes.
+    no_boxes = {"boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=size),
+                "labels": torch.zeros(0, dtype=torch.int64)}
+    return transform(tv_tensors.Image(image), no_boxes)[0], size

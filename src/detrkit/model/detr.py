@@ -118,12 +118,8 @@ class DETR(nn.Module):
         """
         from PIL import Image
 
-        from detrkit.data.coco import open_rgb
-        from detrkit.data.transforms import val_transforms
+        from detrkit.data.transforms import prepare_image, val_transforms
         from detrkit.postprocess import postprocess
-        from torchvision.transforms.v2 import functional as TF
-        from torchvision.tv_tensors import BoundingBoxes
-        from torchvision.tv_tensors import Image as Image_
 
         if isinstance(images, (str, Path, Image.Image, Tensor)):
             images = [images]
@@ -134,17 +130,8 @@ class DETR(nn.Module):
         names = {c["id"]: c["name"] for c in self.classes}
         results = []
         for start in range(0, len(images), batch_size):
-            tensors, sizes = [], []
-            for img in images[start:start + batch_size]:
-                if isinstance(img, (str, Path)):
-                    img = open_rgb(img)
-                if isinstance(img, Image.Image):
-                    img = TF.pil_to_tensor(img.convert("RGB"))
-                sizes.append(tuple(img.shape[-2:]))
-                # The presets transform (image, target) pairs; an empty target carries no boxes.
-                no_boxes = {"boxes": BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=sizes[-1]),
-                            "labels": torch.zeros(0, dtype=torch.int64)}
-                tensors.append(transform(Image_(img), no_boxes)[0].to(device))
+            tensors, sizes = zip(*(prepare_image(img, transform) for img in images[start:start + batch_size]))
+            tensors = [t.to(device) for t in tensors]
             out = self(tensors)
             dets = postprocess(out, sizes, threshold=threshold, index_to_category=[c["id"] for c in self.classes],
                                sigmoid=self.sigmoid_class)
