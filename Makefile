@@ -4,7 +4,7 @@
 PY      := .venv/bin/python
 TORCH   := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test bench clean
+.PHONY: demo test clean
 
 .venv/installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -18,9 +18,6 @@ demo: .venv/installed
 
 test: .venv/installed
 	$(PY) -m pytest -q tests
-
-bench: .venv/installed
-	$(PY) -m benchmarks.run
 
 clean:
 	rm -rf .venv runs build src/*.egg-info
