@@ -252,3 +252,17 @@ def test_fast_recipe_trains_and_evaluates(shapes, tmp_path):
     assert main(["train", "--recipe", "fast", *_data_flags(shapes), "--image-size", "64", "--batch-size", "4",
                  "--epochs", "1", "--lr", "1e-4", "--out", str(tmp_path / "f2")]) == 0
     assert yaml.safe_load((tmp_path / "f2" / "config.yaml").read_text())["train"]["lr"] == 1e-4
+
+
+def test_train_stops_before_the_first_step_on_a_missing_image(shapes, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "copy"
+    shutil.copytree(Path(shapes["train_json"]).parent.parent, data)
+    victim = sorted((data / "train").iterdir())[3]
+    victim.unlink()
+    flags = ["--train-json", str(data / "annotations" / "instances_train.json"), "--train-images", str(data / "train")]
+    assert main(["train", *flags, *TRAIN_FLAGS, "--epochs", "1", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert victim.name in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "last").exists()  # nothing was trained

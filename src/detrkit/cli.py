@@ -47,6 +47,8 @@ def _data_flags(p) -> None:
     _flag(g, DataConfig, "image_size", "shorter image side at evaluation; training scales follow it", type=int)
     _flag(g, DataConfig, "max_size", "longer image side limit (None: image-size * 1333 / 800)", type=int)
     _flag(g, DataConfig, "workers", "data loader worker processes", type=int)
+    g.add_argument("--no-check-images", dest="check_images", action="store_const", const=False, default=None,
+                   help="do not open every image file (training and check-data open each once by default)")
     _flag(g, DataConfig, "augment", "training augmentation: detr (official multi-scale + crop) or flip",
           choices=["detr", "flip"])
 
@@ -76,7 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check-data", help="check a data set and print a summary with every problem found")
     _data_flags(p)
-    p.add_argument("--no-images", action="store_true", help="skip opening every image file")
     _common(p)
 
     p = sub.add_parser("train", help="train a detector on COCO-format data")
@@ -201,7 +202,7 @@ def cmd_check_data(args) -> int:
     for split in ("train", "val"):
         if f"{split}_json" not in paths:
             continue
-        data = load_coco(paths[f"{split}_json"], paths[f"{split}_images"], check_images=not args.no_images,
+        data = load_coco(paths[f"{split}_json"], paths[f"{split}_images"], check_images=args.check_images is not False,
                          strict=False)
         print(f"== {split}: {paths[f'{split}_json']}")
         print(data.report.summary())

@@ -72,11 +72,13 @@ def build_datasets(cfg: DataConfig, categories: Optional[list[dict]] = None, *, 
         if "train_json" not in paths or "train_images" not in paths:
             raise DataError("no training data: give --data DIR or --train-json FILE --train-images DIR")
         train_set = CocoDetection(paths["train_json"], paths["train_images"],
-                                  train_transforms(cfg.image_size, cfg.max_size, cfg.augment), categories=categories)
+                                  train_transforms(cfg.image_size, cfg.max_size, cfg.augment), categories=categories,
+                                  check_images=cfg.check_images)
         categories = train_set.categories
     if "val_json" in paths and "val_images" in paths:
         val_set = CocoDetection(paths["val_json"], paths["val_images"],
-                                val_transforms(cfg.image_size, cfg.max_size), categories=categories)
+                                val_transforms(cfg.image_size, cfg.max_size), categories=categories,
+                                check_images=cfg.check_images and train)
     return train_set, val_set
 
 

@@ -480,7 +480,8 @@ class CocoDetection(Dataset):
 
     ``json_path``: COCO annotation file; ``image_root``: the folder ``file_name`` is relative
     to (sub-folders allowed). ``categories``: the class mapping ``[{"id", "name"}]`` in index
-    order, default the file's categories sorted by id. ``transforms(image, target)`` receives
+    order, default the file's categories sorted by id. ``check_images``: open every image once
+    now, so missing or broken files stop before training instead of in the middle of it. ``transforms(image, target)`` receives
     a ``tv_tensors.Image`` (uint8, ``3 x H x W``, EXIF-rotated RGB) and
     ``{"boxes": BoundingBoxes (xyxy pixels, canvas (H, W)), "labels": int64 [T]}``, e.g. a
     preset from :mod:`detrkit.data.transforms`.
@@ -505,8 +506,9 @@ class CocoDetection(Dataset):
         image_root: PathLike,
         transforms: Optional[Transform] = None,
         categories: Optional[Sequence[dict]] = None,
+        check_images: bool = False,
     ) -> None:
-        self.data = load_coco(json_path, image_root, categories=categories)
+        self.data = load_coco(json_path, image_root, categories=categories, check_images=check_images)
         self.transforms = transforms
         self._finish = finish_targets()
 
