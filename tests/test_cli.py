@@ -31,6 +31,7 @@ def test_train_resume_eval_predict(shapes, tmp_path, capsys):
     for name in ("config.yaml", "results.csv", "results.png", "metrics.json", "detections.json"):
         assert (run / name).exists(), name
     assert (run / "last" / "train_state.pt").exists() and (run / "best" / "model.safetensors").exists()
+    assert (run / "best" / "metrics.json").exists()  # the best checkpoint carries its own numbers
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics) >= {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
                             "per_class"}

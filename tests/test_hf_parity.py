@@ -72,7 +72,9 @@ def _targets():
     return targets
 
 
-def test_outputs_match_hugging_face(hf_and_ours):
+@pytest.fixture(scope="module")
+def both_runs(hf_and_ours):
+    """One forward of each implementation on the same batch and targets."""
     hf, ours = hf_and_ours
     images, x, mask = _batch()
     targets = _targets()
@@ -82,6 +84,12 @@ def test_outputs_match_hugging_face(hf_and_ours):
         ref = hf(pixel_values=x, pixel_mask=(~mask).long(), labels=labels)
         out = ours((x, mask))
         out_list = ours(images)  # a list of differently sized images pads to the same batch
+    return ref, out, out_list, targets
+
+
+def test_outputs_match_hugging_face(hf_and_ours, both_runs):
+    ours = hf_and_ours[1]
+    ref, out, out_list, _ = both_runs
     torch.testing.assert_close(out["pred_logits"], ref.logits, atol=1e-4, rtol=0)
     torch.testing.assert_close(out["pred_boxes"], ref.pred_boxes, atol=1e-4, rtol=0)
     assert len(out["aux_outputs"]) == len(ref.auxiliary_outputs) == 5
@@ -93,14 +101,8 @@ def test_outputs_match_hugging_face(hf_and_ours):
     assert len(ours.classes) == 91 and ours.classes[5]["id"] == 5
 
 
-def test_losses_match_hugging_face(hf_and_ours):
-    hf, ours = hf_and_ours
-    _, x, mask = _batch()
-    targets = _targets()
-    labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
-    with torch.no_grad():
-        ref = hf(pixel_values=x, pixel_mask=(~mask).long(), labels=labels)
-        out = ours((x, mask))
+def test_losses_match_hugging_face(both_runs):
+    ref, out, _, targets = both_runs
     criterion = build_criterion(91, LossConfig(), num_aux=5)
     losses = criterion(out, targets)
     compared = 0

@@ -114,11 +114,13 @@ def test_nan_is_a_clear_error_naming_the_tensor():
 
 
 def test_half_precision_inputs_are_matched_in_float32():
+    """bf16 outputs are matched on their float32 values: the same assignment as the upcast inputs."""
     gen = torch.Generator().manual_seed(8)
     outputs, targets = _random_problem(gen, 2, 10, [3, 4])
-    ref = HungarianMatcher()(outputs, targets)
-    half = HungarianMatcher()({k: v.bfloat16().float().bfloat16() for k, v in outputs.items()}, targets)
-    assert all(len(r) == len(h) for (r, _), (h, _) in zip(ref, half))
-    cost = HungarianMatcher().cost_matrix(outputs["pred_logits"][0].bfloat16(), outputs["pred_boxes"][0].bfloat16(),
+    half = {k: v.bfloat16() for k, v in outputs.items()}
+    upcast = {k: v.float() for k, v in half.items()}
+    for (rh, ch), (ru, cu) in zip(HungarianMatcher()(half, targets), HungarianMatcher()(upcast, targets)):
+        assert torch.equal(rh, ru) and torch.equal(ch, cu)
+    cost = HungarianMatcher().cost_matrix(half["pred_logits"][0], half["pred_boxes"][0],
                                           targets[0]["labels"], targets[0]["boxes"])
     assert cost.dtype == torch.float32

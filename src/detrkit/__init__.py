@@ -55,16 +55,7 @@ def train(*, recipe: Optional[str] = None, **options) -> Path:
 def evaluate(weights: Union[str, Path, DETR], *, batch_size: int = 8, device: str = "auto", **data) -> dict:
     """COCO metrics of a checkpoint (or model) on the validation split given by ``data``
     (``data="dir"`` or ``val_json=..., val_images=...``): the 12 COCO numbers and ``per_class``."""
-    from detrkit.config import config_from_dict
-    from detrkit.engine import build_datasets
-    from detrkit.engine import evaluate as run_evaluation
+    from detrkit.engine import evaluate_model
 
     model = weights if isinstance(weights, DETR) else load_model(weights)
-    data_cfg = config_from_dict(DataConfig, {"image_size": model.inference["image_size"],
-                                             "max_size": model.inference.get("max_size"), **data})
-    _, val_set = build_datasets(data_cfg, categories=[{"id": c["id"], "name": c["name"]} for c in model.classes],
-                                train=False)
-    if val_set is None:
-        raise ValueError("no evaluation data: give data=DIR or val_json=..., val_images=...")
-    metrics, _ = run_evaluation(model, val_set, batch_size=batch_size, workers=data_cfg.workers, device=device)
-    return metrics
+    return evaluate_model(model, data, batch_size=batch_size, device=device)[0]

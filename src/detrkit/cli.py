@@ -214,18 +214,12 @@ def cmd_check_data(args) -> int:
 
 def cmd_eval(args) -> int:
     from detrkit import load_model
-    from detrkit.engine import build_datasets, evaluate
+    from detrkit.engine import evaluate_model
     from detrkit.evaluate import format_metrics, write_metrics
 
     model = load_model(args.weights, precision=args.precision)
-    data_cfg = config_from_dict(DataConfig, {"image_size": model.inference["image_size"],
-                                             "max_size": model.inference.get("max_size"), **_given(args, DataConfig)})
-    _, val_set = build_datasets(data_cfg, categories=[{"id": c["id"], "name": c["name"]} for c in model.classes],
-                                train=False)
-    if val_set is None:
-        raise DetrkitError("no evaluation data: give --data DIR or --val-json FILE --val-images DIR")
-    metrics, detections = evaluate(model, val_set, batch_size=args.batch_size, workers=data_cfg.workers,
-                                   device=args.device)
+    metrics, detections = evaluate_model(model, _given(args, DataConfig), batch_size=args.batch_size,
+                                         device=args.device)
     out = Path(args.out) if args.out else Path(args.weights).resolve().parent / "eval"
     write_metrics(out, metrics, detections)
     print(format_metrics(metrics))

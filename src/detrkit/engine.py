@@ -4,7 +4,7 @@ A run folder holds::
 
     config.yaml        the resolved configuration (model, loss, data, train)
     last/              the latest checkpoint: model.safetensors + config.json + train_state.pt
-    best/              the checkpoint with the best validation AP
+    best/              the checkpoint with the best validation AP, with its metrics.json and detections.json
     results.csv        one row per epoch: losses, lr, the 12 COCO numbers, seconds
     results.png        loss and mAP curves
     metrics.json, detections.json   the latest evaluation
@@ -36,11 +36,10 @@ from detrkit.data.coco import CocoDetection
 from detrkit.data.layouts import find_layout
 from detrkit.data.transforms import train_transforms, val_transforms
 from detrkit.errors import DataError, DetrkitError
-from detrkit.evaluate import coco_metrics, detections_to_coco, format_metrics, write_metrics
+from detrkit.evaluate import METRIC_KEYS, coco_metrics, detections_to_coco, write_metrics
 from detrkit.model.detr import DETR, build_model
 from detrkit.postprocess import postprocess
 
-METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 MAX_BAD_STEPS = 5  # consecutive non-finite losses before a run stops
 
 
@@ -236,6 +235,20 @@ def evaluate(model: DETR, dataset: CocoDetection, *, batch_size: int = 8, worker
     return coco_metrics(dataset.json_path, detections), detections
 
 
+def evaluate_model(model: DETR, data: dict, *, batch_size: int = 8,
+                   device: str | torch.device = "auto") -> tuple[dict, list[dict]]:
+    """COCO metrics of a loaded model on the validation split that ``data`` (DataConfig fields:
+    ``data=DIR`` or ``val_json``/``val_images``) names, with the model's own class mapping and
+    image size: ``(metrics, detections)``."""
+    data_cfg = config_from_dict(DataConfig, {"image_size": model.inference["image_size"],
+                                             "max_size": model.inference.get("max_size"), **data})
+    _, val_set = build_datasets(data_cfg, categories=[{"id": c["id"], "name": c["name"]} for c in model.classes],
+                                train=False)
+    if val_set is None:
+        raise DataError("no evaluation data: give --data DIR or --val-json FILE --val-images DIR")
+    return evaluate(model, val_set, batch_size=batch_size, workers=data_cfg.workers, device=device)
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints of a run
 # ---------------------------------------------------------------------------------------------
@@ -389,6 +402,12 @@ def train(model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig, tr
     loader_len = math.ceil(len(train_set) / train_cfg.batch_size)
     clock = Clock(train_cfg, loader_len, elapsed, step)
     epoch = start_epoch
+
+    def save_last() -> None:
+        save_run_checkpoint(run_dir / "last", model, optimizer,
+                            {"epoch": epoch, "step": clock.step, "elapsed": clock.elapsed, "best_ap": best_ap},
+                            inference)
+
     try:
         while epoch < train_cfg.epochs and not clock.out_of_time():
             loader = make_loader(train_set, train_cfg.batch_size, data_cfg.workers, shuffle=True,
@@ -408,26 +427,21 @@ def train(model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig, tr
                 if metrics["AP"] > best_ap:
                     best_ap = metrics["AP"]
                     save_model(model, run_dir / "best", inference=inference)
+                    write_metrics(run_dir / "best", metrics, detections)  # the best checkpoint's own numbers
                 tqdm.write(f"epoch {epoch}: loss {stats.get('loss', float('nan')):.4f}  AP {metrics['AP']:.4f}  "
                            f"AP50 {metrics['AP50']:.4f}  ({clock.elapsed / 60:.1f} min)")
             else:
                 tqdm.write(f"epoch {epoch}: loss {stats.get('loss', float('nan')):.4f}  ({clock.elapsed / 60:.1f} min)")
             rows.append(row)
             write_results(run_dir, rows)
-            save_run_checkpoint(run_dir / "last", model, optimizer,
-                                {"epoch": epoch, "step": clock.step, "elapsed": clock.elapsed, "best_ap": best_ap},
-                                inference)
+            save_last()
     except KeyboardInterrupt:
         clock.stop()
-        save_run_checkpoint(run_dir / "last", model, optimizer,
-                            {"epoch": epoch, "step": clock.step, "elapsed": clock.elapsed, "best_ap": best_ap},
-                            inference)
+        save_last()
         print(f"\ninterrupted: checkpoint saved in {run_dir / 'last'}; continue with: detrkit train --resume {run_dir}")
         raise
     except NonFiniteLoss:
-        save_run_checkpoint(run_dir / "last", model, optimizer,
-                            {"epoch": epoch, "step": clock.step, "elapsed": clock.elapsed, "best_ap": best_ap},
-                            inference)
+        save_last()
         raise
     if val_set is None:
         save_model(model, run_dir / "best", inference=inference)

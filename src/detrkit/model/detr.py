@@ -90,13 +90,17 @@ class DETR(nn.Module):
         """
         x, mask = self._batch(images)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            features, mask = self.backbone(x, mask)  # (B, C, h, w), (B, h, w)
-            pos = self.position(mask)  # (B, D, h, w)
-            hs, _ = self.transformer(self.input_proj(features), mask, self.query_embed.weight, pos)  # (L, B, Q, D)
-            out = self.heads(hs)
+            out = self._forward(x, mask)
         if self.precision == "bf16":  # losses, matching and postprocessing always see float32
             out = _to_float(out)
         return out
+
+    def _forward(self, x: Tensor, mask: Tensor) -> dict:
+        """The network on a padded batch ``x (B, 3, H, W)``, ``mask (B, H, W)``."""
+        features, mask = self.backbone(x, mask)  # (B, C, h, w), (B, h, w)
+        pos = self.position(mask)  # (B, D, h, w)
+        hs, _ = self.transformer(self.input_proj(features), mask, self.query_embed.weight, pos)  # (L, B, Q, D)
+        return self.heads(hs)
 
     def heads(self, hs: Tensor) -> dict:
         """The shared heads on every decoder layer's output ``hs (L, B, Q, D)``."""
@@ -159,11 +163,13 @@ class DETR(nn.Module):
         return pad_images(list(images))
 
 
-def _to_float(out: dict) -> dict:
-    res = {k: v.float() for k, v in out.items() if k != "aux_outputs"}
-    if "aux_outputs" in out:
-        res["aux_outputs"] = [_to_float(a) for a in out["aux_outputs"]]
-    return res
+def _to_float(out):
+    """Every tensor of a (nested) output dict / list in float32."""
+    if isinstance(out, dict):
+        return {k: _to_float(v) for k, v in out.items()}
+    if isinstance(out, list):
+        return [_to_float(v) for v in out]
+    return out.float()
 
 
 def build_model(config: ModelConfig, *, train_backbone: bool = True,

@@ -106,14 +106,6 @@ class TwoStageDETR(DETR):
         boxes = (self.enc_bbox(feats) + inverse_sigmoid(anchors)).sigmoid()
         return logits, boxes, feats
 
-    def forward(self, images) -> dict:
-        x, mask = self._batch(images)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            out = self._forward(x, mask)
-        if self.precision == "bf16":
-            out = _to_float(out)
-        return out
-
     def _forward(self, x: Tensor, mask: Tensor) -> dict:
         features, mask = self.backbone(x, mask)  # (B, C, h, w), (B, h, w)
         pos = self.position(mask).flatten(2).transpose(1, 2)  # (B, hw, D)
@@ -144,14 +136,3 @@ class TwoStageDETR(DETR):
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
         return out
 
-
-def _to_float(out: dict) -> dict:
-    res = {}
-    for k, v in out.items():
-        if k == "aux_outputs":
-            res[k] = [_to_float(a) for a in v]
-        elif isinstance(v, dict):
-            res[k] = _to_float(v)
-        else:
-            res[k] = v.float()
-    return res
