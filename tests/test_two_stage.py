@@ -4,7 +4,8 @@ import torch
 
 from detrkit import build_criterion, build_model, load_model, postprocess, preset, save_model
 from detrkit.config import LossConfig, ModelConfig
-from detrkit.model.two_stage import TwoStageDETR, box_sine_embedding, inverse_sigmoid
+from detrkit.model.position import box_sine_embedding
+from detrkit.model.two_stage import TwoStageDETR, inverse_sigmoid
 
 CFG = ModelConfig(backbone="resnet18", backbone_stages=3, d_model=32, nheads=4, enc_layers=1, dec_layers=2,
                   dim_feedforward=64, num_queries=6, num_classes=3, frozen_stages=0, two_stage=True)

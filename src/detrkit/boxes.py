@@ -27,6 +27,17 @@ def scale_boxes(boxes: Tensor, sizes: Tensor) -> Tensor:
     return boxes * scale[:, None, :]
 
 
+def elementwise_box_iou(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
+    """IoU and union area of matched pairs ``boxes1[i]``, ``boxes2[i]``, both ``(N, 4)`` xyxy -> ``(N,)``, ``(N,)``."""
+    area1 = (boxes1[:, 2] - boxes1[:, 0]) * (boxes1[:, 3] - boxes1[:, 1])
+    area2 = (boxes2[:, 2] - boxes2[:, 0]) * (boxes2[:, 3] - boxes2[:, 1])
+    lt = torch.max(boxes1[:, :2], boxes2[:, :2])
+    rb = torch.min(boxes1[:, 2:], boxes2[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(dim=1)
+    union = area1 + area2 - inter
+    return inter / union, union
+
+
 def elementwise_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """GIoU of matched pairs: ``boxes1[i]`` with ``boxes2[i]``, both ``(N, 4)`` xyxy -> ``(N,)``.
 
@@ -36,13 +47,7 @@ def elementwise_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     official implementation's; ``torchvision.ops.generalized_box_iou_loss`` adds an
     epsilon of 1e-7 that shifts them for small boxes.
     """
-    area1 = (boxes1[:, 2] - boxes1[:, 0]) * (boxes1[:, 3] - boxes1[:, 1])
-    area2 = (boxes2[:, 2] - boxes2[:, 0]) * (boxes2[:, 3] - boxes2[:, 1])
-    lt = torch.max(boxes1[:, :2], boxes2[:, :2])
-    rb = torch.min(boxes1[:, 2:], boxes2[:, 2:])
-    inter = (rb - lt).clamp(min=0).prod(dim=1)
-    union = area1 + area2 - inter
-    iou = inter / union
+    iou, union = elementwise_box_iou(boxes1, boxes2)
     # The smallest box enclosing both.
     lt_c = torch.min(boxes1[:, :2], boxes2[:, :2])
     rb_c = torch.max(boxes1[:, 2:], boxes2[:, 2:])

@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, LossConfig, "bbox_loss", "box regression loss", choices=["l1", "smooth_l1"])
     _flag(g, LossConfig, "class_cost", "class term of the matching cost: -p (official) or 1-p",
           choices=["neg_prob", "one_minus_prob"])
+    _flag(g, LossConfig, "class_loss", "sigmoid (two-stage) classification loss: focal, or varifocal "
+          "(IoU-aware targets)", choices=["focal", "varifocal"])
     _data_flags(p)
     g = p.add_argument_group("run")
     _flag(g, TrainConfig, "out", "run folder", metavar="RUN_DIR")

@@ -86,16 +86,30 @@ class LossConfig:
     # Sigmoid (focal) classification, used by two-stage models: Deformable DETR's values.
     focal_alpha: float = 0.25  # focal loss alpha (Lin et al. 2017; Deformable DETR)
     focal_gamma: float = 2.0  # focal loss gamma (same)
+    # "focal": a matched query's target is 1 for its class (Deformable DETR). "varifocal": the
+    # target is the IoU of its box with the object's, so scores rank boxes by quality (VarifocalNet,
+    # RT-DETR); negatives weighted by vfl_alpha * p^gamma.
+    class_loss: str = "focal"
+    vfl_alpha: float = 0.75  # varifocal weight of the negatives (VarifocalNet, RT-DETR)
     # Two-stage only, training only: the encoder proposals are matched against every target
     # repeated this many times (H-DETR's one-to-many matching), so each object trains several
     # tokens instead of one. 1 = one-to-one. The decoder stays one-to-one, so no NMS is needed.
     encoder_repeats: int = 1
+    # Training-only aids (detrkit.aids); they leave the model, its checkpoints and its inference unchanged.
+    query_groups: int = 1  # Group DETR: groups of learned queries, each matched one-to-one (paper: 11); 1 = off
+    denoising: int = 0  # DN-DETR/DINO: groups of noised ground-truth queries (DINO: 100 queries ~ 5-10 groups); 0 = off
+    dn_box_noise: float = 1.0  # box noise scale, in half box sizes (DINO: 1.0; DN-DETR: 0.4)
+    dn_label_noise: float = 0.5  # label noise ratio; half of it is the share of flipped labels (DINO: 0.5)
 
     def __post_init__(self) -> None:
         if self.class_cost not in ("neg_prob", "one_minus_prob"):
             raise ValueError(f"class_cost must be 'neg_prob' or 'one_minus_prob', got {self.class_cost!r}")
         if self.bbox_loss not in ("l1", "smooth_l1"):
             raise ValueError(f"bbox_loss must be 'l1' or 'smooth_l1', got {self.bbox_loss!r}")
+        if self.class_loss not in ("focal", "varifocal"):
+            raise ValueError(f"class_loss must be 'focal' or 'varifocal', got {self.class_loss!r}")
+        if self.query_groups < 1 or self.denoising < 0:
+            raise ValueError("query_groups must be >= 1 and denoising >= 0")
         if self.smooth_l1_beta <= 0:
             raise ValueError("smooth_l1_beta must be > 0")
 

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
-from detrkit.boxes import cxcywh_to_xyxy, elementwise_generalized_box_iou
+from detrkit.aids import Denoising
+from detrkit.boxes import cxcywh_to_xyxy, elementwise_box_iou, elementwise_generalized_box_iou
 from detrkit.config import LossConfig
 from detrkit.matcher import HungarianMatcher
 
@@ -36,7 +37,7 @@ class SetCriterion(nn.Module):
     def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: dict[str, float],
                  eos_coef: float = 0.1, bbox_loss: str = "l1", smooth_l1_beta: float = 0.1, *,
                  sigmoid: bool = False, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
-                 encoder_repeats: int = 1) -> None:
+                 encoder_repeats: int = 1, class_loss: str = "focal", vfl_alpha: float = 0.75) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.matcher = matcher
@@ -48,6 +49,8 @@ class SetCriterion(nn.Module):
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
         self.encoder_repeats = encoder_repeats
+        self.class_loss = class_loss  # with sigmoid: "focal" or "varifocal" (IoU-aware targets)
+        self.vfl_alpha = vfl_alpha
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight)
@@ -59,13 +62,18 @@ class SetCriterion(nn.Module):
 
         With ``sigmoid``: focal loss over all queries and classes (a matched query's target is
         its class, every other entry 0), summed and divided by ``num_boxes`` (Deformable DETR).
+        With ``class_loss="varifocal"`` the matched entry's target is the IoU of the predicted
+        box with its object's (detached), positives weighted by that IoU and negatives by
+        ``vfl_alpha * p^gamma`` (VarifocalNet; RT-DETR): a high score then means a good box.
         """
         logits = outputs["pred_logits"]  # (B, Q, K+1), or (B, Q, K) with sigmoid
         batch_idx, src_idx = _permutation(indices)
         matched_labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
         target_classes[batch_idx, src_idx] = matched_labels
-        if self.sigmoid:
+        if self.sigmoid and self.class_loss == "varifocal":
+            losses = {"loss_ce": self._varifocal(logits.float(), outputs, targets, indices, target_classes) / num_boxes}
+        elif self.sigmoid:
             onehot = F.one_hot(target_classes, self.num_classes + 1)[..., :-1].float()  # (B, Q, K)
             focal = sigmoid_focal_loss(logits.float(), onehot, self.focal_alpha, self.focal_gamma, reduction="sum")
             losses = {"loss_ce": focal / num_boxes}
@@ -80,6 +88,21 @@ class SetCriterion(nn.Module):
                 correct = (logits[batch_idx, src_idx].argmax(-1) == matched_labels).float().mean()
                 losses["class_error"] = 100 * (1 - correct)
         return losses
+
+    def _varifocal(self, logits: Tensor, outputs: dict, targets: list[dict], indices: Indices,
+                   target_classes: Tensor) -> Tensor:
+        """The summed varifocal loss of ``logits (B, Q, K)``; ``target_classes (B, Q)`` (K = background)."""
+        batch_idx, src_idx = _permutation(indices)
+        with torch.no_grad():
+            src = outputs["pred_boxes"][batch_idx, src_idx].float()  # (M, 4)
+            tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(src)  # (M, 4)
+            iou, _ = elementwise_box_iou(cxcywh_to_xyxy(src), cxcywh_to_xyxy(tgt))
+            quality = torch.zeros(logits.shape[:2], device=logits.device)  # (B, Q)
+            quality[batch_idx, src_idx] = iou.clamp(min=0)
+            onehot = F.one_hot(target_classes, self.num_classes + 1)[..., :-1].float()  # (B, Q, K)
+            score = onehot * quality[..., None]  # the IoU at the object's class, 0 elsewhere
+            weight = self.vfl_alpha * logits.sigmoid().pow(self.focal_gamma) * (1 - onehot) + score
+        return F.binary_cross_entropy_with_logits(logits, score, weight=weight, reduction="sum")
 
     @torch.no_grad()
     def loss_cardinality(self, outputs: dict, targets: list[dict], indices: Indices) -> dict:
@@ -141,8 +164,26 @@ class SetCriterion(nn.Module):
                 {**t, "labels": t["labels"].repeat(k), "boxes": t["boxes"].repeat(k, 1)} for t in targets]
             enc_losses = self.layer_losses(outputs["enc_outputs"], enc_targets, num_boxes * k, log=False)
             losses.update({f"{k}_enc": v for k, v in enc_losses.items()})
+        if "group_outputs" in outputs:  # query groups (detrkit.aids): each group matched on its own
+            group_losses = [self.all_layer_losses(g, targets, num_boxes) for g in outputs["group_outputs"]]
+            losses.update({f"{k}_group": sum(gl[k] for gl in group_losses) for k in _TRAINED})
+        if "dn_outputs" in outputs:  # denoising queries: known targets, never matched
+            meta = outputs["dn_meta"]
+            indices = Denoising.indices(targets, meta)
+            dn = self.all_layer_losses(outputs["dn_outputs"], targets, num_boxes * meta["groups"], indices)
+            losses.update({f"{k}_dn": dn[k] for k in _TRAINED})
         losses["loss"] = self.weighted_total(losses)
         return losses
+
+    def all_layer_losses(self, outputs: dict, targets: list[dict], num_boxes: float,
+                         indices: Optional[Indices] = None) -> dict:
+        """The trained losses of training-only queries, summed over the last and auxiliary layers.
+
+        Each layer is matched on its own unless ``indices`` (a known assignment) is given.
+        """
+        layers = [outputs, *outputs.get("aux_outputs", [])]
+        per_layer = [self.layer_losses(o, targets, num_boxes, log=False, indices=indices) for o in layers]
+        return {k: sum(pl[k] for pl in per_layer) for k in _TRAINED}
 
     def weighted_total(self, losses: dict) -> Tensor:
         return sum(losses[k] * w for k, w in self.weight_dict.items() if k in losses)
@@ -164,6 +205,9 @@ class SetCriterion(nn.Module):
         return torch.clamp(n / world, min=1).item()
 
 
+_TRAINED = ("loss_ce", "loss_bbox", "loss_giou")  # the named losses that carry a weight
+
+
 def _permutation(indices: Indices) -> tuple[Tensor, Tensor]:
     """Flatten per-image matches into (batch index, query index) for advanced indexing."""
     batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
@@ -172,13 +216,14 @@ def _permutation(indices: Indices) -> tuple[Tensor, Tensor]:
 
 
 def weight_dict(loss: LossConfig, num_aux: int, encoder: bool = False) -> dict[str, float]:
-    """The loss weights, with a copy for each auxiliary layer ``_0 .. _{num_aux-1}`` (and ``_enc``)."""
+    """The loss weights, with a copy for each auxiliary layer ``_0 .. _{num_aux-1}`` (and ``_enc``,
+    and ``_group`` / ``_dn`` for the training-only queries when those are on)."""
     base = {"loss_ce": loss.loss_ce, "loss_bbox": loss.loss_bbox, "loss_giou": loss.loss_giou}
     weights = dict(base)
-    for i in range(num_aux):
-        weights.update({f"{k}_{i}": w for k, w in base.items()})
-    if encoder:
-        weights.update({f"{k}_enc": w for k, w in base.items()})
+    suffixes = [str(i) for i in range(num_aux)] + ["enc"] * encoder
+    suffixes += ["group"] * (loss.query_groups > 1) + ["dn"] * (loss.denoising > 0)
+    for suffix in suffixes:
+        weights.update({f"{k}_{suffix}": w for k, w in base.items()})
     return weights
 
 
@@ -193,4 +238,4 @@ def build_criterion(num_classes: int, loss: LossConfig, num_aux: int, *, sigmoid
     return SetCriterion(num_classes, matcher, weight_dict(loss, num_aux, encoder=sigmoid), eos_coef=loss.eos_coef,
                         bbox_loss=loss.bbox_loss, smooth_l1_beta=loss.smooth_l1_beta, sigmoid=sigmoid,
                         focal_alpha=loss.focal_alpha, focal_gamma=loss.focal_gamma,
-                        encoder_repeats=loss.encoder_repeats)
+                        encoder_repeats=loss.encoder_repeats, class_loss=loss.class_loss, vfl_alpha=loss.vfl_alpha)

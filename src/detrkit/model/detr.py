@@ -7,6 +7,7 @@ renaming two prefixes (see :mod:`detrkit.checkpoint`).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -21,6 +22,22 @@ from detrkit.model.position import PositionEmbeddingLearned, PositionEmbeddingSi
 from detrkit.model.transformer import Transformer
 
 Images = Union[Sequence[Tensor], tuple[Tensor, Tensor]]
+
+
+@dataclass
+class ExtraQueries:
+    """Training-only decoder queries, appended after the model's own Q (see :mod:`detrkit.aids`).
+
+    ``content (B, E, D)``: the initial decoder content; ``position (B, E, D)``: the query
+    positional embedding (plain DETR); ``boxes (B, E, 4)``: reference boxes, cxcywh in [0, 1]
+    (two-stage models, whose query position comes from the box); ``attn_mask (Q+E, Q+E)``
+    bool, True = the row query may not attend to the column query.
+    """
+
+    content: Tensor
+    attn_mask: Tensor
+    position: Optional[Tensor] = None
+    boxes: Optional[Tensor] = None
 
 
 class MLP(nn.Module):
@@ -72,13 +89,17 @@ class DETR(nn.Module):
         self.inference = {"image_size": 800, "max_size": None}  # how predict() sizes images (official 800/1333)
         self.classes = [{"index": i, "id": i, "name": str(i)} for i in range(num_classes)]
 
-    def forward(self, images: Images) -> dict:
+    def forward(self, images: Images, extra: Optional[ExtraQueries] = None) -> dict:
         """Detect objects.
 
         Args:
             images: a list of ``3 x H_i x W_i`` float tensors normalised with the ImageNet
                 mean/std (sizes may differ), or a padded batch ``(images (B, 3, H, W),
                 mask (B, H, W) bool, True = padding)``.
+            extra: training-only queries appended after the model's own (query groups,
+                denoising; :mod:`detrkit.aids`). Their predictions come back under
+                ``extra_outputs`` (the same keys); the attention mask keeps the model's own
+                queries from seeing them, so the other outputs are those of the plain model.
 
         Returns:
             dict with
@@ -90,17 +111,25 @@ class DETR(nn.Module):
         """
         x, mask = self._batch(images)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            out = self._forward(x, mask)
+            out = self._forward(x, mask) if extra is None else self._forward(x, mask, extra)
         if self.precision == "bf16":  # losses, matching and postprocessing always see float32
             out = _to_float(out)
         return out
 
-    def _forward(self, x: Tensor, mask: Tensor) -> dict:
+    def _forward(self, x: Tensor, mask: Tensor, extra: Optional[ExtraQueries] = None) -> dict:
         """The network on a padded batch ``x (B, 3, H, W)``, ``mask (B, H, W)``."""
         features, mask = self.backbone(x, mask)  # (B, C, h, w), (B, h, w)
         pos = self.position(mask)  # (B, D, h, w)
-        hs, _ = self.transformer(self.input_proj(features), mask, self.query_embed.weight, pos)  # (L, B, Q, D)
-        return self.heads(hs)
+        if extra is None:
+            hs, _ = self.transformer(self.input_proj(features), mask, self.query_embed.weight, pos)  # (L, B, Q, D)
+            return self.heads(hs)
+        b, q = x.shape[0], self.num_queries
+        query_pos = torch.cat([self.query_embed.weight.expand(b, -1, -1), extra.position], 1)  # (B, Q + E, D)
+        tgt = torch.cat([torch.zeros_like(query_pos[:, :q]), extra.content], 1)  # (B, Q + E, D)
+        hs, _ = self.transformer(self.input_proj(features), mask, query_pos, pos, extra.attn_mask, tgt)
+        out = self.heads(hs[:, :, :q])  # (L, B, Q, D): the model's own queries
+        out["extra_outputs"] = self.heads(hs[:, :, q:])
+        return out
 
     def heads(self, hs: Tensor) -> dict:
         """The shared heads on every decoder layer's output ``hs (L, B, Q, D)``."""

@@ -68,3 +68,18 @@ class PositionEmbeddingLearned(nn.Module):
         y_emb = self.row_embed(torch.arange(h, device=mask.device))  # (H, F)
         pos = torch.cat([x_emb.unsqueeze(0).expand(h, w, -1), y_emb.unsqueeze(1).expand(h, w, -1)], dim=-1)
         return pos.permute(2, 0, 1).unsqueeze(0).expand(b, -1, -1, -1)  # (B, 2F, H, W)
+
+
+def box_sine_embedding(boxes: Tensor, d_model: int, temperature: float = 10000.0) -> Tensor:
+    """``(B, Q, 4)`` boxes in [0, 1] -> ``(B, Q, 2 * d_model)``: d/2 sine channels per coordinate.
+
+    The same sin/cos interleaving as the image encoding, so a box's embedding is comparable
+    with the positional encoding of the feature cells it covers.
+    """
+    f = d_model // 2
+    dim_t = torch.arange(f, dtype=torch.float32, device=boxes.device)
+    dim_t = temperature ** (2 * (dim_t // 2) / f)  # (f,)
+    pos = boxes.float()[..., None] * 2 * math.pi / dim_t  # (B, Q, 4, f)
+    pos = torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)  # (B, Q, 4, f)
+    # Order (cy, cx, w, h) so the first d channels match the image encoding's (y, x) layout.
+    return torch.cat([pos[:, :, 1], pos[:, :, 0], pos[:, :, 2], pos[:, :, 3]], dim=-1)  # (B, Q, 4f)

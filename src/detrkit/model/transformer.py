@@ -196,14 +196,17 @@ class Transformer(nn.Module):
                 nn.init.xavier_uniform_(p)
 
     def forward(self, src: Tensor, mask: Tensor, query_embed: Tensor, pos: Tensor,
-                self_attn_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                self_attn_mask: Optional[Tensor] = None, tgt: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """Run encoder and decoder.
 
         Args:
             src: projected features ``(B, D, H, W)``.
             mask: ``(B, H, W)`` bool, True = padding (never attended to).
-            query_embed: the object-query embedding ``(Q, D)``.
+            query_embed: the object-query embedding ``(Q, D)``, or ``(B, Q, D)`` when training-only
+                queries are appended per image (:mod:`detrkit.aids`).
             pos: the positional encoding ``(B, D, H, W)``.
+            self_attn_mask: ``(Q, Q)`` bool, True = query may not attend (training-only queries).
+            tgt: the decoder's initial content ``(B, Q, D)``; None = zeros, the plain DETR.
 
         Returns:
             ``hs (L, B, Q, D)``: every decoder layer's output; ``memory (B, HW, D)``.
@@ -212,8 +215,9 @@ class Transformer(nn.Module):
         src = src.flatten(2).transpose(1, 2)  # (B, HW, D)
         pos = pos.flatten(2).transpose(1, 2).to(src.dtype)  # (B, HW, D)
         mask = mask.flatten(1)  # (B, HW)
-        query_pos = query_embed.unsqueeze(0).expand(b, -1, -1)  # (B, Q, D)
-        tgt = torch.zeros_like(query_pos)  # the slots start empty
+        query_pos = query_embed.expand(b, -1, -1)  # (B, Q, D)
+        if tgt is None:
+            tgt = torch.zeros_like(query_pos)  # the slots start empty
         memory = self.encoder(src, pos, mask)
-        hs = self.decoder(tgt, memory, pos, query_pos, mask, self_attn_mask)
+        hs = self.decoder(tgt.to(query_pos.dtype), memory, pos, query_pos, mask, self_attn_mask)
         return hs, memory

@@ -21,12 +21,14 @@ The backbone, positional encoding and encoder/decoder layers are the plain DETR'
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from detrkit.model.backbone import Backbone
-from detrkit.model.detr import DETR, MLP
+from detrkit.model.detr import DETR, MLP, ExtraQueries
+from detrkit.model.position import box_sine_embedding
 from detrkit.model.transformer import Transformer
 
 PRIOR_PROB = 0.01  # initial foreground probability of the sigmoid class heads (focal-loss practice)
@@ -36,21 +38,6 @@ ANCHOR_SIZE = 0.05  # initial proposal width/height relative to the image (two-s
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     x = x.clamp(min=eps, max=1 - eps)
     return torch.log(x / (1 - x))
-
-
-def box_sine_embedding(boxes: Tensor, d_model: int, temperature: float = 10000.0) -> Tensor:
-    """``(B, Q, 4)`` boxes in [0, 1] -> ``(B, Q, 2 * d_model)``: d/2 sine channels per coordinate.
-
-    The same sin/cos interleaving as the image encoding, so a box's embedding is comparable
-    with the positional encoding of the feature cells it covers.
-    """
-    f = d_model // 2
-    dim_t = torch.arange(f, dtype=torch.float32, device=boxes.device)
-    dim_t = temperature ** (2 * (dim_t // 2) / f)  # (f,)
-    pos = boxes.float()[..., None] * 2 * math.pi / dim_t  # (B, Q, 4, f)
-    pos = torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)  # (B, Q, 4, f)
-    # Order (cy, cx, w, h) so the first d channels match the image encoding's (y, x) layout.
-    return torch.cat([pos[:, :, 1], pos[:, :, 0], pos[:, :, 2], pos[:, :, 3]], dim=-1)  # (B, Q, 4f)
 
 
 class TwoStageDETR(DETR):
@@ -106,7 +93,7 @@ class TwoStageDETR(DETR):
         boxes = (self.enc_bbox(feats) + inverse_sigmoid(anchors)).sigmoid()
         return logits, boxes, feats
 
-    def _forward(self, x: Tensor, mask: Tensor) -> dict:
+    def _forward(self, x: Tensor, mask: Tensor, extra: Optional[ExtraQueries] = None) -> dict:
         features, mask = self.backbone(x, mask)  # (B, C, h, w), (B, h, w)
         pos = self.position(mask).flatten(2).transpose(1, 2)  # (B, hw, D)
         src = self.input_proj(features).flatten(2).transpose(1, 2)  # (B, hw, D)
@@ -119,19 +106,31 @@ class TwoStageDETR(DETR):
         top = enc_logits.max(-1).values.topk(k, dim=1).indices  # (B, Q)
         tgt = torch.gather(enc_feats, 1, top[..., None].expand(-1, -1, enc_feats.shape[-1])).detach()
         ref = torch.gather(enc_boxes, 1, top[..., None].expand(-1, -1, 4)).detach()  # (B, Q, 4)
+        attn_mask = None
+        if extra is not None:  # training-only queries (denoising) after the Q chosen ones
+            tgt = torch.cat([tgt, extra.content.to(tgt.dtype)], 1)  # (B, Q + E, D)
+            ref = torch.cat([ref, extra.boxes.to(ref.dtype)], 1)  # (B, Q + E, 4)
+            attn_mask = extra.attn_mask
 
         d = self.transformer.d_model
         logits, boxes = [], []
         for layer, cls_head, box_head in zip(self.transformer.decoder.layers, self.class_embed, self.bbox_embed):
             query_pos = self.ref_point_head(box_sine_embedding(ref, d).to(tgt.dtype))  # (B, Q, D)
-            tgt = layer(tgt, memory, pos.to(tgt.dtype), query_pos, flat_mask)
+            tgt = layer(tgt, memory, pos.to(tgt.dtype), query_pos, flat_mask, attn_mask)
             hs = self.transformer.decoder.norm(tgt)
             new_boxes = (box_head(hs) + inverse_sigmoid(ref)).sigmoid()  # refine the reference
             logits.append(cls_head(hs))
             boxes.append(new_boxes)
             ref = new_boxes.detach()  # each layer learns its own correction (Deformable DETR)
-        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1],
-               "enc_outputs": {"pred_logits": enc_logits, "pred_boxes": enc_boxes}}
+        out = self._layer_outputs([a[:, :k] for a in logits], [b[:, :k] for b in boxes])
+        out["enc_outputs"] = {"pred_logits": enc_logits, "pred_boxes": enc_boxes}
+        if extra is not None:
+            out["extra_outputs"] = self._layer_outputs([a[:, k:] for a in logits], [b[:, k:] for b in boxes])
+        return out
+
+    def _layer_outputs(self, logits: list[Tensor], boxes: list[Tensor]) -> dict:
+        """Per-layer ``(B, Q, .)`` predictions -> ``pred_logits``, ``pred_boxes`` (last layer), ``aux_outputs``."""
+        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.aux_loss:
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
         return out

@@ -1,0 +1,172 @@
+"""Training-only aids (query groups, denoising queries): they help training and change nothing else."""
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from detrkit.aids import AidedModel, Denoising
+from detrkit.checkpoint import load_model
+from detrkit.config import LossConfig, preset
+from detrkit.criterion import SetCriterion, build_criterion
+from detrkit.data.synthetic import make_synthetic
+from detrkit.matcher import HungarianMatcher
+from detrkit.model.detr import build_model
+
+TINY = dict(num_classes=3, dropout=0.0)
+
+
+def _model(two_stage=False, seed=0):
+    torch.manual_seed(seed)
+    return build_model(preset("detr_r18_tiny", two_stage=two_stage, **TINY)).eval()
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = [torch.randn(3, 64, 64, generator=g), torch.randn(3, 48, 64, generator=g)]
+    targets = [
+        {"labels": torch.tensor([0, 2, 1]), "boxes": torch.tensor([[.3, .3, .2, .2], [.6, .5, .3, .4], [.5, .5, .9, .9]])},
+        {"labels": torch.tensor([1]), "boxes": torch.tensor([[.4, .6, .2, .1]])},
+    ]
+    return images, targets
+
+
+def _criterion(model, loss):
+    return build_criterion(model.num_classes, loss, num_aux=len(model.transformer.decoder.layers) - 1,
+                           sigmoid=model.sigmoid_class)
+
+
+def test_options_off_give_the_plain_losses_exactly():
+    """Defaults: no aid, the official criterion (hand-built here), the same outputs and losses."""
+    model = _model()
+    images, targets = _batch()
+    net = AidedModel(model, LossConfig())
+    assert [n for n, _ in net.named_parameters()] == [f"model.{n}" for n, _ in model.named_parameters()]
+    out = net(images, targets)
+    plain_out = model(images)
+    assert set(out) == set(plain_out)
+    assert torch.equal(out["pred_logits"], plain_out["pred_logits"])
+    losses = _criterion(model, LossConfig())(out, targets)
+    base = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+    official = SetCriterion(3, HungarianMatcher(1.0, 5.0, 2.0), {**base, **{f"{k}_{i}": w for k, w in base.items()
+                                                                            for i in range(1)}}, eos_coef=0.1)
+    expected = official(plain_out, targets)
+    assert set(losses) == set(expected)
+    for k in expected:
+        assert torch.equal(losses[k], expected[k]), k
+
+
+@pytest.mark.parametrize("two_stage", [False, True])
+def test_denoising_leaves_the_model_outputs_and_losses_unchanged(two_stage):
+    """The model's own queries cannot see the denoising queries: their outputs and losses are the plain ones."""
+    model = _model(two_stage)
+    images, targets = _batch()
+    loss = LossConfig(denoising=3)
+    torch.manual_seed(1)
+    out = AidedModel(model, loss)(images, targets)
+    plain = model(images)
+    for k in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(out[k], plain[k], rtol=0, atol=1e-6)
+    losses = _criterion(model, loss)(out, targets)
+    plain_losses = _criterion(model, LossConfig())(plain, targets)
+    for k, v in plain_losses.items():
+        if k != "loss":
+            torch.testing.assert_close(losses[k], v, rtol=0, atol=1e-5, msg=k)
+    assert {"loss_ce_dn", "loss_bbox_dn", "loss_giou_dn"} <= set(losses)
+    dn_total = sum(losses[f"{k}_dn"] * w for k, w in (("loss_ce", 1.0), ("loss_bbox", 5.0), ("loss_giou", 2.0)))
+    torch.testing.assert_close(losses["loss"], plain_losses["loss"] + dn_total, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("two_stage", [False, True])
+def test_denoising_queries_never_enter_the_matching(two_stage):
+    model = _model(two_stage)
+    images, targets = _batch()
+    criterion = _criterion(model, LossConfig(denoising=2))
+    seen = []
+    real_forward = criterion.matcher.forward
+
+    def spy(outputs, tgts):
+        seen.append(outputs["pred_logits"].shape[1])
+        return real_forward(outputs, tgts)
+
+    criterion.matcher.forward = spy
+    out = AidedModel(model, LossConfig(denoising=2))(images, targets)
+    assert out["dn_outputs"]["pred_logits"].shape[1] == 2 * 2 * 3  # groups x (pos + neg) x max targets
+    criterion(out, targets)
+    hw = out["enc_outputs"]["pred_logits"].shape[1] if two_stage else None
+    assert seen and all(n in (model.num_queries, hw) for n in seen)  # model queries (and encoder tokens) only
+    # The known assignment: positive query i of every group <-> target i.
+    src, tgt = Denoising.indices(targets, out["dn_meta"])[0]
+    assert src.tolist() == [0, 1, 2, 6, 7, 8] and tgt.tolist() == [0, 1, 2, 0, 1, 2]
+
+
+def test_denoising_noise_positive_smaller_than_negative():
+    model = _model(True)
+    dn = Denoising(model, groups=4, box_noise=1.0, label_noise=0.0)
+    _, targets = _batch()
+    content, boxes, mask, meta = dn.queries(targets)
+    t = meta["pad"]
+    truth = targets[0]["boxes"]
+    grouped = boxes[0].reshape(4, 2, t, 4)[:, :, :3]  # (G, pos/neg, targets, 4)
+    err = (grouped - truth).abs().sum(-1)
+    assert (err[:, 0].mean() < err[:, 1].mean())  # negatives are further from the truth
+    # Without label noise the content is the label embedding of each target.
+    torch.testing.assert_close(content[0, :3], dn.label_embed(targets[0]["labels"]))
+    # Padding queries of the image with one target start empty.
+    assert torch.equal(content[1, 1:3], torch.zeros_like(content[1, 1:3]))
+    q = model.num_queries
+    assert mask[:q, q:].all() and not mask[q:, :q].any()  # model queries blind to them; they see the model's
+    assert mask[q, q + 2 * t] and not mask[q, q + 2 * t - 1]  # groups blind to each other
+
+
+def test_query_groups_are_independent():
+    """Changing one group's queries changes neither the model's outputs nor another group's."""
+    model = _model()
+    images, targets = _batch()
+    net = AidedModel(model, LossConfig(query_groups=3))
+    out = net(images, targets)
+    assert len(out["group_outputs"]) == 2
+    q = model.num_queries
+    with torch.no_grad():
+        net.groups.query_embed.weight[q:] += 1.0  # the third group only
+    changed = net(images, targets)
+    torch.testing.assert_close(changed["pred_logits"], out["pred_logits"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(changed["group_outputs"][0]["pred_boxes"], out["group_outputs"][0]["pred_boxes"],
+                               rtol=0, atol=1e-6)
+    assert not torch.allclose(changed["group_outputs"][1]["pred_boxes"], out["group_outputs"][1]["pred_boxes"])
+    torch.testing.assert_close(out["pred_logits"], model(images)["pred_logits"], rtol=0, atol=1e-6)
+    losses = _criterion(model, LossConfig(query_groups=3))(out, targets)
+    assert {"loss_ce_group", "loss_bbox_group", "loss_giou_group"} <= set(losses)
+
+
+def test_query_groups_refuse_two_stage():
+    with pytest.raises(ValueError, match="learned queries"):
+        AidedModel(_model(True), LossConfig(query_groups=2))
+
+
+@pytest.mark.parametrize("option", [dict(denoising=2), dict(query_groups=2)])
+def test_trained_with_aids_saves_the_plain_model(option, tmp_path):
+    """A run with an aid on: its checkpoint has the plain model's parameter names and the same outputs."""
+    from detrkit.config import DataConfig, TrainConfig
+    from detrkit.engine import train
+
+    paths = make_synthetic(tmp_path / "data", num_train=8, num_val=4, image_size=64)
+    data = DataConfig(**{k: str(v) for k, v in paths.items()}, image_size=64, workers=0, augment="flip")
+    model_cfg = preset("detr_r18_tiny", dropout=0.0)
+    run = train(model_cfg, LossConfig(**option), data,
+                TrainConfig(model="detr_r18_tiny", epochs=1, batch_size=4, out=str(tmp_path / "run"), lr=1e-3))
+    loaded = load_model(run / "last")
+    plain = build_model(dataclasses.replace(loaded.config))
+    assert list(loaded.state_dict()) == list(plain.state_dict())
+    state = torch.load(run / "last" / "train_state.pt", weights_only=True)
+    assert state["aids"] and all(not k.startswith("model.") for k in state["aids"])  # kept for resuming only
+    # The run evaluated its in-memory model after the epoch: the loaded checkpoint gives the same detections.
+    from detrkit.engine import evaluate_model
+
+    _, detections = evaluate_model(loaded, {"val_json": str(paths["val_json"]), "val_images": str(paths["val_images"]),
+                                            "workers": 0}, device="cpu")
+    before = json.loads((run / "detections.json").read_text())
+    assert len(detections) == len(before) > 0
+    for a, b in zip(detections, before):
+        assert a["category_id"] == b["category_id"] and a["image_id"] == b["image_id"]
+        assert a["score"] == pytest.approx(b["score"], abs=1e-6) and a["bbox"] == pytest.approx(b["bbox"], abs=1e-4)
