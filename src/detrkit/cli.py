@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
           choices=["neg_prob", "one_minus_prob"])
     _flag(g, LossConfig, "class_loss", "sigmoid (two-stage) classification loss: focal, or varifocal "
           "(IoU-aware targets)", choices=["focal", "varifocal"])
+    _flag(g, LossConfig, "denoising", "training-only denoising query groups (DN-DETR/DINO); 0 = off", type=int)
+    _flag(g, LossConfig, "query_groups", "training-only groups of learned queries (Group DETR, plain DETR "
+          "presets); 1 = off", type=int)
     _data_flags(p)
     g = p.add_argument_group("run")
     _flag(g, TrainConfig, "out", "run folder", metavar="RUN_DIR")
