@@ -225,7 +225,8 @@ RECIPES: dict[str, dict[str, dict]] = {
         "train": dict(model="detr_r18_fast", lr=5e-4, lr_backbone=5e-4, schedule="cosine", warmup=0.03,
                       batch_size=8,  # more updates per minute: AP 0.632 vs 0.592 at batch 16 in 10 min
                       epochs=1000),
-        "loss": dict(loss_ce=2.0, cost_class=2.0),
+        # Varifocal targets and 3 denoising groups: AP 0.261 vs 0.209 (focal, none) after 1000 steps.
+        "loss": dict(loss_ce=2.0, cost_class=2.0, class_loss="varifocal", denoising=3),
         "data": dict(augment="flip", workers=0),  # on 2 cores a loader process steals more than it gives
     },
 }

@@ -104,9 +104,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = [{"params": rest, "lr": cfg.lr, "base_lr": cfg.lr}]
     if backbone:
         groups.append({"params": backbone, "lr": cfg.lr_backbone, "base_lr": cfg.lr_backbone})
-    # fused: one kernel over all tensors instead of a loop of small ones; the same update. On a
-    # CPU it cut the optimiser step of detr_r18_fast from 40 to 10 ms (docs/benchmarks.md).
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def lr_factor(progress: float, cfg: TrainConfig) -> float:
