@@ -185,7 +185,7 @@ def draw_explanation(explanation, path: PathLike, *, cols: int = 4, panel: float
     count = 1 + n + p
     cols = min(cols, count)
     rows = math.ceil(count / cols)
-    fig = _figure(figsize=(panel * cols, panel * rows + 0.3), dpi=dpi)
+    fig = _figure(figsize=(panel * cols, (panel + 0.2) * rows + 0.3), dpi=dpi)  # room for each panel's title
     axes = np.atleast_1d(fig.subplots(rows, cols)).reshape(-1)
     for ax in axes:
         ax.axis("off")
