@@ -291,7 +291,7 @@ def confusion_matrix(gt_json_path_or_dict: GroundTruth, detections: Sequence[dic
             free_gt[matched[d]] = False
             free_det[d] = False
         ious = _iou(img["det_boxes"], img["gt_boxes"])  # (D, G)
-        for d in np.flatnonzero(free_det):  # step 2: detections are in descending score order
+        for d in np.flatnonzero(free_det & (ious >= iou_threshold).any(1)):  # step 2, in descending score order
             candidates = free_gt & (ious[d] >= iou_threshold)
             if candidates.any():
                 g = int(np.argmax(np.where(candidates, ious[d], -1.0)))
@@ -387,22 +387,20 @@ def _match_same_class(img: dict, iou_threshold: float) -> tuple[np.ndarray, np.n
     the highest IoU >= ``iou_threshold``; an unmatched detection covering a crowd region of its
     class (intersection / detection area >= the threshold, COCO's crowd IoU) is ignored.
     """
-    d = len(img["det_cats"])
-    matched = np.full(d, -1, dtype=np.int64)
-    ignored = np.zeros(d, dtype=bool)
+    matched = np.full(len(img["det_cats"]), -1, dtype=np.int64)
     ious = _iou(img["det_boxes"], img["gt_boxes"])  # (D, G)
-    crowd = _iou(img["det_boxes"], img["crowd_boxes"], crowd=True)  # (D, C)
+    candidates = (img["gt_cats"][None, :] == img["det_cats"][:, None]) & (ious >= iou_threshold)  # (D, G)
     free = np.ones(len(img["gt_cats"]), dtype=bool)
-    for i in range(d):
-        cat = img["det_cats"][i]
-        candidates = free & (img["gt_cats"] == cat) & (ious[i] >= iou_threshold)
-        if candidates.any():
-            g = int(np.argmax(np.where(candidates, ious[i], -1.0)))
+    # Only detections with some candidate can match; in score order, as the greedy matching needs.
+    for i in np.flatnonzero(candidates.any(1)):
+        left = candidates[i] & free
+        if left.any():
+            g = int(np.argmax(np.where(left, ious[i], -1.0)))
             matched[i] = g
             free[g] = False
-        elif ((img["crowd_cats"] == cat) & (crowd[i] >= iou_threshold)).any():
-            ignored[i] = True
-    return matched, ignored
+    crowd = _iou(img["det_boxes"], img["crowd_boxes"], crowd=True)  # (D, C)
+    on_crowd = ((img["crowd_cats"][None, :] == img["det_cats"][:, None]) & (crowd >= iou_threshold)).any(1)
+    return matched, (matched < 0) & on_crowd
 
 
 def _iou(a: np.ndarray, b: np.ndarray, crowd: bool = False) -> np.ndarray:
