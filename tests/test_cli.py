@@ -32,6 +32,7 @@ def test_train_resume_eval_predict(shapes, tmp_path, capsys):
         assert (run / name).exists(), name
     assert (run / "last" / "train_state.pt").exists() and (run / "best" / "model.safetensors").exists()
     assert (run / "best" / "metrics.json").exists()  # the best checkpoint carries its own numbers
+    assert (run / "best" / "f1_curve.json").exists() and (run / "best" / "confusion_matrix.png").exists()
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics) >= {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
                             "per_class"}
@@ -43,6 +44,10 @@ def test_train_resume_eval_predict(shapes, tmp_path, capsys):
     assert main(["eval", "--weights", str(run / "best"), "--val-json", str(shapes["val_json"]),
                  "--val-images", str(shapes["val_images"]), "--out", str(tmp_path / "eval")]) == 0
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["AR100"] >= 0
+    for name in ("per_class.csv", "pr_curves.png", "confusion_matrix.png", "confusion_matrix.json", "f1_curve.png",
+                 "f1_curve.json"):
+        assert (tmp_path / "eval" / name).exists(), name
+    assert "use detrkit predict --threshold" in capsys.readouterr().out
     detections = json.loads((tmp_path / "eval" / "detections.json").read_text())
     assert {d["category_id"] for d in detections} <= {1, 2, 3, 5}  # the data set's own ids
     assert main(["predict", "--weights", str(run / "best"), str(shapes["val_images"]), "--threshold", "0",
@@ -92,6 +97,8 @@ def test_check_data_and_errors(shapes, tmp_path, capsys):
     assert "bad.json" in err and "Traceback" not in err
     assert main(["train", "--data", str(tmp_path / "missing"), *TRAIN_FLAGS]) == 2
     assert main(["eval", "--weights", str(tmp_path / "nothing"), "--data", str(tmp_path)]) == 2
+    assert main(["eval", "--weights", str(tmp_path / "nothing"), "--data", str(tmp_path), "--iou-threshold", "2"]) == 2
+    assert "--iou-threshold must be in [0, 1]" in capsys.readouterr().err
 
 
 def test_help_documents_every_flag():
@@ -102,6 +109,11 @@ def test_help_documents_every_flag():
                  "--resume", "--lr-drop", "--eval-every", "--data", "--train-json"):
         assert flag in out.stdout, flag
     assert "(default: 0.0001)" in out.stdout  # defaults come from the config dataclasses
+    out = subprocess.run([sys.executable, "-m", "detrkit", "explain", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for flag in ("IMAGE", "--weights", "--points", "--threshold", "--max-objects", "--out", "--matching", "--data",
+                 "--train-json", "--train-images", "--split", "--index", "--cost-class", "--cost-bbox", "--cost-giou"):
+        assert flag in out.stdout, flag
 
 
 def test_yaml_config_and_saved_config(shapes, tmp_path):

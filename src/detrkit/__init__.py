@@ -8,14 +8,16 @@ The public API::
     detections = model.predict(["photo.jpg"], threshold=0.5)
     run_dir = detrkit.train(data="my_coco_dir", model="detr_r18_small", minutes=10)
     metrics = detrkit.evaluate(run_dir / "best", data="my_coco_dir")
+    seen = detrkit.explain(model, "photo.jpg")   # detections + decoder / encoder attention maps
 """
 from pathlib import Path
 from typing import Optional, Union
 
 # The submodule detrkit.evaluate is loaded before the function of the same name is defined
-# below, so that the function, not the module, is the package attribute.
+# below, so that the function, not the module, is the package attribute (likewise explain).
 import detrkit.evaluate  # noqa: F401  isort: skip
 from detrkit.checkpoint import load_model, save_model
+from detrkit.explain import explain
 from detrkit.config import DataConfig, LossConfig, ModelConfig, TrainConfig, preset
 from detrkit.criterion import SetCriterion, build_criterion
 from detrkit.matcher import HungarianMatcher
@@ -24,7 +26,7 @@ from detrkit.postprocess import postprocess
 
 __all__ = [
     "DETR", "DataConfig", "HungarianMatcher", "LossConfig", "ModelConfig", "SetCriterion", "TrainConfig",
-    "build_criterion", "build_model", "evaluate", "load_model", "postprocess", "preset", "save_model", "train",
+    "build_criterion", "build_model", "evaluate", "explain", "load_model", "postprocess", "preset", "save_model", "train",
 ]
 __version__ = "0.1.0"
 

@@ -124,10 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="COCO metrics of a checkpoint on a data set")
     p.add_argument("--weights", required=True, metavar="PATH", help="checkpoint (detrkit, official or Hugging Face)")
     _data_flags(p)
-    p.add_argument("--out", default=None, help="folder for metrics.json and detections.json (default: beside the weights)")
+    p.add_argument("--out", default=None, help="folder for metrics.json, detections.json, per_class.csv, "
+                   "pr_curves.png, confusion_matrix.png/.json and f1_curve.png/.json (default: eval/ beside the weights)")
     p.add_argument("--batch-size", type=int, default=8, help="images per batch (default: 8)")
     p.add_argument("--device", default="auto", help="cpu, cuda ... (default: auto)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="(default: fp32)")
+    p.add_argument("--iou-threshold", type=float, default=0.5,
+                   help="IoU at which a detection hits a target, for the confusion matrix and the F1 curve (default: 0.5)")
+    p.add_argument("--score-threshold", type=float, default=0.5,
+                   help="minimum score of the detections counted in the confusion matrix (default: 0.5, as predict)")
     _common(p)
 
     p = sub.add_parser("predict", help="detect objects in images and draw them")
@@ -144,6 +149,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX and check it against onnxruntime")
     add_export_arguments(p)
+    _common(p)
+
+    p = sub.add_parser("explain", help="draw what a model attends to, or how the matcher assigned its predictions",
+                       description="Without --matching: one PNG with the detections of IMAGE, the decoder "
+                       "cross-attention of each detection and the encoder self-attention of a few reference points. "
+                       "With --matching: a training image with each target, the prediction the Hungarian matcher "
+                       "assigned to it (and the cost terms), and the unmatched queries faded.")
+    p.add_argument("image", nargs="?", metavar="IMAGE", help="image file to explain (not with --matching)")
+    p.add_argument("--weights", required=True, metavar="PATH", help="checkpoint (detrkit, official or Hugging Face)")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="PNG to write (default: runs/explain/IMAGE-NAME.png, or runs/explain/matching-SPLIT-INDEX.png)")
+    p.add_argument("--device", default="auto", help="cpu, cuda ... (default: auto)")
+    g = p.add_argument_group("attention maps")
+    g.add_argument("--points", nargs="+", metavar="X,Y", default=None,
+                   help="reference points in image pixels for the encoder maps; put IMAGE before this flag (default: the centres of the best "
+                        "detections, or four fixed points when nothing is detected)")
+    g.add_argument("--threshold", type=float, default=0.5, help="minimum detection score (default: 0.5)")
+    g.add_argument("--max-objects", type=int, default=6,
+                   help="at most this many detections, each with its decoder map (default: 6)")
+    g = p.add_argument_group("matching view")
+    g.add_argument("--matching", action="store_true", help="draw the matching of one annotated image instead")
+    _flag(g, DataConfig, "data", "folder in COCO, Roboflow-COCO or YOLO layout", metavar="DIR")
+    _flag(g, DataConfig, "train_json", "COCO annotation file of the training split", metavar="FILE")
+    _flag(g, DataConfig, "train_images", "image root of the training split", metavar="DIR")
+    _flag(g, DataConfig, "val_json", "COCO annotation file of the validation split", metavar="FILE")
+    _flag(g, DataConfig, "val_images", "image root of the validation split", metavar="DIR")
+    g.add_argument("--split", default="train", choices=["train", "val"], help="which split's image (default: train)")
+    g.add_argument("--index", type=int, default=0, help="image number in the annotation file, from 0 (default: 0)")
+    for name, what in (("cost_class", "class"), ("cost_bbox", "L1 box"), ("cost_giou", "GIoU")):
+        g.add_argument("--" + name.replace("_", "-"), dest=name, type=float, default=None,
+                       help=f"matching weight of the {what} term (default: the run's config.yaml beside the "
+                            f"weights, else {_default(LossConfig, name)})")
     _common(p)
     return parser
 
@@ -219,16 +256,24 @@ def cmd_check_data(args) -> int:
 
 def cmd_eval(args) -> int:
     from detrkit import load_model
-    from detrkit.engine import evaluate_model
-    from detrkit.evaluate import format_metrics, write_metrics
+    from detrkit.engine import data_paths, evaluate_model
+    from detrkit.evaluate import format_best_threshold, format_metrics, write_analysis, write_metrics
 
+    for name in ("iou_threshold", "score_threshold"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise DetrkitError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
     model = load_model(args.weights, precision=args.precision)
     metrics, detections = evaluate_model(model, _given(args, DataConfig), batch_size=args.batch_size,
                                          device=args.device)
+    gt_json = data_paths(config_from_dict(DataConfig, _given(args, DataConfig)))["val_json"]
     out = Path(args.out) if args.out else Path(args.weights).resolve().parent / "eval"
     write_metrics(out, metrics, detections)
+    extras = write_analysis(out, gt_json, detections, iou_threshold=args.iou_threshold,
+                            score_threshold=args.score_threshold)
     print(format_metrics(metrics))
-    print(f"written: {out / 'metrics.json'}, {out / 'detections.json'}")
+    print(format_best_threshold(extras["best"], args.iou_threshold))
+    print(f"written: {out / 'metrics.json'}, {out / 'detections.json'}, "
+          f"{', '.join(f.name for f in extras['files'])}")
     return 0
 
 
@@ -303,7 +348,81 @@ def cmd_export(args) -> int:
     return run_export(args)
 
 
-COMMANDS = {"export": cmd_export, "train": cmd_train, "check-data": cmd_check_data, "eval": cmd_eval, "predict": cmd_predict,
+def cmd_explain(args) -> int:
+    from detrkit import load_model
+    from detrkit.engine import select_device
+
+    if args.matching and args.image:
+        raise DetrkitError("give either IMAGE (attention maps) or --matching with data flags, not both")
+    if not args.matching and not args.image:
+        raise DetrkitError("give an IMAGE to explain, or --matching with --data DIR (or --train-json/--train-images)")
+    if args.max_objects < 0:
+        raise DetrkitError("--max-objects must be >= 0")
+    if args.matching:
+        given = {k: getattr(args, k) for k in ("data", "train_json", "train_images", "val_json", "val_images")}
+        if not any(given.values()):
+            raise DetrkitError("--matching needs data: --data DIR, or --train-json FILE --train-images DIR")
+    elif not Path(args.image).is_file():
+        raise DetrkitError(f"{args.image}: no such image file")
+    points = _points(args.points) if args.points else None
+    model = load_model(args.weights, device=select_device(args.device))
+    if args.matching:
+        return _explain_matching(args, model, given)
+
+    from detrkit.explain import explain
+    from detrkit.visualize import draw_explanation
+
+    result = explain(model, args.image, points=points, threshold=args.threshold, max_objects=args.max_objects)
+    out = Path(args.out) if args.out else Path("runs/explain") / f"{Path(args.image).stem}.png"
+    draw_explanation(result, out)
+    for i, (name, score, q) in enumerate(zip(result.names, result.scores.tolist(), result.queries.tolist())):
+        print(f"{i + 1}: {name} {score:.2f} (query {q})")
+    print(f"{len(result.names)} detections, {len(result.points)} reference points -> {out}")
+    return 0
+
+
+def _points(values: list[str]) -> list[tuple[float, float]]:
+    points = []
+    for v in values:
+        try:
+            x, y = (float(c) for c in v.split(","))
+        except ValueError:
+            raise DetrkitError(f"--points: {v!r} is not X,Y (two numbers, e.g. 120,64)") from None
+        points.append((x, y))
+    return points
+
+
+def _explain_matching(args, model, given: dict) -> int:
+    from detrkit.data.coco import CocoDetection
+    from detrkit.data.transforms import val_transforms
+    from detrkit.engine import data_paths, load_run_config
+    from detrkit.explain import match
+    from detrkit.matcher import HungarianMatcher
+    from detrkit.visualize import draw_matching
+
+    paths = data_paths(config_from_dict(DataConfig, {k: v for k, v in given.items() if v}))
+    if f"{args.split}_json" not in paths:
+        raise DetrkitError(f"no {args.split} split in the data given (use --split, or give --{args.split}-json and "
+                           f"--{args.split}-images)")
+    # Match as training did: the run's loss settings when the weights sit in a run folder.
+    run_config = Path(args.weights).resolve().parent / "config.yaml"
+    loss = load_run_config(run_config.parent)[1] if run_config.is_file() else LossConfig()
+    loss = dataclasses.replace(loss, **{k: getattr(args, k) for k in ("cost_class", "cost_bbox", "cost_giou")
+                                        if getattr(args, k) is not None})
+    matcher = HungarianMatcher(loss.cost_class, loss.cost_bbox, loss.cost_giou, loss.class_cost,
+                               sigmoid=model.sigmoid_class, focal_alpha=loss.focal_alpha, focal_gamma=loss.focal_gamma)
+    dataset = CocoDetection(paths[f"{args.split}_json"], paths[f"{args.split}_images"],
+                            transforms=val_transforms(model.inference["image_size"], model.inference.get("max_size")),
+                            categories=[{"id": c["id"], "name": c["name"]} for c in model.classes])
+    result = match(model, dataset, args.index, matcher)
+    out = Path(args.out) if args.out else Path("runs/explain") / f"matching-{args.split}-{args.index}.png"
+    draw_matching(result, out)
+    print(f"{dataset.data.image_path(args.index)}: {len(result.target_names)} targets matched to queries "
+          f"{[q for q, _ in sorted(result.pairs, key=lambda pair: pair[1])]} -> {out}")
+    return 0
+
+
+COMMANDS = {"explain": cmd_explain, "export": cmd_export, "train": cmd_train, "check-data": cmd_check_data, "eval": cmd_eval, "predict": cmd_predict,
             "synth": cmd_synth, "demo": cmd_demo}
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import math
 import random
 import time
@@ -37,7 +38,9 @@ from detrkit.data.coco import CocoDetection
 from detrkit.data.layouts import find_layout
 from detrkit.data.transforms import train_transforms, val_transforms
 from detrkit.errors import DataError, DetrkitError
-from detrkit.evaluate import METRIC_KEYS, coco_metrics, detections_to_coco, write_metrics
+from detrkit.evaluate import (
+    METRIC_KEYS, coco_metrics, detections_to_coco, format_best_threshold, write_analysis, write_metrics,
+)
 from detrkit.model.detr import DETR, build_model
 from detrkit.postprocess import postprocess
 
@@ -454,4 +457,9 @@ def train(model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig, tr
         raise
     if val_set is None:
         save_model(model, run_dir / "best", inference=inference)
+    elif (run_dir / "best" / "detections.json").is_file():
+        # The extras of the best checkpoint from its saved detections: no second pass of the model.
+        detections = json.loads((run_dir / "best" / "detections.json").read_text())
+        extras = write_analysis(run_dir / "best", val_set.json_path, detections)
+        print(format_best_threshold(extras["best"], 0.5))
     return run_dir

@@ -52,6 +52,13 @@ class HungarianMatcher(nn.Module):
         cxcywh -> ``C (Q, T)``. Always computed in float32: half-precision costs round
         distinct candidates to the same value and can hold NaN.
         """
+        terms = self.cost_terms(logits, boxes, labels, tgt_boxes)
+        return self.cost_bbox * terms["bbox"] + self.cost_class * terms["class"] + self.cost_giou * terms["giou"]
+
+    def cost_terms(self, logits: Tensor, boxes: Tensor, labels: Tensor, tgt_boxes: Tensor) -> dict[str, Tensor]:
+        """The three unweighted terms of :meth:`cost_matrix`, each ``(Q, T)`` float32:
+        ``class`` (``-p``, ``1 - p`` or the focal difference), ``bbox`` (L1 distance of the
+        cxcywh boxes) and ``giou`` (``-GIoU``)."""
         boxes = boxes.float()
         tgt_boxes = tgt_boxes.float()
         if self.sigmoid:
@@ -65,7 +72,7 @@ class HungarianMatcher(nn.Module):
             cost_class = 1 - p if self.class_cost == "one_minus_prob" else -p
         cost_bbox = torch.cdist(boxes, tgt_boxes, p=1)  # (Q, T)
         cost_giou = -generalized_box_iou(cxcywh_to_xyxy(boxes), cxcywh_to_xyxy(tgt_boxes))  # (Q, T)
-        return self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
+        return {"class": cost_class, "bbox": cost_bbox, "giou": cost_giou}
 
     @torch.no_grad()
     def forward(self, outputs: dict, targets: list[dict]) -> list[tuple[Tensor, Tensor]]:

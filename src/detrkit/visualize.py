@@ -1,4 +1,6 @@
-"""Pictures: detections drawn on images, prediction next to ground truth, training curves.
+"""Pictures: detections drawn on images, prediction next to ground truth, training curves,
+attention maps and the Hungarian matching (from :mod:`detrkit.explain`), and the evaluation
+extras (precision-recall curves, confusion matrix, F1 against the score threshold).
 
 Boxes are drawn with :func:`torchvision.utils.draw_bounding_boxes`. Figures are
 matplotlib ``Figure`` objects on an Agg canvas, never pyplot: pyplot keeps global state
@@ -167,6 +169,208 @@ def plot_training_curves(results_csv_path: PathLike, out_png: PathLike) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
+# Looking inside the model (data from detrkit.explain)
+# ---------------------------------------------------------------------------------------------
+def draw_explanation(explanation, path: PathLike, *, cols: int = 4, panel: float = 3.0, dpi: int = 100) -> Path:
+    """One PNG: the detections, then each detection's decoder cross-attention, then each
+    reference point's encoder self-attention, each map upsampled onto the image.
+
+    ``explanation`` is a :class:`detrkit.explain.Explanation`. Maps are shown scaled to their
+    own maximum (the colour says where a query looks most, not how much in absolute terms).
+    Returns the path.
+    """
+    e = explanation
+    image = _to_hwc(e.image)
+    n, p = len(e.boxes), len(e.points)
+    count = 1 + n + p
+    cols = min(cols, count)
+    rows = math.ceil(count / cols)
+    fig = _figure(figsize=(panel * cols, (panel + 0.2) * rows + 0.3), dpi=dpi)  # room for each panel's title
+    axes = np.atleast_1d(fig.subplots(rows, cols)).reshape(-1)
+    for ax in axes:
+        ax.axis("off")
+    captions = [f"{i + 1} {name} {score:.2f}" for i, (name, score) in enumerate(zip(e.names, e.scores.tolist()))]
+    colors = [class_color(name) for name in e.names]
+    ax = axes[0]
+    ax.imshow(image)
+    _boxes(ax, e.boxes, captions, colors)
+    ax.set_title(f"{n} detection{'s' if n != 1 else ''}" if n else "no detection above the threshold", fontsize=9)
+    for i in range(n):
+        ax = axes[1 + i]
+        _overlay(ax, image, e.upsample(e.decoder_attention[i:i + 1])[0])
+        _boxes(ax, e.boxes[i:i + 1], [str(i + 1)], [colors[i]])
+        ax.set_title(f"decoder: {captions[i]} (query {int(e.queries[i])})", fontsize=9)
+    for j in range(p):
+        ax = axes[1 + n + j]
+        _overlay(ax, image, e.upsample(e.encoder_attention[j:j + 1])[0])
+        x, y = e.points[j].tolist()
+        ax.plot([x], [y], marker="o", markersize=8, markerfacecolor="white", markeredgecolor="black")
+        ax.set_title(f"encoder: point ({x:.0f}, {y:.0f})", fontsize=9)
+    fig.suptitle("last decoder layer: cross-attention of each detection;  last encoder layer: self-attention "
+                 "of each point  (mean over heads)", fontsize=9)
+    fig.tight_layout()
+    return _save_png(fig, path, dpi)
+
+
+def draw_matching(matching, path: PathLike, *, dpi: int = 100) -> Path:
+    """One PNG: the targets (solid), the prediction the matcher assigned to each (dashed, same
+    colour, joined to it), the unmatched queries faded (grey), and a table of each pair's cost
+    terms. ``matching`` is a :class:`detrkit.explain.Matching`. Returns the path.
+    """
+    m = matching
+    image = _to_hwc(m.image)
+    fig = _figure(figsize=(11, 5.6), dpi=dpi)
+    ax, ax_text = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 0.95]})
+    ax.imshow(image)
+    ax.axis("off")
+    matched = {q for q, _ in m.pairs}
+    unmatched = [q for q in range(len(m.pred_boxes)) if q not in matched]
+    for q in unmatched:
+        _boxes(ax, m.pred_boxes[q:q + 1], [""], ["white"], alpha=0.5, width=0.8)
+    for k, (q, t) in enumerate(sorted(m.pairs, key=lambda pair: pair[1])):
+        color = PALETTE[t % len(PALETTE)]
+        _boxes(ax, m.target_boxes[t:t + 1], [f"T{t + 1}"], [color], width=2.5)
+        _boxes(ax, m.pred_boxes[q:q + 1], [f"q{q}"], [color], linestyle="--", width=1.5, caption_below=True)
+        (tx, ty), (px, py) = ((b[:2] + b[2:]) / 2 for b in (m.target_boxes[t], m.pred_boxes[q]))
+        ax.plot([float(tx), float(px)], [float(ty), float(py)], color=color, linewidth=1)
+    for t in range(len(m.target_boxes)):
+        if t not in {t for _, t in m.pairs}:  # more targets than queries: left unmatched
+            _boxes(ax, m.target_boxes[t:t + 1], [f"T{t + 1}"], ["black"], width=2.5)
+    ax.set_title(f"{len(m.target_boxes)} targets, {len(m.pred_boxes)} queries: {len(m.pairs)} matched "
+                 f"(dashed), {len(unmatched)} trained as \"no object\" (faded)", fontsize=9)
+
+    w = m.weights
+    cls = {"-p": "-p(class)", "1 - p": "1 - p(class)", "focal": "focal(p) - focal(1-p)"}[m.class_cost]
+    lines = [f"cost = {w['class']:g} * class + {w['bbox']:g} * L1 + {w['giou']:g} * (-GIoU)",
+             f"class term: {cls}", "",
+             f"{'target':<14}{'query (its best class)':<26}{'class':>7}{'L1':>7}{'-GIoU':>7}{'total':>8}"]
+    order = sorted(range(len(m.pairs)), key=lambda k: m.pairs[k][1])
+    for k in order:
+        q, t = m.pairs[k]
+        c = {name: float(v[k]) for name, v in m.costs.items()}
+        lines.append(f"{f'T{t + 1} {m.target_names[t]}':<14}{f'q{q} {m.pred_names[q]} {float(m.pred_scores[q]):.2f}':<26}"
+                     f"{c['class']:>7.2f}{c['bbox']:>7.3f}{c['giou']:>7.2f}{c['total']:>8.2f}")
+    if not m.pairs:
+        lines.append("(no targets: every query is trained towards \"no object\")")
+    best_unmatched = sorted(unmatched, key=lambda q: -float(m.pred_scores[q]))[:5]
+    if best_unmatched:
+        lines += ["", "best-scoring unmatched queries (duplicates are", "trained towards \"no object\" too):"]
+        lines += [f"  q{q} {m.pred_names[q]} {float(m.pred_scores[q]):.2f}" for q in best_unmatched]
+    ax_text.axis("off")
+    ax_text.text(0.0, 1.0, "\n".join(lines), family="monospace", fontsize=8.5, va="top", ha="left",
+                 transform=ax_text.transAxes)
+    fig.tight_layout()
+    return _save_png(fig, path, dpi)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation extras (data from detrkit.evaluate)
+# ---------------------------------------------------------------------------------------------
+def plot_pr_curves(evaluation, path: PathLike, *, dpi: int = 100) -> Path:
+    """Precision-recall curves from COCOeval's precision array, as PNG.
+
+    Left: each class at IoU 0.50 and their mean (legend: AP50). Right: the mean over classes
+    at each IoU threshold 0.50 ... 0.95 (legend: AP at that IoU; their mean is COCO's AP).
+    ``evaluation`` is a :class:`detrkit.evaluate.CocoEvaluation`. The curves are COCO's
+    interpolated precision (the best precision at this recall or higher), 0 past the highest
+    recall reached. Classes without ground truth are left out. Returns the path.
+    """
+    ev = evaluation
+    recall = ev.recall_thresholds
+    has_gt = (ev.precision[0] > -1).all(axis=0)  # (K,): COCO writes -1 for classes without ground truth
+    fig = _figure(figsize=(11, 4.5), dpi=dpi)
+    ax_cls, ax_iou = fig.subplots(1, 2)
+    i50 = int(np.argmin(np.abs(ev.iou_thresholds - 0.5)))
+    many = has_gt.sum() > 20
+    for k, cat in enumerate(ev.categories):
+        if has_gt[k]:
+            curve = ev.precision[i50, :, k]
+            ax_cls.plot(recall, curve, linewidth=1 if many else 1.5, color=class_color(str(cat["name"])),
+                        label=None if many else f"{cat['name']} {curve.mean():.3f}")
+    if has_gt.any():
+        mean50 = ev.precision[i50][:, has_gt].mean(axis=1)
+        ax_cls.plot(recall, mean50, color="black", linewidth=2.5, label=f"all classes {mean50.mean():.3f}")
+        cmap = _colormap("viridis")
+        for t, iou in enumerate(ev.iou_thresholds):
+            curve = ev.precision[t][:, has_gt].mean(axis=1)
+            ax_iou.plot(recall, curve, color=cmap(t / max(len(ev.iou_thresholds) - 1, 1)),
+                        label=f"IoU {iou:.2f}: {curve.mean():.3f}")
+    ax_cls.set_title("per class at IoU 0.50 (legend: AP50)", fontsize=10)
+    ax_iou.set_title("all classes at each IoU (legend: AP; mean = COCO AP)", fontsize=10)
+    for ax in (ax_cls, ax_iou):
+        ax.set_xlabel("recall")
+        ax.set_ylabel("precision")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize="x-small", loc="lower left")
+        else:
+            ax.text(0.5, 0.5, "no ground truth", ha="center", va="center", color="gray")
+    fig.tight_layout()
+    return _save_png(fig, path, dpi)
+
+
+def plot_confusion_matrix(confusion: dict, path: PathLike, *, dpi: int = 100) -> Path:
+    """The confusion matrix of :func:`detrkit.evaluate.confusion_matrix` as PNG: rows the
+    ground truth, columns the prediction, the last of each "background"; cells coloured by the
+    fraction of their row, counts written in. Returns the path."""
+    labels = confusion["labels"]
+    matrix = np.asarray(confusion["matrix"], dtype=float)
+    rows = matrix.sum(axis=1, keepdims=True)
+    fraction = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
+    n = len(labels)
+    side = min(max(4.5, 0.55 * n + 2.5), 20)
+    fig = _figure(figsize=(side + 1, side), dpi=dpi)
+    ax = fig.subplots()
+    im = ax.imshow(fraction, cmap="Blues", vmin=0, vmax=1)
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                if i == j == n - 1:
+                    continue
+                ax.text(j, i, f"{int(matrix[i, j])}", ha="center", va="center", fontsize=8,
+                        color="white" if fraction[i, j] > 0.5 else "black")
+    ax.set_xticks(range(n), labels, rotation=45 if n > 6 else 0, ha="right" if n > 6 else "center", fontsize=8)
+    ax.set_yticks(range(n), labels, fontsize=8)
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("ground truth")
+    ax.set_title(f"IoU >= {confusion['iou_threshold']:g}, score > {confusion['score_threshold']:g}\n"
+                 "row background: false detections; column background: missed targets", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the row")
+    fig.tight_layout()
+    return _save_png(fig, path, dpi)
+
+
+def plot_f1_curve(curve: dict, path: PathLike, *, dpi: int = 100) -> Path:
+    """F1 against the score threshold (from :func:`detrkit.evaluate.f1_curve`) as PNG: each
+    class thin, all classes pooled thick, the best threshold marked. Returns the path."""
+    t = np.asarray(curve["thresholds"])
+    fig = _figure(figsize=(7, 4.5), dpi=dpi)
+    ax = fig.subplots()
+    many = len(curve["per_class"]) > 20
+    for row in curve["per_class"]:
+        if row["gt"]:
+            ax.plot(t, _floats(row["f1"]), linewidth=1, color=class_color(str(row["name"])),
+                    label=None if many else row["name"])
+    ax.plot(t, _floats(curve["f1"]), color="black", linewidth=2.5, label="all classes")
+    best = curve["best"]
+    if best["f1"] is not None:
+        ax.axvline(best["threshold"], color="black", linestyle="--", linewidth=1)
+        ax.set_title(f"best F1 {best['f1']:.3f} at score > {best['threshold']:.2f} "
+                     f"(precision {best['precision']:.3f}, recall {best['recall']:.3f}), IoU >= {curve['iou_threshold']:g}",
+                     fontsize=9)
+    ax.set_xlabel("score threshold (predict --threshold)")
+    ax.set_ylabel("F1")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="x-small", loc="best")
+    fig.tight_layout()
+    return _save_png(fig, path, dpi)
+
+
+# ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
 def _figure(figsize: tuple[float, float], dpi: int):
@@ -226,3 +430,37 @@ def _plot_panel(ax, epochs: np.ndarray, series: dict, ylabel: str, empty_note: s
         ax.grid(alpha=0.3)
     else:
         ax.text(0.5, 0.5, empty_note, ha="center", va="center", transform=ax.transAxes, color="gray")
+
+
+def _floats(values: Sequence) -> np.ndarray:
+    return np.asarray([math.nan if v is None else v for v in values], dtype=float)
+
+
+def _colormap(name: str):
+    from matplotlib import colormaps
+
+    return colormaps[name]
+
+
+def _overlay(ax, image: np.ndarray, heat: Tensor) -> None:
+    """An attention map over the image, scaled to its own maximum."""
+    heat = heat.detach().cpu().float()
+    heat = heat / heat.max().clamp(min=1e-12)
+    ax.imshow(image)
+    ax.imshow(heat.numpy(), cmap="inferno", alpha=0.6, vmin=0, vmax=1)
+
+
+def _boxes(ax, boxes: Tensor, captions: Sequence[str], colors: Sequence[Color], *, linestyle: str = "-",
+           alpha: float = 1.0, width: float = 2.0, caption_below: bool = False) -> None:
+    """xyxy boxes as matplotlib rectangles (crisp at any figure size), with captions on a band."""
+    from matplotlib.patches import Rectangle
+
+    for box, caption, color in zip(torch.as_tensor(boxes).reshape(-1, 4).tolist(), captions, colors):
+        x0, y0, x1, y1 = box
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=color, linewidth=width,
+                               linestyle=linestyle, alpha=alpha))
+        if caption:
+            ax.text(x1 if caption_below else x0, y1 if caption_below else y0, caption, fontsize=7,
+                    color=_text_color(color), va="top" if caption_below else "bottom",
+                    ha="right" if caption_below else "left", alpha=alpha,
+                    bbox=dict(facecolor=color, edgecolor="none", pad=1, alpha=0.85 * alpha))

@@ -12,8 +12,10 @@ is the heart of DETR and differs from the original "Attention is all you need":
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Optional
+import math
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +27,13 @@ class MultiheadAttention(nn.Module):
 
     The q, k and v projections are packed into ``in_proj_weight (3D, D)`` / ``in_proj_bias (3D,)``
     (rows q, then k, then v), the output projection is ``out_proj``: official checkpoints load
-    as they are. The product itself is :func:`torch.nn.functional.scaled_dot_product_attention`.
+    as they are. The product itself is :func:`torch.nn.functional.scaled_dot_product_attention`,
+    which never materialises the attention weights; :func:`capture_attention` makes the module
+    also compute them, beside the unchanged product.
     """
+
+    # A list while capture_attention is active: each call appends its weights (B, h, Lq, Lk).
+    store: Optional[list] = None
 
     def __init__(self, d_model: int, nheads: int, dropout: float = 0.0) -> None:
         super().__init__()
@@ -68,7 +75,46 @@ class MultiheadAttention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0
         )  # (B, h, Lq, D/h)
+        if self.store is not None:
+            self.store.append(attention_weights(q, k, allowed))
         return self.out_proj(out.transpose(1, 2).reshape(b, lq, d))
+
+
+@torch.no_grad()
+def attention_weights(q: Tensor, k: Tensor, allowed: Optional[Tensor]) -> Tensor:
+    """``softmax(q k^T / sqrt(d))`` over the allowed keys: ``(B, h, Lq, Lk)`` float32, detached.
+
+    The weights scaled_dot_product_attention applies to the values (before attention dropout),
+    from the same projected ``q (B, h, Lq, d)`` and ``k (B, h, Lk, d)``; keys that may not be
+    attended to get exactly 0.
+    """
+    scores = q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, h, Lq, Lk)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return scores.softmax(-1)
+
+
+@contextlib.contextmanager
+def capture_attention(model: nn.Module) -> Iterator[dict[str, list[Tensor]]]:
+    """Record the attention weights of every :class:`MultiheadAttention` in ``model``.
+
+    Yields a dict from module name (``"transformer.encoder.layers.0.self_attn"``,
+    ``"transformer.decoder.layers.5.multihead_attn"``, ...) to the list of its weights, one
+    ``(B, heads, Lq, Lk)`` float32 tensor per call, in call order; each row sums to 1 over the
+    keys and padding keys get 0. The model's own computation is untouched (the outputs are
+    bit-identical with and without capture): the weights are an extra softmax of the same
+    ``q``, ``k``. Encoder self-attention is ``(B, h, HW, HW)``, decoder cross-attention
+    ``(B, h, Q, HW)`` with ``HW`` the flattened feature map (row-major, as ``flatten(2)``).
+    """
+    modules = [(name, m) for name, m in model.named_modules() if isinstance(m, MultiheadAttention)]
+    maps: dict[str, list[Tensor]] = {}
+    for name, m in modules:
+        m.store = maps.setdefault(name, [])
+    try:
+        yield maps
+    finally:
+        for _, m in modules:
+            m.store = None
 
 
 class EncoderLayer(nn.Module):

@@ -1,0 +1,215 @@
+"""Looking inside a trained model: attention maps per detection, and the matching of one image.
+
+:func:`explain` runs the model once on one image under
+:func:`detrkit.model.transformer.capture_attention` and returns the detections with
+
+* the decoder cross-attention of each detected object: the last decoder layer's attention of
+  that object's query over the feature map, averaged over the heads (where the detection
+  "looks" in the image; for a trained DETR, usually the object's extremities);
+* the encoder self-attention of a few reference points: the last encoder layer's attention of
+  the feature cell under each point over all cells (what that part of the image gathers
+  context from; for a trained DETR, usually the object it lies on).
+
+:func:`match` runs the model on one annotated image and the Hungarian matcher on its output:
+which query was assigned to which target, and the three cost terms of each pair.
+
+Both return plain tensors; :mod:`detrkit.visualize` draws them (:func:`~detrkit.visualize.draw_explanation`,
+:func:`~detrkit.visualize.draw_matching`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from torchvision.transforms.v2 import functional as TF
+
+from detrkit.boxes import cxcywh_to_xyxy, scale_boxes
+from detrkit.data.coco import open_rgb
+from detrkit.data.transforms import prepare_image, val_transforms
+from detrkit.matcher import HungarianMatcher
+from detrkit.model.detr import DETR
+from detrkit.model.transformer import capture_attention
+
+
+@dataclass
+class Explanation:
+    """The detections of one image and the attention behind them (see the module docstring).
+
+    Boxes and points are in pixels of the original image ``(H, W)``. Attention maps are over
+    the feature map ``(h, w)`` (stride ``model.backbone.stride`` of the resized input); each
+    sums to 1. :meth:`upsample` puts maps onto the image's pixels.
+    """
+
+    image: Tensor  # (3, H, W) uint8, as given
+    boxes: Tensor  # (N, 4) absolute (x0, y0, x1, y1)
+    scores: Tensor  # (N,)
+    labels: Tensor  # (N,) dataset category ids
+    names: list[str]  # N class names
+    queries: Tensor  # (N,) int64: the decoder query behind each detection
+    decoder_attention: Tensor  # (N, h, w): last decoder layer, cross-attention, mean over heads
+    points: Tensor  # (P, 2) float (x, y) reference points
+    encoder_attention: Tensor  # (P, h, w): last encoder layer, self-attention of each point's cell, mean over heads
+    cell_size: tuple[float, float]  # (height, width) of one feature cell in original-image pixels
+    attention: dict[str, Tensor] = field(repr=False)  # every captured map, by module name: (1, heads, Lq, Lk)
+
+    def upsample(self, maps: Tensor) -> Tensor:
+        """Feature-map maps ``(N, h, w)`` -> ``(N, H, W)`` on the original image (bilinear).
+
+        Cell ``(i, j)`` covers the input pixels ``[i*s, (i+1)*s) x [j*s, (j+1)*s)``; the last
+        row and column may reach past the image (the network pads it up to the stride).
+        """
+        n, h, w = maps.shape
+        height, width = self.image.shape[-2:]
+        ch, cw = self.cell_size
+        full = F.interpolate(maps[:, None].float(), size=(round(h * ch), round(w * cw)), mode="bilinear",
+                             align_corners=False)[:, 0]  # (N, ~h*ch, ~w*cw)
+        full = F.pad(full, (0, max(0, width - full.shape[2]), 0, max(0, height - full.shape[1])))
+        return full[:, :height, :width]
+
+
+@torch.no_grad()
+def explain(model: DETR, image, *, points: Optional[Sequence[Sequence[float]]] = None, threshold: float = 0.5,
+            max_objects: int = 6, max_points: int = 4) -> Explanation:
+    """Detect objects in one image and return the attention maps behind the detections.
+
+    Args:
+        model: a DETR or two-stage DETR (e.g. from :func:`detrkit.load_model`).
+        image: a file path, PIL image or uint8 ``3 x H x W`` tensor; resized as ``predict`` does.
+        points: reference points ``(x, y)`` in image pixels for the encoder maps; by default the
+            centres of the best detections (up to ``max_points``), or four fixed points when
+            nothing is detected.
+        threshold: keep detections scoring above it (as ``predict``).
+        max_objects: at most this many detections (the best), each with its decoder map.
+
+    One detection per query: the query's best class (a two-stage model's ``predict`` may list a
+    second class of the same query; here it shares that query's map anyway).
+    """
+    if isinstance(image, (str, Path)):
+        image = open_rgb(image)
+    original = TF.pil_to_tensor(image.convert("RGB")) if isinstance(image, Image.Image) else image  # (3, H, W) uint8
+    x, (height, width) = prepare_image(original, val_transforms(model.inference["image_size"],
+                                                                model.inference.get("max_size")))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    feature_mask = []
+    hook = model.backbone.register_forward_hook(lambda m, args, out: feature_mask.append(out[1]))
+    try:
+        with capture_attention(model) as maps:
+            out = model([x.to(device)])
+    finally:
+        hook.remove()
+        model.train(was_training)
+    mask = feature_mask[0][0].cpu()  # (h, w) True = padding: none for a single image
+    h, w = mask.shape
+    stride = model.backbone.stride
+    cell = (stride * height / x.shape[-2], stride * width / x.shape[-1])
+
+    # One candidate per query: its best class, as postprocess scores a DETR query.
+    logits = out["pred_logits"][0].float().cpu()
+    prob = logits.sigmoid() if model.sigmoid_class else logits.softmax(-1)[:, :-1]  # (Q, K)
+    scores, classes = prob.max(-1)  # (Q,)
+    order = scores.argsort(descending=True)
+    queries = order[scores[order] > threshold][:max_objects]
+    boxes = _to_pixels(out["pred_boxes"][0].float().cpu()[queries], height, width)  # (N, 4)
+    lut = [c["id"] for c in model.classes]
+    labels = torch.tensor([lut[int(c)] for c in classes[queries]], dtype=torch.int64)
+    names = [model.classes[int(c)]["name"] for c in classes[queries]]
+
+    captured = {name: calls[0].cpu() for name, calls in maps.items() if calls}
+    cross = captured[_last("transformer.decoder.layers", len(model.transformer.decoder.layers), "multihead_attn")]
+    decoder_attention = cross[0].mean(0)[queries].view(-1, h, w)  # (N, h, w)
+
+    if points is None:
+        centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+        points = centres[:max_points] if len(centres) else torch.tensor(
+            [[width * fx, height * fy] for fx, fy in ((0.25, 0.25), (0.75, 0.25), (0.25, 0.75), (0.75, 0.75))])
+    points = torch.as_tensor(points, dtype=torch.float32).reshape(-1, 2)
+    for px, py in points.tolist():
+        if not (0 <= px < width and 0 <= py < height):
+            raise ValueError(f"reference point ({px:g}, {py:g}) is outside the {width}x{height} image")
+    rows = (points[:, 1] / cell[0]).long().clamp(max=h - 1)
+    cols = (points[:, 0] / cell[1]).long().clamp(max=w - 1)
+    self_attn = captured[_last("transformer.encoder.layers", len(model.transformer.encoder.layers), "self_attn")]
+    encoder_attention = self_attn[0].mean(0)[rows * w + cols].view(-1, h, w)  # (P, h, w): row-major cells
+
+    return Explanation(image=original, boxes=boxes, scores=scores[queries], labels=labels, names=names,
+                       queries=queries, decoder_attention=decoder_attention, points=points,
+                       encoder_attention=encoder_attention, cell_size=cell, attention=captured)
+
+
+def _last(prefix: str, num_layers: int, module: str) -> str:
+    return f"{prefix}.{num_layers - 1}.{module}"
+
+
+def _to_pixels(boxes: Tensor, height: int, width: int) -> Tensor:
+    """``(N, 4)`` normalised cxcywh -> absolute xyxy in an ``height x width`` image."""
+    return scale_boxes(cxcywh_to_xyxy(boxes)[None], torch.tensor([[height, width]]))[0]
+
+
+@dataclass
+class Matching:
+    """The Hungarian matching of one annotated image (see the module docstring).
+
+    Boxes are absolute ``(x0, y0, x1, y1)`` in pixels of the original image. ``pairs`` lists
+    ``(query, target)`` index pairs; ``costs`` holds, for each pair in that order, the
+    unweighted ``class``, ``bbox`` (L1) and ``giou`` (-GIoU) terms and the weighted ``total``.
+    """
+
+    image: Tensor  # (3, H, W) uint8
+    target_boxes: Tensor  # (T, 4)
+    target_names: list[str]
+    pred_boxes: Tensor  # (Q, 4): every query's box
+    pred_scores: Tensor  # (Q,) the best class score of each query
+    pred_names: list[str]  # Q names of each query's best class
+    pairs: list[tuple[int, int]]  # (query, target)
+    costs: dict[str, Tensor]  # "class", "bbox", "giou", "total": (len(pairs),) each
+    weights: dict[str, float]  # the matcher's weights of "class", "bbox", "giou"
+    class_cost: str  # how the class term is computed: "-p", "1 - p" or "focal"
+
+
+@torch.no_grad()
+def match(model: DETR, dataset, index: int, matcher: HungarianMatcher) -> Matching:
+    """Run ``model`` on ``dataset[index]`` and match its last-layer predictions to the targets.
+
+    ``dataset`` is a :class:`detrkit.data.coco.CocoDetection` with evaluation transforms (the
+    image is sized as the model was trained, without augmentation); ``matcher`` is the one
+    training used (its cost weights; ``sigmoid`` for two-stage models).
+    """
+    if not 0 <= index < len(dataset):
+        raise ValueError(f"--index {index} is out of range: the data set has {len(dataset)} images")
+    x, target = dataset[index]
+    original = TF.pil_to_tensor(open_rgb(dataset.data.image_path(index)))  # (3, H, W) uint8
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        out = model([x.to(device)])
+    finally:
+        model.train(was_training)
+    logits, boxes = out["pred_logits"][0].float().cpu(), out["pred_boxes"][0].float().cpu()  # (Q, K(+1)), (Q, 4)
+    labels, tgt = target["labels"], target["boxes"].float()  # (T,), (T, 4) cxcywh normalised
+    (rows, cols), = matcher({"pred_logits": logits[None], "pred_boxes": boxes[None]}, [{"labels": labels, "boxes": tgt}])
+    if len(labels):
+        costs = {k: v[rows, cols] for k, v in matcher.cost_terms(logits, boxes, labels, tgt).items()}
+        costs["total"] = matcher.cost_matrix(logits, boxes, labels, tgt)[rows, cols]
+    else:  # nothing to match: every query is trained towards "no object"
+        costs = {k: torch.zeros(0) for k in ("class", "bbox", "giou", "total")}
+
+    height, width = original.shape[-2:]
+    prob = logits.sigmoid() if model.sigmoid_class else logits.softmax(-1)[:, :-1]  # (Q, K)
+    scores, classes = prob.max(-1)
+    names = [c["name"] for c in dataset.categories]
+    return Matching(
+        image=original, target_boxes=_to_pixels(tgt, height, width), target_names=[names[int(i)] for i in labels],
+        pred_boxes=_to_pixels(boxes, height, width), pred_scores=scores,
+        pred_names=[model.classes[int(c)]["name"] for c in classes],
+        pairs=list(zip(rows.tolist(), cols.tolist())), costs=costs,
+        weights={"class": matcher.cost_class, "bbox": matcher.cost_bbox, "giou": matcher.cost_giou},
+        class_cost="focal" if matcher.sigmoid else ("1 - p" if matcher.class_cost == "one_minus_prob" else "-p"),
+    )
