@@ -7,6 +7,9 @@ kept in its metadata) and ``config.json``::
      "model": {...ModelConfig...},
      "classes": [{"index": 0, "id": 3, "name": "circle"}, ...]}
 
+A folder is written as one unit (:func:`checkpoint_folder`: beside it, then two renames), so a
+process killed during a save leaves the previous checkpoint whole, training state included.
+
 ``load_model`` also reads an official DETR checkpoint (``.pth``: a dict whose ``model`` entry
 is the state dict, as published for R50/R101/DC5) and a Hugging Face ``DetrForObjectDetection``
 folder (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``). Every key and shape
