@@ -362,31 +362,21 @@ def _poison_losses(monkeypatch, bad_steps):
     return seen
 
 
-def test_non_finite_losses_are_skipped_with_a_warning(shapes, tmp_path, monkeypatch):
-    from detrkit.engine import load_train_state
-
-    _poison_losses(monkeypatch, bad_steps={1, 3})
-    run = tmp_path / "run"
-    with pytest.warns(UserWarning, match="non-finite loss") as caught:
-        assert main(["train", *_data_flags(shapes)[:4], *TRAIN_FLAGS, "--batch-size", "2", "--epochs", "1",
-                     "--out", str(run)]) == 0
-    assert len([w for w in caught if "non-finite loss" in str(w.message)]) == 2
-    assert load_train_state(run / "last")["step"] == 4  # 6 batches, 2 skipped
-    assert all(torch.isfinite(v).all() for v in load_model(run / "last").state_dict().values())
-
-
-def test_non_finite_losses_in_a_row_stop_the_run_with_a_checkpoint(shapes, tmp_path, monkeypatch, capsys):
+def test_non_finite_losses_are_skipped_then_stop_the_run_with_a_checkpoint(shapes, tmp_path, monkeypatch, capsys):
+    """Epoch 1 (6 batches): batches 2 and 4 give NaN and are skipped with a warning. Epoch 2: every
+    batch gives NaN, and the K-th in a row stops the run with a checkpoint and names the batch."""
     from detrkit.engine import MAX_BAD_STEPS, load_train_state
 
-    seen = _poison_losses(monkeypatch, bad_steps=range(100))
+    seen = _poison_losses(monkeypatch, bad_steps={1, 3, *range(6, 100)})
     run = tmp_path / "run"
-    with pytest.warns(UserWarning, match="non-finite loss"):
+    with pytest.warns(UserWarning, match="non-finite loss") as caught:
         assert main(["train", *_data_flags(shapes)[:4], *TRAIN_FLAGS, "--batch-size", "2", "--epochs", "3",
                      "--out", str(run)]) == 2
-    assert len(seen) == MAX_BAD_STEPS  # stopped at the K-th bad step in a row
+    assert len(seen) == 6 + MAX_BAD_STEPS  # stopped at the K-th bad batch in a row
+    assert len([w for w in caught if "non-finite loss" in str(w.message)]) == 2 + MAX_BAD_STEPS
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == (f"detrkit train: error: {MAX_BAD_STEPS} non-finite losses in a row (last batch: image ids "
                    f"{seen[-1]}); lower --lr or check the data (detrkit check-data)")
     state = load_train_state(run / "last")  # the checkpoint written on the way out
-    assert (state["step"], state["epoch"]) == (0, 0)
+    assert (state["step"], state["epoch"]) == (4, 1)  # 4 good steps in epoch 1; none after
     assert all(torch.isfinite(v).all() for v in load_model(run / "last").state_dict().values())
