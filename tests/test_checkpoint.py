@@ -1,14 +1,22 @@
-"""Checkpoints: detrkit round trip, official-format import, safety against code in pickles."""
+"""Checkpoints: detrkit round trip, official-format import, safety against code in pickles,
+a save killed at any moment."""
 import argparse
+import dataclasses
+import json
 import os
 import pickle
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from detrkit import build_model, load_model, save_model
+from detrkit.aids import AidedModel
 from detrkit.checkpoint import detect_format
-from detrkit.config import ModelConfig
+from detrkit.config import LossConfig, ModelConfig
+from detrkit.engine import load_train_state, save_run_checkpoint
 from detrkit.errors import CheckpointError
 
 TINY = ModelConfig(backbone="resnet18", d_model=32, nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=64,
@@ -119,3 +127,82 @@ def test_truncated_and_foreign_files_give_clear_errors(model, tmp_path):
         load_model(tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match="no such file"):
         load_model(tmp_path / "missing")
+
+
+# ---------------------------------------------------------------------------------------------
+# A save killed with SIGKILL: the previous checkpoint (weights and training state together) stays
+# ---------------------------------------------------------------------------------------------
+SAVE_IN_A_CHILD = """
+import json, sys
+from pathlib import Path
+import torch
+from detrkit import build_model
+from detrkit.aids import AidedModel
+from detrkit.config import LossConfig, ModelConfig
+from detrkit.engine import save_run_checkpoint
+torch.manual_seed(1)
+model = build_model(ModelConfig(**json.loads(sys.argv[2])))
+save_run_checkpoint(Path(sys.argv[1]), AidedModel(model, LossConfig()), torch.optim.AdamW(model.parameters()),
+                    {"epoch": 2, "step": 20}, {"image_size": 64})
+"""
+
+
+def _save_run(folder, model, step):
+    save_run_checkpoint(folder, AidedModel(model, LossConfig()), torch.optim.AdamW(model.parameters()),
+                        {"epoch": step // 10, "step": step}, {"image_size": 64})
+
+
+SMALL = dataclasses.replace(TINY, backbone_stages=2)  # small files: the saves take no time
+
+
+@pytest.mark.parametrize("point", ["between-files", "between-renames"])
+def test_kill_during_save_leaves_the_previous_checkpoint(tmp_path, point):
+    """The child saves over ``last/`` and is killed where DETRKIT_TEST_SAVE_PAUSE stops it: after the
+    new weights are written but not the rest, or between the two renames that swap the folders.
+    The previous weights and their training state still load, together."""
+    torch.manual_seed(0)
+    model = build_model(SMALL).eval()
+    last = tmp_path / "run" / "last"
+    _save_run(last, model, step=10)
+    env = {**os.environ, "DETRKIT_TEST_SAVE_PAUSE": point}
+    child = subprocess.Popen([sys.executable, "-c", SAVE_IN_A_CHILD, str(last),
+                              json.dumps(dataclasses.asdict(SMALL))], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in child.stderr:  # warnings may come first; EOF if the child ends without pausing
+            lines.append(line)
+            if line.strip() == f"paused at {point}":
+                break
+        assert lines and lines[-1].strip() == f"paused at {point}", "".join(lines)
+        # The kill lands mid-save: new weights already on disk (not in last/), or the old folder moved aside.
+        assert (tmp_path / "run" / ".last.new" / "model.safetensors").exists()
+        assert last.exists() == (point != "between-renames")
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        child.stderr.close()
+    _same_outputs(model, load_model(last))
+    assert load_train_state(last)["step"] == 10
+    # The next save puts things in order and replaces the previous checkpoint.
+    torch.manual_seed(1)
+    newer = build_model(SMALL).eval()
+    _save_run(last, newer, step=20)
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last"]
+    _same_outputs(newer, load_model(last))
+    assert load_train_state(last)["step"] == 20
+    with pytest.raises(AssertionError):  # the two models differ, so the checks above can tell them apart
+        _same_outputs(model, newer)
+
+
+def test_save_refuses_to_replace_a_folder_that_is_not_a_checkpoint(model, tmp_path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_bytes(b"...")
+    with pytest.raises(CheckpointError, match="not a detrkit checkpoint folder"):
+        save_model(model, tmp_path / "photos")
+    assert (tmp_path / "photos" / "cat.jpg").exists()
+    save_model(model, tmp_path / "ckpt")
+    save_model(model, tmp_path / "ckpt")  # a checkpoint folder is replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "photos"]

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from detrkit import load_model
 from detrkit.cli import main
 from detrkit.data.synthetic import make_synthetic
 
@@ -279,3 +280,115 @@ def test_train_stops_before_the_first_step_on_a_missing_image(shapes, tmp_path, 
     err = capsys.readouterr().err
     assert victim.name in err and "Traceback" not in err
     assert not (tmp_path / "run" / "last").exists()  # nothing was trained
+
+
+def _copy_of(shapes, dest: Path) -> dict:
+    """A private copy of the shapes set (tests that change files must not touch the shared one)."""
+    import shutil
+
+    shutil.copytree(Path(shapes["train_json"]).parent.parent, dest)
+    return {"json": dest / "annotations" / "instances_train.json", "images": dest / "train"}
+
+
+def test_a_few_repairable_records_are_repaired_counted_and_training_goes_on(shapes, tmp_path, capsys):
+    data = _copy_of(shapes, tmp_path / "data")
+    coco = json.loads(data["json"].read_text())
+    anns = coco["annotations"]
+    x, y, w, h = anns[0]["bbox"]
+    anns[0]["bbox"] = [-3.0, y, x + w + 3.0, h]  # 3 px left of the image: clamped to x = 0
+    emptied = anns[-1]["image_id"]  # this image loses its boxes: all of them degenerate or outside
+    coco["annotations"] = anns = [a for a in anns if a["image_id"] != emptied]
+    anns += [{"id": 901, "image_id": emptied, "category_id": 1, "bbox": [10, 10, 0, 8], "iscrowd": 0},
+             {"id": 902, "image_id": emptied, "category_id": 2, "bbox": [10, 10, 8, -2], "iscrowd": 0},
+             {"id": 903, "image_id": 1, "category_id": 3, "bbox": [70, 70, 8, 8], "iscrowd": 0}]
+    data["json"].write_text(json.dumps(coco))
+    flags = ["--train-json", str(data["json"]), "--train-images", str(data["images"])]
+    run = tmp_path / "run"
+    assert main(["train", *flags, *TRAIN_FLAGS, "--epochs", "1", "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"{data['json']}: 12 images (2 without boxes)" in out
+    assert (f"repaired: 1 boxes clamped to their image (annotation id {anns[0]['id']}); dropped: 2 with zero or "
+            f"negative size (annotation ids 901, 902), 1 outside their image (annotation id 903)") in out
+    header, row = (run / "results.csv").read_text().splitlines()
+    loss = float(dict(zip(header.split(","), row.split(",")))["train_loss"])
+    assert np.isfinite(loss) and loss > 0
+    from detrkit.engine import load_train_state
+
+    assert load_train_state(run / "last")["step"] == 3  # 12 images, batch 4: every step taken
+    weights = load_model(run / "last").state_dict()
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_an_image_broken_during_training_stops_with_one_line_naming_it(shapes, tmp_path, capsys, monkeypatch):
+    """An image that passes the up-front check and then breaks: the loader process's error reaches
+    the command line as one line naming the file (exit 2, no traceback)."""
+    import detrkit.engine as engine
+
+    data = _copy_of(shapes, tmp_path / "data")
+    victim = sorted(data["images"].iterdir())[5]
+    real = engine.build_datasets
+
+    def build_then_break(*args, **kwargs):
+        sets = real(*args, **kwargs)  # every image is opened here
+        victim.write_bytes(victim.read_bytes()[:200])
+        return sets
+
+    monkeypatch.setattr(engine, "build_datasets", build_then_break)
+    flags = ["--train-json", str(data["json"]), "--train-images", str(data["images"])]
+    assert main(["train", *flags, *TRAIN_FLAGS, "--workers", "2", "--epochs", "1",
+                 "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    last_line = err.strip().splitlines()[-1]  # the progress bar may come before it
+    assert last_line.startswith(f"detrkit train: error: {victim}: cannot read the image"), err
+    assert "Traceback" not in err and "DataLoader worker" not in err
+    # --debug shows where it happened, in the loader process.
+    assert main(["train", *flags, *TRAIN_FLAGS, "--workers", "2", "--epochs", "1", "--no-check-images", "--debug",
+                 "--out", str(tmp_path / "run2")]) == 2
+    err = capsys.readouterr().err
+    assert "DataLoader worker" in err and "in open_rgb" in err and err.strip().splitlines()[-1] == last_line
+
+
+def _poison_losses(monkeypatch, bad_steps):
+    """Make the training loss NaN at the criterion calls in ``bad_steps`` (0-based); returns the
+    image ids of every batch the criterion saw."""
+    import detrkit.engine as engine
+
+    real = engine.build_criterion
+    seen: list[list[int]] = []
+
+    def build(*args, **kwargs):
+        criterion = real(*args, **kwargs)
+        forward = criterion.forward
+
+        def poisoned(outputs, targets):
+            losses = forward(outputs, targets)
+            if len(seen) in bad_steps:
+                losses["loss"] = losses["loss"] * float("nan")
+            seen.append([t["image_id"] for t in targets])
+            return losses
+
+        criterion.forward = poisoned
+        return criterion
+
+    monkeypatch.setattr(engine, "build_criterion", build)
+    return seen
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run_with_a_checkpoint(shapes, tmp_path, monkeypatch, capsys):
+    """Epoch 1 (6 batches): batches 2 and 4 give NaN and are skipped with a warning. Epoch 2: every
+    batch gives NaN, and the K-th in a row stops the run with a checkpoint and names the batch."""
+    from detrkit.engine import MAX_BAD_STEPS, load_train_state
+
+    seen = _poison_losses(monkeypatch, bad_steps={1, 3, *range(6, 100)})
+    run = tmp_path / "run"
+    with pytest.warns(UserWarning, match="non-finite loss") as caught:
+        assert main(["train", *_data_flags(shapes)[:4], *TRAIN_FLAGS, "--batch-size", "2", "--epochs", "3",
+                     "--out", str(run)]) == 2
+    assert len(seen) == 6 + MAX_BAD_STEPS  # stopped at the K-th bad batch in a row
+    assert len([w for w in caught if "non-finite loss" in str(w.message)]) == 2 + MAX_BAD_STEPS
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"detrkit train: error: {MAX_BAD_STEPS} non-finite losses in a row (last batch: image ids "
+                   f"{seen[-1]}); lower --lr or check the data (detrkit check-data)")
+    state = load_train_state(run / "last")  # the checkpoint written on the way out
+    assert (state["step"], state["epoch"]) == (4, 1)  # 4 good steps in epoch 1; none after
+    assert all(torch.isfinite(v).all() for v in load_model(run / "last").state_dict().values())

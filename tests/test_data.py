@@ -192,7 +192,11 @@ def test_clamping_and_dropping_are_counted(tmp_path):
     boxes, labels = data.targets(0)
     np.testing.assert_allclose(boxes, [[10, 10, 30, 30], [0, 40, 20, 50], [90, 0, 100, 5]])
     assert labels.tolist() == [0, 0, 0]
-    assert "2 boxes clamped" in r.summary() and "no problems" in r.summary()
+    # The summary line names the file, counts each repair and names the annotations.
+    line = r.summary().splitlines()[2]
+    assert line == ("  repaired: 2 boxes clamped to their image (annotation ids 2, 3); dropped: 2 with zero or "
+                    "negative size (annotation ids 4, 5), 3 outside their image (annotation ids 6, 7, 8)")
+    assert r.summary().startswith(str(js)) and "no problems" in r.summary()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,23 +254,48 @@ def _missing_size(c):
     del c["images"][0]["width"]
 
 
+def _negative_size(c):
+    c["images"][0]["height"] = -20
+
+
+def _bbox_not_a_list(c):
+    c["annotations"][0]["bbox"] = "1 1 5 5"
+
+
+def _windows_absolute_file_name(c):
+    c["images"][0]["file_name"] = "C:\\data\\x.png"
+
+
+def _unc_file_name(c):
+    c["images"][0]["file_name"] = "\\\\server\\share\\x.png"
+
+
+def _nested_parent_file_name(c):
+    c["images"][0]["file_name"] = "sub/../../x.png"
+
+
 @pytest.mark.parametrize(
-    "corrupt, words",
+    "corrupt, record, words",
     [
-        (_bad_bbox_length, "annotation id 1"),
-        (_nan_bbox, "not a finite number"),
-        (_inf_bbox, "not a finite number"),
-        (_text_bbox, "not a finite number"),
-        (_unknown_category, "category_id 4"),
-        (_duplicate_image_id, "image id 1 appears more than once"),
-        (_duplicate_annotation_id, "appears more than once"),
-        (_unknown_image_id, "image_id 99"),
-        (_parent_file_name, "leaves the image root"),
-        (_absolute_file_name, "absolute path"),
-        (_missing_size, "width/height"),
+        (_bad_bbox_length, "annotation id 1", "has 3 numbers, expected 4"),
+        (_bbox_not_a_list, "annotation id 1", "expected [x, y, width, height]"),
+        (_nan_bbox, "annotation id 1", "not a finite number"),
+        (_inf_bbox, "annotation id 1", "not a finite number"),
+        (_text_bbox, "annotation id 1", "not a finite number"),
+        (_unknown_category, "annotation id 1", "category_id 4 is not a known category"),
+        (_duplicate_image_id, "image id 1", "appears more than once"),
+        (_duplicate_annotation_id, "annotation id 1", "appears more than once"),
+        (_unknown_image_id, "annotation id 1", "image_id 99 is not in 'images'"),
+        (_parent_file_name, "image id 1", "leaves the image root"),
+        (_nested_parent_file_name, "image id 1", "leaves the image root"),
+        (_absolute_file_name, "image id 1", "absolute path"),
+        (_windows_absolute_file_name, "image id 1", "absolute path"),
+        (_unc_file_name, "image id 1", "absolute path"),
+        (_missing_size, "image id 1", "width/height"),
+        (_negative_size, "image id 1", "width/height"),
     ],
 )
-def test_bad_records_raise_data_error_naming_the_file(tmp_path, corrupt, words):
+def test_bad_records_raise_data_error_naming_the_file(tmp_path, corrupt, record, words):
     save_image(tmp_path / "x.png", 20, 20)
     coco = _valid_coco()
     corrupt(coco)
@@ -274,7 +303,8 @@ def test_bad_records_raise_data_error_naming_the_file(tmp_path, corrupt, words):
     js.write_text(json.dumps(coco))  # json writes NaN/Infinity literals, which Python's reader accepts
     with pytest.raises(DataError) as err:
         load_coco(js, tmp_path)
-    assert str(js) in str(err.value) and words in str(err.value) and "fix" in str(err.value)
+    problem = str(err.value).splitlines()[1]  # the first (here the only) problem, one line
+    assert problem.startswith(f"  - {js}: {record}") and words in problem and "fix" in problem, problem
     with pytest.raises(DataError):
         CocoDetection(js, tmp_path)
 
@@ -285,6 +315,7 @@ def test_bad_records_raise_data_error_naming_the_file(tmp_path, corrupt, words):
         ("{not json", "not valid JSON"),
         ('{"images": [], "annotations": []}', "categories"),
         ('{"images": [], "categories": []}', "annotations"),
+        ('{"annotations": [], "categories": []}', "images"),
         ("[1, 2]", "expected a COCO object"),
         ('{"images": {}, "annotations": [], "categories": []}', "images"),
     ],
@@ -339,16 +370,34 @@ def test_unreadable_images(tmp_path, make_file):
     assert str(path) in str(err.value) and "image id 5" in str(err.value)
 
 
+def test_an_image_broken_after_the_check_names_its_file_from_a_loader_process(small_coco):
+    """Loader processes re-raise in the main process; the error is still a one-line DataError
+    naming the file, with the worker's traceback kept for --debug."""
+    from detrkit.engine import make_loader
+
+    json_path, root = small_coco
+    ds = CocoDetection(json_path, root, check_images=True)  # every file opens now
+    _truncated_jpeg(root / "a.jpg")  # ... and then one is damaged
+    with pytest.raises(DataError) as err:
+        for _ in make_loader(ds, batch_size=1, workers=2, shuffle=False):
+            pass
+    message = str(err.value)
+    assert message.startswith(str(root / "a.jpg")) and "cannot read the image" in message and "\n" not in message
+    assert "DataLoader worker" in err.value.worker_traceback and "open_rgb" in err.value.worker_traceback
+
+
 def test_size_mismatch_is_a_problem(tmp_path):
     save_image(tmp_path / "x.png", 30, 20)
     js = write_json(tmp_path / "a.json", {
         "images": [{"id": 1, "file_name": "x.png", "width": 20, "height": 30}],
         "annotations": [], "categories": CATEGORIES,
     })
-    with pytest.raises(DataError, match="30x20 but the JSON says 20x30"):
+    with pytest.raises(DataError) as err:
         load_coco(js, tmp_path, check_images=True)
-    with pytest.raises(DataError, match="x.png"):
+    assert f"{js}: image id 1: {tmp_path / 'x.png'} is 30x20 but the JSON says 20x30" in str(err.value)
+    with pytest.raises(DataError) as err:  # not checked up front: the loader refuses it too
         CocoDetection(js, tmp_path)[0]
+    assert str(err.value).startswith(f"{tmp_path / 'x.png'}: image is 30x20") and "image id 1" in str(err.value)
 
 
 def test_all_problems_are_listed_together(tmp_path):

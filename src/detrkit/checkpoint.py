@@ -7,6 +7,9 @@ kept in its metadata) and ``config.json``::
      "model": {...ModelConfig...},
      "classes": [{"index": 0, "id": 3, "name": "circle"}, ...]}
 
+A folder is written as one unit (:func:`checkpoint_folder`: beside it, then two renames), so a
+process killed during a save leaves the previous checkpoint whole, training state included.
+
 ``load_model`` also reads an official DETR checkpoint (``.pth``: a dict whose ``model`` entry
 is the state dict, as published for R50/R101/DC5) and a Hugging Face ``DetrForObjectDetection``
 folder (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``). Every key and shape
@@ -20,9 +23,13 @@ import json
 import os
 import pickle
 import re
+import shutil
+import sys
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import torch
 from safetensors import SafetensorError
@@ -64,11 +71,19 @@ def save_model(model: DETR, path: PathLike, *, classes: Optional[list[dict]] = N
     ``inference`` records how images are sized for this model (``image_size``, ``max_size``);
     ``predict`` uses it.
 
-    Each file is written to a temporary name and renamed into place, so a process killed
-    mid-save leaves the previous checkpoint complete.
+    The folder is replaced as a whole (see :func:`checkpoint_folder`), so a process killed
+    mid-save leaves the previous checkpoint complete. It must hold a checkpoint and nothing
+    else: an existing folder that is not a detrkit checkpoint is refused, not replaced.
     """
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    with checkpoint_folder(path) as tmp:
+        write_model_files(model, tmp, classes=classes, inference=inference)
+    return Path(path)
+
+
+def write_model_files(model: DETR, folder: Path, *, classes: Optional[list[dict]] = None,
+                      inference: Optional[dict] = None) -> None:
+    """Write ``model.safetensors`` and ``config.json`` into ``folder`` (an existing folder; not
+    atomic by itself: use it inside :func:`checkpoint_folder`, as :func:`save_model` does)."""
     if classes is not None:
         set_classes(model, classes)
     meta = {
@@ -81,12 +96,16 @@ def save_model(model: DETR, path: PathLike, *, classes: Optional[list[dict]] = N
     text = json.dumps(meta, indent=2)
     # safetensors refuses shared or non-contiguous storage: give it plain copies.
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    atomic_write(path / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"detrkit": text}))
-    atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(text + "\n"))
-    return path
+    save_file(state, str(folder / "model.safetensors"), metadata={"detrkit": text})
+    _test_pause("between-files")
+    (folder / "config.json").write_text(text + "\n")
 
 
+# ---------------------------------------------------------------------------------------------
+# Atomic writes: a file, and a checkpoint folder as one unit
+# ---------------------------------------------------------------------------------------------
 def atomic_write(dest: Path, write) -> None:
+    """Write one file through ``write(tmp_path)`` to a temporary name, fsync it, rename it to ``dest``."""
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -97,6 +116,94 @@ def atomic_write(dest: Path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _siblings(path: Path) -> tuple[Path, Path]:
+    """The two hidden folders beside checkpoint folder ``path`` that a save uses: new and old."""
+    return path.parent / f".{path.name}.new", path.parent / f".{path.name}.old"
+
+
+@contextmanager
+def checkpoint_folder(path: PathLike) -> Iterator[Path]:
+    """Write a checkpoint folder as one unit.
+
+    Yields an empty temporary folder beside ``path`` (``.NAME.new``) to write every file into.
+    When the block ends without an error, the files are fsync'd and the folder takes the place
+    of ``path`` by two renames: ``path`` -> ``.NAME.old``, ``.NAME.new`` -> ``path``; then the
+    old one is deleted. A process killed at any moment therefore leaves either the previous
+    folder at ``path``, complete, or (killed between the two renames) no ``path`` and the
+    previous folder complete in ``.NAME.old``: readers use it (:func:`readable_folder`) and the
+    next save moves it back first. The new folder is never trusted until it has been renamed.
+    (Renaming one folder over another in a single step has no portable call.)
+    """
+    path = Path(path)
+    new, old = _siblings(path)
+    _recover(path)
+    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not _is_detrkit_folder(path))):
+        raise CheckpointError(f"{path}: exists and is not a detrkit checkpoint folder; refusing to replace it "
+                              f"(choose a new folder)")
+    new.mkdir(parents=True)
+    try:
+        yield new
+        for f in new.iterdir():
+            _fsync(f)
+        _fsync(new)
+        if path.exists():
+            os.replace(path, old)
+            _test_pause("between-renames")
+        os.replace(new, path)
+        _fsync(path.parent)
+    finally:
+        shutil.rmtree(new, ignore_errors=True)  # gone after the rename; a partial folder after an error
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def readable_folder(path: PathLike) -> Path:
+    """The folder to read checkpoint ``path`` from: ``path`` itself, or the complete previous
+    checkpoint in ``.NAME.old`` when a save was killed between its two renames. Reading never
+    renames anything (a save may be running in another process)."""
+    path = Path(path)
+    old = _siblings(path)[1]
+    return old if not path.exists() and old.is_dir() else path
+
+
+def _recover(path: Path) -> None:
+    """Undo what a killed save left beside ``path``: the previous folder goes back in place,
+    a partial new one is deleted."""
+    new, old = _siblings(path)
+    if not path.exists() and old.is_dir():
+        os.replace(old, path)
+    shutil.rmtree(new, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _is_detrkit_folder(path: Path) -> bool:
+    try:
+        return json.loads((path / "config.json").read_text()).get("format") == "detrkit"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or a folder's entries) to disk; folders cannot be opened on Windows: skipped there."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _test_pause(point: str) -> None:
+    """Fault injection for tests: with the environment variable ``DETRKIT_TEST_SAVE_PAUSE`` set
+    to ``point`` (``between-files`` or ``between-renames``), a save announces
+    ``paused at POINT`` on stderr and sleeps there for a minute, so a test can kill the process at
+    that exact moment. Unset (always, outside tests) it does nothing."""
+    if os.environ.get("DETRKIT_TEST_SAVE_PAUSE") == point:
+        print(f"paused at {point}", file=sys.stderr, flush=True)
+        time.sleep(60)
 
 
 def _load_detrkit(path: Path) -> tuple[ModelConfig, dict[str, Tensor], list[dict]]:
@@ -323,7 +430,7 @@ def _load_hf(path: Path) -> tuple[ModelConfig, dict[str, Tensor], list[dict]]:
 # ---------------------------------------------------------------------------------------------
 def detect_format(path: PathLike) -> str:
     """``"detrkit"``, ``"huggingface"`` or ``"official"``, from the files alone."""
-    path = Path(path)
+    path = readable_folder(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     if path.is_dir():
@@ -347,7 +454,7 @@ def load_state(path: PathLike) -> tuple[ModelConfig, dict[str, Tensor], Optional
 
 
 def _load_any(path: PathLike):
-    path = Path(path)
+    path = readable_folder(path)
     fmt = detect_format(path)
     loader = {"detrkit": _load_detrkit, "huggingface": _load_hf, "official": _load_official}[fmt]
     return loader(path)

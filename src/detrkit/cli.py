@@ -435,6 +435,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         # The user's input is wrong (data, weights, flags): one clear message, no traceback.
         if args.debug:
             traceback.print_exc()
+            if getattr(e, "worker_traceback", None):  # raised in a data loader process: where it happened there
+                print(e.worker_traceback, file=sys.stderr)
         print(f"detrkit {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -30,7 +30,10 @@ from torch.utils.data import DataLoader, RandomSampler
 from tqdm import tqdm
 
 from detrkit.aids import AidedModel
-from detrkit.checkpoint import atomic_write, check_and_load, load_state, save_model, set_classes
+from detrkit.checkpoint import (
+    atomic_write, check_and_load, checkpoint_folder, load_state, readable_folder, save_model, set_classes,
+    write_model_files,
+)
 from detrkit.config import DataConfig, LossConfig, ModelConfig, TrainConfig, config_from_dict, preset
 from detrkit.criterion import SetCriterion, build_criterion
 from detrkit.data.batch import collate
@@ -262,12 +265,13 @@ def evaluate_model(model: DETR, data: dict, *, batch_size: int = 8,
 # ---------------------------------------------------------------------------------------------
 def save_run_checkpoint(folder: Path, net: AidedModel, optimizer, state: dict, inference: dict) -> None:
     """Model (detrkit format) + the training state needed to continue exactly (optimiser, RNG,
-    and the training-only aids' parameters, which the model's own checkpoint never holds)."""
-    save_model(net.model, folder, inference=inference)
+    and the training-only aids' parameters, which the model's own checkpoint never holds),
+    written as one unit: a kill mid-save leaves the previous weights and state together."""
     aids = {k: v for k, v in net.state_dict().items() if not k.startswith("model.")}
-    buf = io.BytesIO()
-    torch.save({"optimizer": optimizer.state_dict(), **state, "aids": aids, "rng": _rng_state()}, buf)
-    atomic_write(folder / "train_state.pt", lambda tmp: Path(tmp).write_bytes(buf.getvalue()))
+    with checkpoint_folder(folder) as tmp:
+        write_model_files(net.model, tmp, inference=inference)
+        torch.save({"optimizer": optimizer.state_dict(), **state, "aids": aids, "rng": _rng_state()},
+                   tmp / "train_state.pt")
 
 
 def _rng_state() -> dict:
@@ -288,7 +292,7 @@ def _to_tuple(x):
 
 
 def load_train_state(folder: Path) -> dict:
-    path = folder / "train_state.pt"
+    path = readable_folder(folder) / "train_state.pt"
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -438,8 +442,9 @@ def train(model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig, tr
                 write_metrics(run_dir, metrics, detections)
                 if metrics["AP"] > best_ap:
                     best_ap = metrics["AP"]
-                    save_model(model, run_dir / "best", inference=inference)
-                    write_metrics(run_dir / "best", metrics, detections)  # the best checkpoint's own numbers
+                    with checkpoint_folder(run_dir / "best") as tmp:  # with the best checkpoint's own numbers
+                        write_model_files(model, tmp, inference=inference)
+                        write_metrics(tmp, metrics, detections)
                 tqdm.write(f"epoch {epoch}: loss {stats.get('loss', float('nan')):.4f}  AP {metrics['AP']:.4f}  "
                            f"AP50 {metrics['AP50']:.4f}  ({clock.elapsed / 60:.1f} min)")
             else:

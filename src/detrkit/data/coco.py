@@ -40,6 +40,8 @@ REQUIRED_KEYS = ("images", "annotations", "categories")
 CLAMP_REPORT_TOLERANCE = 0.01
 # How many unfixable problems the DataError message prints; the report keeps them all.
 MAX_PROBLEMS_IN_MESSAGE = 100
+# How many annotation ids of each kind of repair the summary names (the counts are complete).
+MAX_REPAIR_IDS = 5
 _INT64_MAX = 2**63 - 1
 # EXIF orientations 5..8 rotate by 90 degrees, so the displayed image has width and height swapped.
 _EXIF_ORIENTATION_TAG = 0x0112
@@ -66,7 +68,21 @@ class CocoReport:
     clamped: int = 0
     dropped_degenerate: int = 0
     dropped_outside: int = 0
+    # The first MAX_REPAIR_IDS annotation ids of each repair: "clamped", "degenerate", "outside".
+    repair_ids: dict[str, list[int]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+
+    def _repaired(self, kind: str, annotation_id: int) -> None:
+        ids = self.repair_ids.setdefault(kind, [])
+        if len(ids) < MAX_REPAIR_IDS:
+            ids.append(annotation_id)
+
+    def _ids(self, kind: str, count: int) -> str:
+        ids = self.repair_ids.get(kind, [])
+        if not ids:
+            return ""
+        more = ", ..." if count > len(ids) else ""
+        return f" (annotation id{'s' if count > 1 else ''} {', '.join(map(str, ids))}{more})"
 
     def summary(self) -> str:
         """A few human-readable lines: counts, repairs and the problems."""
@@ -79,8 +95,10 @@ class CocoReport:
         )
         lines.append(f"  boxes per category: {per_cat or 'none'}")
         lines.append(
-            f"  repaired: {self.clamped} boxes clamped to their image; dropped: {self.dropped_degenerate} "
-            f"with zero or negative size, {self.dropped_outside} outside their image"
+            f"  repaired: {self.clamped} boxes clamped to their image{self._ids('clamped', self.clamped)}; "
+            f"dropped: {self.dropped_degenerate} with zero or negative size"
+            f"{self._ids('degenerate', self.dropped_degenerate)}, {self.dropped_outside} outside their image"
+            f"{self._ids('outside', self.dropped_outside)}"
         )
         if self.problems:
             lines.append(f"  {len(self.problems)} problems to fix:")
@@ -356,14 +374,17 @@ def load_coco(
         x, y, bw, bh = box
         if bw <= 0 or bh <= 0:
             report.dropped_degenerate += 1
+            report._repaired("degenerate", aid)
             continue
         _, h, w = images[iid]
         x0, y0, x1, y1 = min(max(x, 0.0), w), min(max(y, 0.0), h), min(max(x + bw, 0.0), w), min(max(y + bh, 0.0), h)
         if x1 <= x0 or y1 <= y0:
             report.dropped_outside += 1
+            report._repaired("outside", aid)
             continue
         if max(abs(x0 - x), abs(y0 - y), abs(x1 - x - bw), abs(y1 - y - bh)) > CLAMP_REPORT_TOLERANCE:
             report.clamped += 1
+            report._repaired("clamped", aid)
         per_image[iid].append((x0, y0, x1, y1, cat_index[cid]))
 
     if check_images and image_root.is_dir():  # a missing root is one problem, not one per image
