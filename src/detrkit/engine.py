@@ -724,10 +724,7 @@ def _train(model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig, t
                 status = train_one_epoch(trainer, loader, state, clock, stop, epoch_size)
                 if status == "stop":
                     save_last()
-                    if main:
-                        print(f"\nstopped at epoch {state.epoch + 1}, sample {state.position}: checkpoint saved in "
-                              f"{run_dir / 'last'}; continue with: detrkit train --resume {run_dir}")
-                    raise Interrupted
+                    raise Interrupted(_stopped(run_dir, state))
                 row = {"epoch": state.epoch + 1, "seconds": round(clock.elapsed, 1), "steps": state.step,
                        "lr": optimizer.param_groups[0]["lr"]}
                 row.update({f"train_{k}": round(v / max(state.count, 1), 5) for k, v in state.sums.items()
@@ -764,6 +761,8 @@ def _train(model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig, t
                     break
                 if last:
                     break
+                if distributed.any_process(stop.signal is not None, device):  # a request during the evaluation
+                    raise Interrupted(_stopped(run_dir, state))
     except NonFiniteLoss:
         save_last()
         raise
@@ -777,6 +776,14 @@ def _train(model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig, t
         save_model(weights, run_dir / "best", inference=inference)
     distributed.barrier()  # every process leaves with the files written
     return run_dir
+
+
+def _stopped(run_dir: Path, state: TrainState) -> str:
+    where = f"epoch {state.epoch + 1}, sample {state.position}" if state.position else f"the end of epoch {state.epoch}"
+    message = (f"stopped at {where}: checkpoint saved in {run_dir / 'last'}; "
+               f"continue with: detrkit train --resume {run_dir}")
+    _log("\n" + message)
+    return message
 
 
 def _read_last(run_dir: Path) -> dict:
