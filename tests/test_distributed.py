@@ -5,6 +5,7 @@ batch 2 for 2 epochs of one step each, evaluated after each epoch. In its first 
 is killed in epoch 2 (tests/ddp_job.py); torchrun restarts both, and they resume from epoch 1's
 checkpoint. The reference is one process with batch 4 on the same data.
 """
+import contextlib
 import json
 import os
 import subprocess
@@ -45,14 +46,10 @@ def runs(tmp_path_factory):
         env=env, capture_output=True, text=True, timeout=600)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     # One process, batch 4: epoch 1, then resumed for epoch 2 (resume at an epoch boundary is exact).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the torchrun processes (OMP_NUM_THREADS=1): the same float summation order
-    try:
+    with _one_thread():
         assert main(["train", *flags, "--batch-size", "4", "--epochs", "1", "--out", str(tmp / "one")]) == 0
         one_epoch1 = load_file(tmp / "one" / "last" / "model.safetensors")
         assert main(["train", "--resume", str(tmp / "one"), "--epochs", "2"]) == 0
-    finally:
-        torch.set_num_threads(threads)
     return {"ddp": tmp / "ddp", "one": tmp / "one", "one_epoch1": one_epoch1, "log": job.stdout + job.stderr,
             "val": {"val_json": str(shapes["val_json"]), "val_images": str(shapes["val_images"]), "workers": 0}}
 
@@ -80,7 +77,8 @@ def test_evaluation_gathers_every_rank_and_equals_one_process(runs):
     folder = runs["ddp"] / "epoch1"
     reported = json.loads((folder / "metrics.json").read_text())
     # The same weights evaluated by one process, in batches of 2 as each rank made them.
-    metrics, detections = engine.evaluate_model(load_model(folder), runs["val"], batch_size=2, device="cpu")
+    with _one_thread():
+        metrics, detections = engine.evaluate_model(load_model(folder), runs["val"], batch_size=2, device="cpu")
     assert {k: metrics[k] for k in engine.METRIC_KEYS} == {k: reported[k] for k in engine.METRIC_KEYS}
     assert detections == json.loads((folder / "detections.json").read_text())
     assert len({d["image_id"] for d in detections}) == 4  # both ranks' images
@@ -100,6 +98,17 @@ def test_a_killed_rank_is_restarted_and_the_run_resumes_from_its_last_checkpoint
     one = load_file(runs["one"] / "last" / "model.safetensors")
     for k in one:
         assert torch.allclose(ddp[k], one[k], rtol=0, atol=1e-5), k
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """As the torchrun processes (OMP_NUM_THREADS=1): the same order of float sums, the same bits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _rows(run):

@@ -96,18 +96,18 @@ def test_resume_in_the_middle_of_an_epoch_continues_exactly(shapes, tmp_path, mo
               "--epochs", "2", "--ema", "--ema-warmup", "2", "--device", "cpu"]
     assert main(["train", *common, "--out", str(tmp_path / "a")]) == 0
 
-    real_step = engine.Trainer.optimizer_step
+    real_step = engine.Trainer.forward_backward
     steps = []
 
-    def step_then_ctrl_c(self):
-        real_step(self)
+    def ctrl_c_in_step_3(self, micro_batches):
         steps.append(1)
-        if len(steps) == 2:  # Ctrl-C during step 2: the loop finishes step 3, saves and stops
+        if len(steps) == 3:  # Ctrl-C during step 3: the loop finishes the step, saves and stops
             os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, micro_batches)
 
-    monkeypatch.setattr(engine.Trainer, "optimizer_step", step_then_ctrl_c)
+    monkeypatch.setattr(engine.Trainer, "forward_backward", ctrl_c_in_step_3)
     assert main(["train", *common, "--out", str(tmp_path / "b")]) == 130
-    monkeypatch.setattr(engine.Trainer, "optimizer_step", real_step)
+    monkeypatch.setattr(engine.Trainer, "forward_backward", real_step)
     saved = torch.load(tmp_path / "b" / "last" / "train_state.pt", weights_only=True)
     assert (saved["epoch"], saved["position"], saved["step"]) == (1, 2, 3)  # in the middle of epoch 2
     assert main(["train", "--resume", str(tmp_path / "b")]) == 0
