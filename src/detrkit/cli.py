@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import glob
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -95,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("optimisation")
     for name, help, typ in [
         ("epochs", "number of epochs", int), ("minutes", "time budget in minutes (stops early)", float),
-        ("batch_size", "images per step", int), ("lr", "learning rate of transformer and heads", float),
+        ("batch_size", "images per process and micro-batch", int), ("lr", "learning rate of transformer and heads", float),
         ("lr_backbone", "learning rate of the backbone (0 freezes it)", float),
         ("weight_decay", "AdamW weight decay", float), ("clip", "gradient norm clipping (0 = off)", float),
         ("lr_drop", "epoch of the x0.1 learning-rate drop (None: at 2/3 of training)", float),
@@ -104,8 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
     ]:
         _flag(g, TrainConfig, name, help, type=typ)
     _flag(g, TrainConfig, "schedule", "learning-rate schedule", choices=["step", "cosine"])
-    _flag(g, TrainConfig, "precision", "fp32, or bf16 autocast (matching and losses stay fp32)",
-          choices=["fp32", "bf16"])
+    _flag(g, TrainConfig, "precision", "fp32; bf16 autocast; fp16 autocast with loss scaling (CUDA only). "
+          "Matching and losses stay fp32", choices=["fp32", "bf16", "fp16"])
+    _flag(g, TrainConfig, "accumulate", "micro-batches per optimiser step (a step sees batch-size x accumulate x "
+          "processes images, exactly as one larger batch)", type=int)
+    g.add_argument("--ema", action="store_const", const=True, default=None,
+                   help="keep an exponential moving average of the weights; it is evaluated and saved in "
+                        "best/ and last/ (the raw weights stay in last/train_state.pt) (default: off)")
+    _flag(g, TrainConfig, "ema_decay", "EMA decay", type=float)
+    _flag(g, TrainConfig, "ema_warmup", "EMA warm-up: the decay ramps up as decay x (1 - exp(-steps / N)); 0 = constant",
+          type=int)
+    _flag(g, TrainConfig, "patience", "stop when validation AP has not improved for this many epochs (None: never)",
+          type=int)
     _flag(g, LossConfig, "bbox_loss", "box regression loss", choices=["l1", "smooth_l1"])
     _flag(g, LossConfig, "class_cost", "class term of the matching cost: -p (official) or 1-p",
           choices=["neg_prob", "one_minus_prob"])
@@ -117,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     _data_flags(p)
     g = p.add_argument_group("run")
     _flag(g, TrainConfig, "out", "run folder", metavar="RUN_DIR")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint, with "
+                   "its saved settings (--epochs, --minutes, --device, --patience, --eval-every may change; so may the "
+                   "number of processes)")
     _flag(g, TrainConfig, "device", "cpu, cuda, cuda:1 ... or auto")
     _common(p)
 
@@ -222,12 +235,15 @@ def cmd_train(args) -> int:
 
     if args.resume:
         model_cfg, loss_cfg, data_cfg, train_cfg = load_run_config(Path(args.resume))
-        overrides = {k: v for k, v in _given(args, TrainConfig).items() if k in ("epochs", "minutes", "device")}
+        overrides = {k: v for k, v in _given(args, TrainConfig).items()
+                     if k in ("epochs", "minutes", "device", "patience", "eval_every")}
         train_cfg = dataclasses.replace(train_cfg, **overrides, out=args.resume, resume=True)
     else:
         flags = {"train": _given(args, TrainConfig), "loss": _given(args, LossConfig), "data": _given(args, DataConfig)}
         model_cfg, loss_cfg, data_cfg, train_cfg = resolve(args.recipe, _yaml_sections(args.config), flags)
     run_dir = train(model_cfg, loss_cfg, data_cfg, train_cfg)
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, rank 0 speaks for all
+        return 0
     print(f"run folder: {run_dir}\nbest checkpoint: {run_dir / 'best'}\nresults: {run_dir / 'results.csv'}, "
           f"{run_dir / 'results.png'}")
     return 0
@@ -437,7 +453,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             traceback.print_exc()
             if getattr(e, "worker_traceback", None):  # raised in a data loader process: where it happened there
                 print(e.worker_traceback, file=sys.stderr)
-        print(f"detrkit {args.command}: error: {e}", file=sys.stderr)
+        where = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""  # torchrun
+        print(f"detrkit {args.command}{where}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

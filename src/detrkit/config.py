@@ -139,7 +139,7 @@ class TrainConfig:
     backbone_weights: Optional[str] = None  # local torchvision ImageNet ResNet state dict
     epochs: int = 300  # official schedule length (the paper's 500-epoch runs use --epochs 500 --lr-drop 400)
     minutes: Optional[float] = None  # a time budget instead of (at most) `epochs`
-    batch_size: int = 2  # per process (official: 2 per GPU x 8 GPUs)
+    batch_size: int = 2  # images per process and micro-batch (official code: 2; the paper: 4 per GPU x 16 GPUs)
     lr: float = 1e-4  # transformer and heads (official)
     lr_backbone: float = 1e-5  # backbone (official); 0 freezes it
     weight_decay: float = 1e-4  # AdamW weight decay (official)
@@ -152,13 +152,32 @@ class TrainConfig:
     resume: bool = False  # continue the run in `out` from its last checkpoint
     device: str = "auto"  # "auto" = cuda if available else cpu
     seed: int = 42  # official seed
-    precision: str = "fp32"  # "fp32" or "bf16" (autocast); matching and losses stay float32
+    # "fp32"; "bf16" (autocast); "fp16" (autocast with loss scaling, CUDA only). The matching and
+    # the losses are always computed in float32.
+    precision: str = "fp32"
+    # Micro-batches per optimiser step: one step sees batch_size x accumulate x processes images,
+    # and equals one step on a batch that large (the loss normalisers span every micro-batch).
+    accumulate: int = 1
+    # An exponential moving average of the weights, evaluated and saved for inference (best/, last/);
+    # the raw weights are kept in last/train_state.pt to continue training.
+    ema: bool = False
+    ema_decay: float = 0.9999  # YOLOv5 and RT-DETR
+    # The decay ramps up as ema_decay * (1 - exp(-updates / ema_warmup)) so the average is not
+    # dominated by the random initial weights early on (YOLOv5; RT-DETR's `warmups`); 0 = constant.
+    ema_warmup: int = 2000
+    patience: Optional[int] = None  # stop when validation AP has not improved for this many epochs; None = never
 
     def __post_init__(self) -> None:
         if self.schedule not in ("step", "cosine"):
             raise ValueError(f"schedule must be 'step' or 'cosine', got {self.schedule!r}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {self.precision!r}")
+        if self.accumulate < 1:
+            raise ValueError(f"accumulate must be >= 1, got {self.accumulate}")
+        if not 0 < self.ema_decay < 1 or self.ema_warmup < 0:
+            raise ValueError("ema_decay must be in (0, 1) and ema_warmup >= 0")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be >= 1 epochs, got {self.patience}")
         if self.batch_size < 1 or self.epochs < 1:
             raise ValueError("batch_size and epochs must be >= 1")
         if self.minutes is not None and self.minutes <= 0:

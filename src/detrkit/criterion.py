@@ -12,17 +12,23 @@ predictions are matched to the targets on their own, and
 the box losses summed and divided by the number of target boxes in the batch. Keys of earlier
 layers carry the suffix ``_{i}`` (``loss_ce_0`` ... for layer 0). ``class_error`` and
 ``cardinality_error`` are logged, never trained on.
+
+Both denominators (the number of boxes, the sum of the cross-entropy weights) are those of the
+whole optimiser step: every process and every accumulated micro-batch (:meth:`SetCriterion.normalizers`).
+The gradient of W processes x K micro-batches x B images is then that of one batch of W*K*B.
+(The official code divides the cross-entropy by each process's own weight sum, so there W
+processes differ slightly from one; the box losses it normalises as here.)
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
+from detrkit import distributed
 from detrkit.aids import Denoising
 from detrkit.boxes import cxcywh_to_xyxy, elementwise_box_iou, elementwise_generalized_box_iou
 from detrkit.config import LossConfig
@@ -31,13 +37,22 @@ from detrkit.matcher import HungarianMatcher
 Indices = list[tuple[Tensor, Tensor]]
 
 
+class Normalizers(NamedTuple):
+    """The denominators of one optimiser step's losses, per process (see :meth:`SetCriterion.normalizers`)."""
+
+    num_boxes: float  # target boxes of the step / processes, at least 1
+    ce_weight: float  # sum of the cross-entropy class weights of every query of the step / processes
+    dn_ce_weight: float = 1.0  # the same for the denoising queries (training-only aid), if any
+
+
 class SetCriterion(nn.Module):
     """DETR's loss. ``forward(outputs, targets)`` -> dict of named losses plus ``loss`` (the weighted total)."""
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: dict[str, float],
                  eos_coef: float = 0.1, bbox_loss: str = "l1", smooth_l1_beta: float = 0.1, *,
                  sigmoid: bool = False, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
-                 encoder_repeats: int = 1, class_loss: str = "focal", vfl_alpha: float = 0.75) -> None:
+                 encoder_repeats: int = 1, class_loss: str = "focal", vfl_alpha: float = 0.75,
+                 denoising: int = 0) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.matcher = matcher
@@ -51,14 +66,18 @@ class SetCriterion(nn.Module):
         self.encoder_repeats = encoder_repeats
         self.class_loss = class_loss  # with sigmoid: "focal" or "varifocal" (IoU-aware targets)
         self.vfl_alpha = vfl_alpha
+        self.denoising = denoising  # groups of denoising queries the model is trained with (detrkit.aids), 0 = none
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight)
 
     # --- the named losses -------------------------------------------------------------------
     def loss_labels(self, outputs: dict, targets: list[dict], indices: Indices, log: bool = True,
-                    num_boxes: float = 1.0) -> dict:
+                    num_boxes: float = 1.0, ce_weight: Optional[float] = None) -> dict:
         """Cross-entropy over all queries; unmatched queries are "no object" (index num_classes).
+
+        The weighted sum divided by ``ce_weight``; by default the weight sum of this batch, which
+        makes it ``F.cross_entropy``'s weighted mean (official).
 
         With ``sigmoid``: focal loss over all queries and classes (a matched query's target is
         its class, every other entry 0), summed and divided by ``num_boxes`` (Deformable DETR).
@@ -78,7 +97,11 @@ class SetCriterion(nn.Module):
             focal = sigmoid_focal_loss(logits.float(), onehot, self.focal_alpha, self.focal_gamma, reduction="sum")
             losses = {"loss_ce": focal / num_boxes}
         else:
-            losses = {"loss_ce": F.cross_entropy(logits.transpose(1, 2).float(), target_classes, self.empty_weight)}
+            weighted = F.cross_entropy(logits.transpose(1, 2).float(), target_classes, self.empty_weight,
+                                       reduction="sum")
+            if ce_weight is None:
+                ce_weight = self.empty_weight[target_classes].sum()
+            losses = {"loss_ce": weighted / ce_weight}
         if log:
             # Top-1 error on the matched queries, in percent. With no targets there is nothing
             # to get wrong: 0, not 100.
@@ -130,79 +153,99 @@ class SetCriterion(nn.Module):
         return {"loss_bbox": reg.sum() / num_boxes, "loss_giou": (1 - giou).sum() / num_boxes}
 
     # --- the whole loss --------------------------------------------------------------------
-    def layer_losses(self, outputs: dict, targets: list[dict], num_boxes: float, log: bool,
+    def layer_losses(self, outputs: dict, targets: list[dict], norm: Normalizers, log: bool,
                      indices: Optional[Indices] = None) -> dict:
         """Match one decoder layer's predictions and compute its named losses."""
         if indices is None:
             indices = self.matcher(outputs, targets)
-        losses = self.loss_labels(outputs, targets, indices, log=log, num_boxes=num_boxes)
-        losses.update(self.loss_boxes(outputs, targets, indices, num_boxes))
+        losses = self.loss_labels(outputs, targets, indices, log=log, num_boxes=norm.num_boxes,
+                                  ce_weight=norm.ce_weight)
+        losses.update(self.loss_boxes(outputs, targets, indices, norm.num_boxes))
         losses.update(self.loss_cardinality(outputs, targets, indices))
         return losses
 
-    def forward(self, outputs: dict, targets: list[dict]) -> dict:
+    def forward(self, outputs: dict, targets: list[dict], norm: Optional[Normalizers] = None) -> dict:
         """Losses of a batch.
 
         Args:
             outputs: the model's output dict (``pred_logits``, ``pred_boxes``, optional ``aux_outputs``).
             targets: one dict per image: ``labels (T,)`` int64 contiguous indices, ``boxes (T, 4)``
                 cxcywh normalised by the image size.
+            norm: the step's :class:`Normalizers` when the step spans several micro-batches;
+                by default those of ``targets`` (across processes when distributed).
 
         Returns:
             ``loss_ce``, ``loss_bbox``, ``loss_giou``, ``class_error``, ``cardinality_error``;
             the same (without ``class_error``) with suffix ``_{i}`` for auxiliary layer i; and
             ``loss``, the sum of every key in ``weight_dict`` times its weight.
         """
-        num_boxes = self.num_boxes(targets, outputs["pred_logits"].device)
-        losses = self.layer_losses(outputs, targets, num_boxes, log=True)
+        if norm is None:
+            norm = self.normalizers([targets], outputs["pred_logits"].shape[1], outputs["pred_logits"].device)
+        losses = self.layer_losses(outputs, targets, norm, log=True)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
-            aux_losses = self.layer_losses(aux, targets, num_boxes, log=False)
+            aux_losses = self.layer_losses(aux, targets, norm, log=False)
             losses.update({f"{k}_{i}": v for k, v in aux_losses.items()})
         if "enc_outputs" in outputs:  # two-stage: the encoder proposals get the same set loss
             k = self.encoder_repeats  # one-to-many: each target matched to k proposals
             enc_targets = targets if k == 1 else [
                 {**t, "labels": t["labels"].repeat(k), "boxes": t["boxes"].repeat(k, 1)} for t in targets]
-            enc_losses = self.layer_losses(outputs["enc_outputs"], enc_targets, num_boxes * k, log=False)
+            enc_norm = norm._replace(num_boxes=norm.num_boxes * k)
+            enc_losses = self.layer_losses(outputs["enc_outputs"], enc_targets, enc_norm, log=False)
             losses.update({f"{k}_enc": v for k, v in enc_losses.items()})
         if "group_outputs" in outputs:  # query groups (detrkit.aids): each group matched on its own
-            group_losses = [self.all_layer_losses(g, targets, num_boxes) for g in outputs["group_outputs"]]
+            group_losses = [self.all_layer_losses(g, targets, norm) for g in outputs["group_outputs"]]
             losses.update({f"{k}_group": sum(gl[k] for gl in group_losses) for k in _TRAINED})
         if "dn_outputs" in outputs:  # denoising queries: known targets, never matched
             meta = outputs["dn_meta"]
             indices = Denoising.indices(targets, meta)
-            dn = self.all_layer_losses(outputs["dn_outputs"], targets, num_boxes * meta["groups"], indices)
+            dn_norm = Normalizers(norm.num_boxes * meta["groups"], norm.dn_ce_weight)
+            dn = self.all_layer_losses(outputs["dn_outputs"], targets, dn_norm, indices)
             losses.update({f"{k}_dn": dn[k] for k in _TRAINED})
         losses["loss"] = self.weighted_total(losses)
         return losses
 
-    def all_layer_losses(self, outputs: dict, targets: list[dict], num_boxes: float,
+    def all_layer_losses(self, outputs: dict, targets: list[dict], norm: Normalizers,
                          indices: Optional[Indices] = None) -> dict:
         """The trained losses of training-only queries, summed over the last and auxiliary layers.
 
         Each layer is matched on its own unless ``indices`` (a known assignment) is given.
         """
         layers = [outputs, *outputs.get("aux_outputs", [])]
-        per_layer = [self.layer_losses(o, targets, num_boxes, log=False, indices=indices) for o in layers]
+        per_layer = [self.layer_losses(o, targets, norm, log=False, indices=indices) for o in layers]
         return {k: sum(pl[k] for pl in per_layer) for k in _TRAINED}
 
     def weighted_total(self, losses: dict) -> Tensor:
         return sum(losses[k] * w for k, w in self.weight_dict.items() if k in losses)
 
-    @staticmethod
-    def num_boxes(targets: list[dict], device: torch.device) -> float:
-        """Target boxes per process, averaged over the distributed batch, at least 1.
+    def normalizers(self, micro_batches: list[list[dict]], num_queries: int, device: torch.device) -> Normalizers:
+        """The loss denominators of a step whose images on this process are ``micro_batches``
+        (one list of targets per micro-batch; a single batch is ``[targets]``).
 
-        Box losses are normalised by the total number of boxes in the whole distributed batch.
-        DDP averages gradients over the W processes, so each process divides by
-        ``total / W``: the averaged gradient is then that of ``sum / total``, whatever the
-        split of boxes across processes (the official code does the same).
+        Box losses are normalised by the number of target boxes across the whole step: every
+        process and, with accumulation, every micro-batch. DDP averages gradients over the W
+        processes, so each process divides by ``total / W``: the averaged gradient is then that
+        of ``sum / total`` whatever the split of boxes across processes (the official code does
+        the same for boxes).
+
+        The cross-entropy is a weighted mean over every query of the step, weight 1 for a
+        matched query and ``eos_coef`` for "no object". Matching pairs ``min(Q, T)`` queries of
+        an image with ``T`` targets, so the weight sum is known before matching. Denoising
+        queries (``G`` groups of ``2 x T_max`` per image, ``T_max`` the most targets of an image
+        in the micro-batch) have ``G x T`` positives per image.
         """
-        n = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
-        world = 1
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(n)
-            world = dist.get_world_size()
-        return torch.clamp(n / world, min=1).item()
+        boxes = ce = dn_ce = 0.0
+        eos = float(self.empty_weight[-1])
+        for targets in micro_batches:
+            counts = [len(t["labels"]) for t in targets]
+            matched = sum(min(n, num_queries) for n in counts)
+            boxes += sum(counts)
+            ce += matched + (len(counts) * num_queries - matched) * eos
+            if self.denoising and counts:
+                g, pad = self.denoising, max(counts)
+                dn_ce += sum(g * n + (2 * g * pad - g * n) * eos for n in counts)
+        totals = distributed.all_sum(torch.tensor([boxes, ce, dn_ce], dtype=torch.float64, device=device)).tolist()
+        world = distributed.world_size()
+        return Normalizers(max(totals[0] / world, 1.0), totals[1] / world, max(totals[2] / world, 1.0))
 
 
 _TRAINED = ("loss_ce", "loss_bbox", "loss_giou")  # the named losses that carry a weight
@@ -238,4 +281,5 @@ def build_criterion(num_classes: int, loss: LossConfig, num_aux: int, *, sigmoid
     return SetCriterion(num_classes, matcher, weight_dict(loss, num_aux, encoder=sigmoid), eos_coef=loss.eos_coef,
                         bbox_loss=loss.bbox_loss, smooth_l1_beta=loss.smooth_l1_beta, sigmoid=sigmoid,
                         focal_alpha=loss.focal_alpha, focal_gamma=loss.focal_gamma,
-                        encoder_repeats=loss.encoder_repeats, class_loss=loss.class_loss, vfl_alpha=loss.vfl_alpha)
+                        encoder_repeats=loss.encoder_repeats, class_loss=loss.class_loss, vfl_alpha=loss.vfl_alpha,
+                        denoising=loss.denoising)

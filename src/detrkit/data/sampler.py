@@ -1,0 +1,80 @@
+"""The order of training samples: shuffled per epoch, split across processes, resumable mid-epoch.
+
+Two things make a run reproducible whatever happens to it (a resume in the middle of an
+epoch, more or fewer data-loader workers, more or fewer processes):
+
+* :class:`EpochSampler` yields ``torch.utils.data.DistributedSampler``'s order (a permutation
+  seeded by ``seed + epoch``, padded to a multiple of the number of processes, every
+  process taking every ``world``-th index) and can start ``position`` samples into it. The
+  position counts samples of the epoch's order consumed by all processes together, so a run
+  stopped after ``k`` steps of ``batch x processes`` samples continues at ``k x batch x processes``,
+  also with another number of processes.
+* :class:`SeededSamples` draws each sample's random augmentation from its own generator
+  seeded by ``(seed, epoch, index)``. The augmentation of an image then depends neither on
+  which process or loader worker reads it nor on what was read before, so one process with
+  batch 2B sees exactly the images that two processes with batch B see together.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+
+class EpochSampler(Sampler[int]):
+    """``DistributedSampler(shuffle=True, drop_last=False)``'s indices for one process, from ``position`` on."""
+
+    def __init__(self, size: int, *, seed: int, epoch: int, position: int = 0, rank: int = 0,
+                 world: int = 1) -> None:
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside 0..{world - 1}")
+        self.size, self.seed, self.epoch, self.position = size, seed, epoch, position
+        self.rank, self.world = rank, world
+
+    def order(self) -> list[int]:
+        """The epoch's order for all processes: a permutation padded (with its own start) to a multiple of ``world``."""
+        g = torch.Generator().manual_seed(self.seed + self.epoch)  # DistributedSampler's seeding
+        order = _pad(torch.randperm(self.size, generator=g).tolist(), self.world)
+        # Past the last real sample only padding is left (possible after a change of process count).
+        rest = order[self.position:] if self.position < self.size else []
+        # A position reached with another number of processes may leave a remainder that does not
+        # split evenly: pad it again, so every process takes the same number of steps (DDP needs that).
+        return _pad(rest, self.world)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order()[self.rank::self.world])
+
+    def __len__(self) -> int:
+        remaining = math.ceil(self.size / self.world) * self.world - self.position if self.position < self.size else 0
+        return math.ceil(remaining / self.world)
+
+
+def _pad(order: list[int], world: int) -> list[int]:
+    """``order`` extended by repeating its start to a multiple of ``world`` (DistributedSampler's padding)."""
+    padding = -len(order) % world
+    if not order or not padding:
+        return order
+    return order + (order * math.ceil(padding / len(order)))[:padding]
+
+
+class SeededSamples(Dataset):
+    """``dataset[i]`` with the torch random state seeded by ``(seed, epoch, i)`` while it is read.
+
+    The global random state is saved and restored around each sample (``fork_rng``), so data
+    loading in the main process leaves the stream that dropout draws from untouched.
+    """
+
+    def __init__(self, dataset: Dataset, *, seed: int, epoch: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        sample_seed = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            return self.dataset[index]

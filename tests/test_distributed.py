@@ -1,0 +1,121 @@
+"""Two CPU processes (Gloo) under torchrun against one process, and torchrun's elastic restart.
+
+One torchrun job serves all tests here (starting processes is the slow part): 2 processes x
+batch 2 for 2 epochs of one step each, evaluated after each epoch. In its first attempt rank 1
+is killed in epoch 2 (tests/ddp_job.py); torchrun restarts both, and they resume from epoch 1's
+checkpoint. The reference is one process with batch 4 on the same data.
+"""
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import detrkit.engine as engine
+from detrkit.checkpoint import load_model
+from detrkit.cli import main
+from detrkit.config import resolve
+from detrkit.data.synthetic import make_synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    shapes = make_synthetic(tmp / "shapes", num_train=4, num_val=4, image_size=64)
+    (tmp / "cfg.yaml").write_text("model: {preset: detr_r18_tiny, dropout: 0.0}\n")
+    flags = ["--train-json", str(shapes["train_json"]), "--train-images", str(shapes["train_images"]),
+             "--val-json", str(shapes["val_json"]), "--val-images", str(shapes["val_images"]),
+             "--config", str(tmp / "cfg.yaml"), "--image-size", "64", "--augment", "flip", "--workers", "0",
+             "--device", "cpu", "--epochs", "2"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1",
+           # Restarted processes must not meet the first attempt's keys in torchrun's shared
+           # rendezvous store (pytorch/pytorch#135712; docs/distributed.md).
+           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    job = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts", "1",
+         "--monitor-interval", "0.1", str(ROOT / "tests" / "ddp_job.py"), "train", *flags, "--batch-size", "2",
+         "--out", str(tmp / "ddp")],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    # One process, batch 4: epoch 1, then resumed for epoch 2 (resume at an epoch boundary is exact).
+    with _one_thread():
+        assert main(["train", *flags, "--batch-size", "4", "--epochs", "1", "--out", str(tmp / "one")]) == 0
+        one_epoch1 = load_file(tmp / "one" / "last" / "model.safetensors")
+        assert main(["train", "--resume", str(tmp / "one"), "--epochs", "2"]) == 0
+    return {"ddp": tmp / "ddp", "one": tmp / "one", "one_epoch1": one_epoch1, "log": job.stdout + job.stderr,
+            "val": {"val_json": str(shapes["val_json"]), "val_images": str(shapes["val_images"]), "workers": 0}}
+
+
+def test_one_step_on_two_processes_equals_one_process_on_the_same_global_batch(runs):
+    ddp = load_file(runs["ddp"] / "epoch1" / "model.safetensors")
+    one = runs["one_epoch1"]
+    # The step moved the weights away from the (seeded) initial ones ...
+    torch.manual_seed(42)
+    model_cfg, _, _, train_cfg = resolve(None, {"train": {"model": "detr_r18_tiny"}, "model": {"dropout": 0.0}})
+    init = engine.initial_model(model_cfg, train_cfg, [{"id": i, "name": str(i)} for i in (1, 2, 3, 5)]).state_dict()
+    assert sum(not torch.equal(one[k], init[k]) for k in one) > 20
+    # ... in the same way on two processes as on one.
+    for k in one:
+        assert torch.allclose(ddp[k], one[k], rtol=0, atol=1e-6), k
+    # The logged losses are those of the whole global batch on both (num_boxes and the
+    # cross-entropy weights are all-reduced).
+    row_ddp = _rows(runs["ddp"])[0]
+    row_one = _rows(runs["one"])[0]
+    for key in ("train_loss", "train_loss_ce", "train_loss_bbox", "train_loss_giou"):
+        assert float(row_ddp[key]) == pytest.approx(float(row_one[key]), abs=2e-5), key
+
+
+def test_evaluation_gathers_every_rank_and_equals_one_process(runs):
+    folder = runs["ddp"] / "epoch1"
+    reported = json.loads((folder / "metrics.json").read_text())
+    # The same weights evaluated by one process, in batches of 2 as each rank made them.
+    with _one_thread():
+        metrics, detections = engine.evaluate_model(load_model(folder), runs["val"], batch_size=2, device="cpu")
+    assert {k: metrics[k] for k in engine.METRIC_KEYS} == {k: reported[k] for k in engine.METRIC_KEYS}
+    assert detections == json.loads((folder / "detections.json").read_text())
+    assert len({d["image_id"] for d in detections}) == 4  # both ranks' images
+    # And the single-process run, whose weights are within 1e-6, reports the same numbers.
+    one = json.loads(_first_metrics(runs["one"]))
+    assert {k: one[k] for k in engine.METRIC_KEYS} == pytest.approx({k: reported[k] for k in engine.METRIC_KEYS},
+                                                                     abs=1e-6)
+
+
+def test_a_killed_rank_is_restarted_and_the_run_resumes_from_its_last_checkpoint(runs):
+    log = runs["log"]
+    assert "resuming" in log and "at epoch 2" in log  # the restarted processes resumed epoch 2
+    rows = _rows(runs["ddp"])
+    assert [r["epoch"] for r in rows] == ["1", "2"] and rows[-1]["steps"] == "2"
+    # The finished run matches the uninterrupted single process after both steps.
+    ddp = load_file(runs["ddp"] / "last" / "model.safetensors")
+    one = load_file(runs["one"] / "last" / "model.safetensors")
+    for k in one:
+        assert torch.allclose(ddp[k], one[k], rtol=0, atol=1e-5), k
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """As the torchrun processes (OMP_NUM_THREADS=1): the same order of float sums, the same bits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _rows(run):
+    lines = (run / "results.csv").read_text().splitlines()
+    return [dict(zip(lines[0].split(","), line.split(","))) for line in lines[1:]]
+
+
+def _first_metrics(run) -> str:
+    row = _rows(run)[0]
+    return json.dumps({k: float(row[k]) for k in engine.METRIC_KEYS})

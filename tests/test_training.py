@@ -1,0 +1,156 @@
+"""The training loop: gradient accumulation, EMA, early stopping, mid-epoch resume, the sample order."""
+import json
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import DistributedSampler
+
+import detrkit.engine as engine
+from detrkit.checkpoint import load_model
+from detrkit.cli import main
+from detrkit.config import resolve
+from detrkit.data.sampler import EpochSampler
+from detrkit.data.synthetic import make_synthetic
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return make_synthetic(tmp_path_factory.mktemp("shapes"), num_train=4, num_val=4, image_size=64)
+
+
+def _run(shapes, out, *, val=True, **train):
+    """engine.train on the synthetic set with the tiny preset, dropout off, flip-only augmentation
+    (every image keeps its 64 x 64 size, so batches need no padding)."""
+    data = {"train_json": str(shapes["train_json"]), "train_images": str(shapes["train_images"]),
+            "image_size": 64, "workers": 0, "augment": "flip"}
+    if val:
+        data |= {"val_json": str(shapes["val_json"]), "val_images": str(shapes["val_images"])}
+    cfg = resolve(None, {"train": {"model": "detr_r18_tiny", "epochs": 1, "out": str(out), "device": "cpu", **train},
+                         "data": data, "model": {"dropout": 0.0}})
+    return engine.train(*cfg)
+
+
+def _rows(run):
+    lines = (run / "results.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    return [dict(zip(header, line.split(","))) for line in lines[1:]]
+
+
+def test_accumulating_two_batches_of_2_equals_one_batch_of_4(shapes, tmp_path):
+    # One optimiser step on the four images of the training set, in the same order.
+    big = _run(shapes, tmp_path / "big", val=False, batch_size=4)
+    acc = _run(shapes, tmp_path / "acc", val=False, batch_size=2, accumulate=2)
+    a, b = load_file(big / "last" / "model.safetensors"), load_file(acc / "last" / "model.safetensors")
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=0, atol=1e-6), k
+    (ra,), (rb,) = _rows(big), _rows(acc)
+    assert ra["steps"] == rb["steps"] == "1"
+    for key in ("train_loss", "train_loss_ce", "train_loss_bbox", "train_loss_giou"):
+        # The logged loss of the step is that of all four images: the normalisers span both micro-batches.
+        assert float(ra[key]) == pytest.approx(float(rb[key]), abs=2e-5), key
+
+
+def test_ema_is_evaluated_and_saved_beside_the_raw_weights(shapes, tmp_path):
+    run = _run(shapes, tmp_path / "ema", batch_size=4, ema=True, ema_decay=0.5, ema_warmup=0)
+    ema = load_file(run / "last" / "model.safetensors")
+    raw = torch.load(run / "last" / "train_state.pt", weights_only=True)["model"]
+    # The run's first model: the same seed and builder (tiny preset, 4 classes) as engine.train.
+    torch.manual_seed(42)
+    model_cfg, _, _, train_cfg = resolve(None, {"train": {"model": "detr_r18_tiny"}, "model": {"dropout": 0.0}})
+    classes = [{"id": i, "name": str(i)} for i in (1, 2, 3, 5)]
+    init = engine.initial_model(model_cfg, train_cfg, classes).state_dict()
+    moved = [k for k in raw if not torch.equal(raw[k], init[k])]
+    assert len(moved) > 20  # the step changed the raw weights ...
+    for k in moved:  # ... and the average is halfway between the first and the new ones (decay 0.5, one step)
+        assert not torch.equal(ema[k], raw[k]), k
+        assert torch.allclose(ema[k], 0.5 * init[k] + 0.5 * raw[k], atol=1e-6), k
+    # What the run reported is the EMA's evaluation; best/ holds the EMA too.
+    reported = json.loads((run / "metrics.json").read_text())
+    data = {"val_json": str(shapes["val_json"]), "val_images": str(shapes["val_images"]), "workers": 0}
+    metrics, detections = engine.evaluate_model(load_model(run / "last"), data, batch_size=4, device="cpu")
+    assert {k: metrics[k] for k in engine.METRIC_KEYS} == {k: reported[k] for k in engine.METRIC_KEYS}
+    assert detections == json.loads((run / "detections.json").read_text())
+    assert torch.equal(load_file(run / "best" / "model.safetensors")["class_embed.weight"], ema["class_embed.weight"])
+    raw_model = load_model(run / "last")
+    raw_model.load_state_dict(raw)
+    _, raw_detections = engine.evaluate_model(raw_model, data, batch_size=4, device="cpu")
+    assert raw_detections != detections
+
+
+def test_patience_stops_when_ap_stops_improving(shapes, tmp_path):
+    # lr 0: the weights (and so AP) never change, so AP stops improving after the first epoch.
+    run = _run(shapes, tmp_path / "p", batch_size=4, lr=0.0, lr_backbone=0.0, epochs=5, patience=1)
+    assert [r["epoch"] for r in _rows(run)] == ["1", "2"]
+
+
+def test_resume_in_the_middle_of_an_epoch_continues_exactly(shapes, tmp_path, monkeypatch):
+    """4 steps straight equal: 3 steps, Ctrl-C (in the middle of epoch 2), resume, 1 step: weights, EMA, losses.
+
+    Dropout on and the official multi-scale augmentation: the random states, the sampler
+    position and each image's augmentation must all be restored."""
+    common = ["--train-json", str(shapes["train_json"]), "--train-images", str(shapes["train_images"]),
+              "--model", "detr_r18_tiny", "--image-size", "64", "--batch-size", "2", "--workers", "0",
+              "--epochs", "2", "--ema", "--ema-warmup", "2", "--device", "cpu"]
+    assert main(["train", *common, "--out", str(tmp_path / "a")]) == 0
+
+    real_step = engine.Trainer.forward_backward
+    steps = []
+
+    def ctrl_c_in_step_3(self, micro_batches):
+        steps.append(1)
+        if len(steps) == 3:  # Ctrl-C during step 3: the loop finishes the step, saves and stops
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, micro_batches)
+
+    monkeypatch.setattr(engine.Trainer, "forward_backward", ctrl_c_in_step_3)
+    assert main(["train", *common, "--out", str(tmp_path / "b")]) == 130
+    monkeypatch.setattr(engine.Trainer, "forward_backward", real_step)
+    saved = torch.load(tmp_path / "b" / "last" / "train_state.pt", weights_only=True)
+    assert (saved["epoch"], saved["position"], saved["step"]) == (1, 2, 3)  # in the middle of epoch 2
+    assert main(["train", "--resume", str(tmp_path / "b")]) == 0
+
+    a, b = load_file(tmp_path / "a" / "last" / "model.safetensors"), load_file(tmp_path / "b" / "last" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the EMA
+    a = torch.load(tmp_path / "a" / "last" / "train_state.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "last" / "train_state.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # the raw weights
+    assert a["ema_updates"] == b["ema_updates"] == 4
+    drop = ("seconds",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in _rows(tmp_path / "a")] == \
+           [{k: v for k, v in r.items() if k not in drop} for r in _rows(tmp_path / "b")]
+
+
+def test_fp16_on_a_cpu_is_a_clear_error(shapes, tmp_path, capsys):
+    assert main(["train", "--train-json", str(shapes["train_json"]), "--train-images", str(shapes["train_images"]),
+                 "--precision", "fp16", "--device", "cpu", "--out", str(tmp_path / "x")]) == 2
+    assert "fp16 needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("size,world", [(1, 1), (8, 2), (13, 2), (13, 3), (5, 8)])
+def test_sampler_is_distributed_samplers_order_and_resumes_at_any_position(size, world):
+    for epoch in (0, 3):
+        full = []
+        for rank in range(world):
+            reference = DistributedSampler(range(size), num_replicas=world, rank=rank, shuffle=True, seed=7)
+            reference.set_epoch(epoch)
+            ours = EpochSampler(size, seed=7, epoch=epoch, rank=rank, world=world)
+            assert list(ours) == list(reference) and len(ours) == len(reference)
+            full.append(list(ours))
+        # Resumed after k steps of batch 2: each process continues where it was.
+        for k in range(len(full[0]) // 2 + 1):
+            for rank in range(world):
+                assert list(EpochSampler(size, seed=7, epoch=epoch, position=2 * k * world, rank=rank,
+                                         world=world)) == full[rank][2 * k:]
+        # Resumed with another number of processes: every process takes the same number of samples,
+        # together covering the rest of the epoch.
+        position = 2 * world
+        rest = EpochSampler(size, seed=7, epoch=epoch).order()[position:]  # one process: no padding
+        for other in (1, 2, 3):
+            shares = [EpochSampler(size, seed=7, epoch=epoch, position=position, rank=r, world=other)
+                      for r in range(other)]
+            assert len({len(s) for s in shares}) == 1 and all(len(list(s)) == len(s) for s in shares)
+            assert set(rest) <= set().union(*map(list, shares))
+            assert bool(rest) == any(len(s) for s in shares)
