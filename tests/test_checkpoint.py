@@ -13,9 +13,8 @@ import pytest
 import torch
 
 from detrkit import build_model, load_model, save_model
-from detrkit.aids import AidedModel
 from detrkit.checkpoint import detect_format
-from detrkit.config import LossConfig, ModelConfig
+from detrkit.config import ModelConfig
 from detrkit.engine import load_train_state, save_run_checkpoint
 from detrkit.errors import CheckpointError
 
@@ -137,18 +136,17 @@ import json, sys
 from pathlib import Path
 import torch
 from detrkit import build_model
-from detrkit.aids import AidedModel
-from detrkit.config import LossConfig, ModelConfig
+from detrkit.config import ModelConfig
 from detrkit.engine import save_run_checkpoint
 torch.manual_seed(1)
 model = build_model(ModelConfig(**json.loads(sys.argv[2])))
-save_run_checkpoint(Path(sys.argv[1]), AidedModel(model, LossConfig()), torch.optim.AdamW(model.parameters()),
+save_run_checkpoint(Path(sys.argv[1]), model, torch.optim.AdamW(model.parameters()),
                     {"epoch": 2, "step": 20}, {"image_size": 64})
 """
 
 
 def _save_run(folder, model, step):
-    save_run_checkpoint(folder, AidedModel(model, LossConfig()), torch.optim.AdamW(model.parameters()),
+    save_run_checkpoint(folder, model, torch.optim.AdamW(model.parameters()),
                         {"epoch": step // 10, "step": step}, {"image_size": 64})
 
 

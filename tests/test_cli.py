@@ -178,12 +178,14 @@ def test_a_trivially_easy_set_is_learned(tmp_path):
     run = tmp_path / "run"
     assert main(["train", *flags, *TRAIN_FLAGS[:-4], "--batch-size", "8", "--workers", "0", "--image-size", "64",
                  "--epochs", "60", "--eval-every", "60", "--lr", "5e-4", "--lr-backbone", "5e-4",
-                 "--schedule", "cosine", "--out", str(run)]) == 0
+                 "--schedule", "cosine", "--augment", "flip", "--out", str(run)]) == 0
     lines = (run / "results.csv").read_text().splitlines()
     header = lines[0].split(",")
     first, last = dict(zip(header, lines[1].split(","))), dict(zip(header, lines[-1].split(",")))
     assert float(last["train_loss"]) < 0.6 * float(first["train_loss"]), (first, last)
-    assert float(last["AP50"]) > 0.5, last
+    # Plain DETR after 240 steps from random weights: AP50 0.35-0.41 over seeds 42 and 1 with flip-only
+    # augmentation (0.2-0.7 with the official crops, too noisy to test); an untrained model scores ~0.
+    assert float(last["AP50"]) > 0.2, last
 
 
 def test_python_api_mirrors_the_cli(shapes, tmp_path):
@@ -331,8 +333,8 @@ def _poison_losses(monkeypatch, bad_steps):
         criterion = real(*args, **kwargs)
         forward = criterion.forward
 
-        def poisoned(outputs, targets):
-            losses = forward(outputs, targets)
+        def poisoned(outputs, targets, *args):
+            losses = forward(outputs, targets, *args)
             if len(seen) in bad_steps:
                 losses["loss"] = losses["loss"] * float("nan")
             seen.append([t["image_id"] for t in targets])

@@ -373,13 +373,13 @@ def test_unreadable_images(tmp_path, make_file):
 def test_an_image_broken_after_the_check_names_its_file_from_a_loader_process(small_coco):
     """Loader processes re-raise in the main process; the error is still a one-line DataError
     naming the file, with the worker's traceback kept for --debug."""
-    from detrkit.engine import make_loader
+    from detrkit.engine import make_eval_loader
 
     json_path, root = small_coco
     ds = CocoDetection(json_path, root, check_images=True)  # every file opens now
     _truncated_jpeg(root / "a.jpg")  # ... and then one is damaged
     with pytest.raises(DataError) as err:
-        for _ in make_loader(ds, batch_size=1, workers=2, shuffle=False):
+        for _ in make_eval_loader(ds, batch_size=1, workers=2):
             pass
     message = str(err.value)
     assert message.startswith(str(root / "a.jpg")) and "cannot read the image" in message and "\n" not in message
