@@ -188,6 +188,7 @@ class TrainState:
     best_epoch: int = 0  # the epoch that reached it (for --patience)
     sums: dict = field(default_factory=dict)  # loss sums of the current epoch's steps, for its results row
     count: int = 0  # steps in the current epoch
+    bad_in_a_row: int = 0  # consecutive non-finite losses, across epoch boundaries (MAX_BAD_STEPS stops the run)
 
     def progress(self, cfg: TrainConfig, epoch_size: int) -> float:
         """Fraction of the run done (in samples), for the learning-rate schedule when there is no time budget."""
@@ -361,7 +362,7 @@ def train_one_epoch(trainer: Trainer, loader: DataLoader, state: TrainState, clo
     trainer.net.train()
     trainer.criterion.train()
     trainer.optimizer.zero_grad(set_to_none=True)
-    bad, status = 0, "done"
+    status = "done"
     clock.start()
     steps = math.ceil(len(loader) / cfg.accumulate)
     bar = tqdm(_groups(loader, cfg.accumulate), total=steps, desc=f"epoch {state.epoch + 1}", leave=False,
@@ -379,17 +380,17 @@ def train_one_epoch(trainer: Trainer, loader: DataLoader, state: TrainState, clo
         images = sum(images.shape[0] for images, _, _ in micro_batches) * world
         state.position += images
         if not math.isfinite(values["loss"]):
-            bad += 1
+            state.bad_in_a_row += 1
             trainer.optimizer.zero_grad(set_to_none=True)
             ids = [t.get("image_id") for _, _, ts in micro_batches for t in ts]
             if distributed.is_main():
                 warnings.warn(f"non-finite loss at epoch {state.epoch + 1}, step {state.step} "
                               f"(image ids {ids}{' on rank 0' if world > 1 else ''}); step skipped")
-            if bad >= MAX_BAD_STEPS:
-                raise NonFiniteLoss(f"{bad} non-finite losses in a row (last batch: image ids {ids}); "
+            if state.bad_in_a_row >= MAX_BAD_STEPS:
+                raise NonFiniteLoss(f"{state.bad_in_a_row} non-finite losses in a row (last batch: image ids {ids}); "
                                     f"lower --lr or check the data (detrkit check-data)")
         else:
-            bad = 0
+            state.bad_in_a_row = 0
             trainer.optimizer_step()
             state.step += 1
             state.count += 1
