@@ -258,3 +258,15 @@ def test_detr_outputs_with_and_without_the_backbone_speed_switches():
         plain = model(images)
     torch.testing.assert_close(fast["pred_logits"], plain["pred_logits"], atol=1e-4, rtol=0)
     torch.testing.assert_close(fast["pred_boxes"], plain["pred_boxes"], atol=1e-4, rtol=0)
+
+
+def test_a_caller_s_autocast_reaches_the_network():
+    """bf16 training wraps the model call in autocast; the model must not switch it off."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**TINY, backbone="resnet18"))
+    seen = []
+    model.input_proj.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model([torch.randn(3, 64, 64)])
+    model([torch.randn(3, 64, 64)])
+    assert seen == [torch.bfloat16, torch.float32]

@@ -110,11 +110,13 @@ class DETR(nn.Module):
             one per decoder layer before the last.
         """
         x, mask = self._batch(images)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        if self.precision != "bf16":
+            # No autocast context of our own: `autocast(enabled=False)` here would switch off
+            # the autocast a caller runs the model under (bf16/fp16 training).
+            return self._forward(x, mask) if extra is None else self._forward(x, mask, extra)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
             out = self._forward(x, mask) if extra is None else self._forward(x, mask, extra)
-        if self.precision == "bf16":  # losses, matching and postprocessing always see float32
-            out = _to_float(out)
-        return out
+        return _to_float(out)  # losses, matching and postprocessing always see float32
 
     def _forward(self, x: Tensor, mask: Tensor, extra: Optional[ExtraQueries] = None) -> dict:
         """The network on a padded batch ``x (B, 3, H, W)``, ``mask (B, H, W)``."""
