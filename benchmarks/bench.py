@@ -397,12 +397,33 @@ def section_matcher(size: dict, results: dict) -> None:
     print(f"  speed-up {ratio:.1f}x (target >= 5x)")
 
 
-def section_agreement(folder: Path, size: dict, results: dict) -> None:
-    """bf16 against fp32 on the R50: the top class of every query scoring > 0.5 in fp32.
+def top_class_agreement(ours, fast, batches) -> tuple[int, int]:
+    """Over every query that scores > 0.5 in fp32: how many have the same top class in bf16.
 
-    Random weights give flat class scores, so the class head is sharpened (x20) to make many
-    queries confident; that magnifies bf16's rounding in the logits, so the check is stricter,
-    not looser, than on a trained model's head.
+    Returns ``(agreeing, total)``. Scores are softmax without "no object" (DETR) or sigmoid
+    (two-stage models), as postprocessing reads them.
+    """
+    def scores(model, batch):
+        logits = model(batch)["pred_logits"]
+        return logits.sigmoid() if model.sigmoid_class else logits.softmax(-1)[..., :-1]
+
+    agree = total = 0
+    with torch.inference_mode():
+        for batch in batches:
+            score, label = scores(ours, batch).max(-1)
+            keep = score > 0.5
+            agree += int((scores(fast, batch).argmax(-1)[keep] == label[keep]).sum())
+            total += int(keep.sum())
+    return agree, total
+
+
+def section_agreement(folder: Path, size: dict, results: dict, weights: str | None, images: str | None) -> None:
+    """bf16 against fp32: the top class of every query scoring > 0.5 in fp32.
+
+    On the R50: random weights give flat class scores, so the class head is sharpened (x20) to
+    make many queries confident; that magnifies bf16's rounding in the logits, so the check is
+    stricter, not looser, than on a trained head. With ``--agreement-weights`` and
+    ``--agreement-images`` the same check runs on a trained checkpoint and real images too.
     """
     ours, fast = load_ours(folder), load_ours(folder, "bf16")
     for m in (ours, fast):
@@ -410,20 +431,24 @@ def section_agreement(folder: Path, size: dict, results: dict) -> None:
             m.class_embed.weight.mul_(20)
             m.class_embed.bias.mul_(20)
     h, w = size["infer"]
-    agree = total = 0
-    with torch.inference_mode():
-        for seed in range(3):
-            x, mask = padded_batch([(h, w)], seed=10 + seed)
-            p = ours((x, mask))["pred_logits"].softmax(-1)[..., :-1]
-            pf = fast((x, mask))["pred_logits"].softmax(-1)[..., :-1]
-            score, label = p.max(-1)
-            keep = score > 0.5
-            agree += int((pf.argmax(-1)[keep] == label[keep]).sum())
-            total += int(keep.sum())
-    results["agreement"] = {"queries_over_0.5": total, "same_top_class": agree,
-                            "fraction": agree / total if total else None}
-    frac = f"{agree / total:.1%}" if total else "n/a"
-    print(f"\nbf16 vs fp32, top class of queries scoring > 0.5 (3 images): {agree}/{total} agree ({frac}, target >= 99%)")
+    batches = [padded_batch([(h, w)], seed=10 + i) for i in range(3)]
+    agree, total = top_class_agreement(ours, fast, batches)
+    results["agreement"] = {"r50": {"queries_over_0.5": total, "same_top_class": agree}}
+    print(f"\nbf16 vs fp32, top class of the queries scoring > 0.5 in fp32 (target >= 99 %)")
+    print(f"  R50, sharpened head, 3 noise images at {h}x{w}: {agree}/{total} agree ({agree / max(total, 1):.1%})")
+    if weights and images:
+        from detrkit.data.batch import pad_images
+        from detrkit.data.transforms import prepare_image, val_transforms
+
+        ours, fast = load_ours(Path(weights)), load_ours(Path(weights), "bf16")
+        transform = val_transforms(ours.inference["image_size"], ours.inference.get("max_size"))
+        files = sorted(f for f in Path(images).iterdir() if f.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        tensors = [prepare_image(f, transform)[0] for f in files]
+        batches = [pad_images(tensors[i:i + 8]) for i in range(0, len(tensors), 8)]
+        agree, total = top_class_agreement(ours, fast, batches)
+        results["agreement"]["checkpoint"] = {"weights": weights, "images": len(files), "queries_over_0.5": total,
+                                              "same_top_class": agree}
+        print(f"  {weights}, {len(files)} images: {agree}/{total} agree ({agree / max(total, 1):.1%})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,6 +479,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--malloc", choices=["detrkit", "default"], default="detrkit",
                    help="glibc allocator settings for both sides: detrkit's (as the CLI applies them) or glibc's")
     p.add_argument("--json", metavar="FILE", help="write every number to FILE")
+    p.add_argument("--agreement-weights", metavar="PATH", help="also check bf16 against fp32 on this checkpoint ...")
+    p.add_argument("--agreement-images", metavar="DIR", help="... on the images in DIR")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     p.set_defaults(size="full")
@@ -487,7 +514,7 @@ def main(argv: list[str] | None = None) -> dict:
         if "inference" in sections:
             section_inference(folder, size, results, args.ablation)
         if "agreement" in sections:
-            section_agreement(folder, size, results)
+            section_agreement(folder, size, results, args.agreement_weights, args.agreement_images)
         if "train" in sections:
             section_train(folder, size, results)
         if "memory" in sections:

@@ -100,7 +100,8 @@ class Backbone(nn.Module):
         """
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         fused = (self.onednn and self.channels_last and x.device.type == "cpu" and not torch.is_grad_enabled()
-                 and dtype in (torch.float32, torch.bfloat16) and _ONEDNN and torch.backends.mkldnn.is_available())
+                 and dtype in (torch.float32, torch.bfloat16) and _ONEDNN and torch.backends.mkldnn.is_available()
+                 and not torch.jit.is_tracing())  # (ONNX export traces the plain convolutions)
         if fused:
             x = x.to(dtype)  # the fused calls are outside autocast's reach: cast the input once
         body = self.body

@@ -142,7 +142,7 @@ class DETR(nn.Module):
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
         return out
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def predict(self, images, threshold: float = 0.5, batch_size: int = 8) -> list[dict]:
         """Detect objects in image files, PIL images or uint8 ``3 x H x W`` tensors.
 
