@@ -15,9 +15,10 @@ from __future__ import annotations
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
 from torchvision.ops import generalized_box_iou
 
-from detrkit.boxes import cxcywh_to_xyxy
+from detrkit.boxes import cxcywh_to_xyxy, pairwise_generalized_box_iou
 
 
 class HungarianMatcher(nn.Module):
@@ -78,10 +79,7 @@ class HungarianMatcher(nn.Module):
             p = logits.float().softmax(-1).gather(-1, index)  # (..., Q, T): probability of each target's class
             cost_class = 1 - p if self.class_cost == "one_minus_prob" else -p
         cost_bbox = torch.cdist(boxes, tgt_boxes, p=1)  # (..., Q, T)
-        giou = generalized_box_iou
-        for _ in range(boxes.dim() - 2):  # torchvision's GIoU takes (N, 4) x (M, 4): map it over the batch
-            giou = torch.vmap(giou)
-        cost_giou = -giou(cxcywh_to_xyxy(boxes), cxcywh_to_xyxy(tgt_boxes))  # (..., Q, T)
+        cost_giou = -pairwise_generalized_box_iou(cxcywh_to_xyxy(boxes), cxcywh_to_xyxy(tgt_boxes))  # (..., Q, T)
         return {"class": cost_class, "bbox": cost_bbox, "giou": cost_giou}
 
     @torch.no_grad()
@@ -103,40 +101,43 @@ class HungarianMatcher(nn.Module):
         empty = torch.empty(0, dtype=torch.int64)
         if width == 0:
             return [(empty, empty) for _ in targets]
-        # Targets padded to the largest count; the padding (label 0, a whole-image box, so that
-        # every GIoU is defined) only fills columns that are cut off before solving.
-        labels = logits.new_zeros((len(targets), width), dtype=torch.int64)
-        tgt_boxes = logits.new_full((len(targets), width, 4), 0.5, dtype=torch.float32)
-        tgt_boxes[..., 2:] = 1.0
-        for b, (t, n) in enumerate(zip(targets, counts)):
-            labels[b, :n] = t["labels"]
-            tgt_boxes[b, :n] = t["boxes"]
+        # Targets padded to the largest count; the padding (label 0, box (0.5, 0.5, 0.5, 0.5),
+        # so that every GIoU is defined) only fills columns that are cut off before solving.
+        labels = pad_sequence([t["labels"] for t in targets], batch_first=True)  # (B, T_max)
+        tgt_boxes = pad_sequence([t["boxes"].float() for t in targets], batch_first=True, padding_value=0.5)
         cost = self.cost_matrix(logits, boxes, labels, tgt_boxes).cpu()  # (B, Q, T_max)
+        # One reduction instead of an element-wise test: NaN and inf survive a sum, and finite
+        # costs (probabilities, L1 distances and GIoUs of boxes in [0, 1]) cannot overflow it.
+        if not torch.isfinite(cost.sum()):
+            b = next(b for b, n in enumerate(counts) if not torch.isfinite(cost[b, :, :n]).all())
+            raise ValueError(_non_finite_message(b, logits[b], boxes[b], targets[b]))
         indices = []
         for b, n in enumerate(counts):
             if n == 0:
                 indices.append((empty, empty))
                 continue
-            block = cost[b, :, :n]  # (Q, T_b)
-            if not torch.isfinite(block).all():
-                raise ValueError(_non_finite_message(b, logits[b], boxes[b], targets[b]))
-            rows, cols = linear_sum_assignment(block.numpy())
+            rows, cols = linear_sum_assignment(cost[b, :, :n].numpy())  # image b's (Q, T_b) block
             indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
         return indices
 
 
 @torch.no_grad()
 def full_matrix_match(matcher: HungarianMatcher, outputs: dict, targets: list[dict]) -> list[tuple[Tensor, Tensor]]:
-    """The official DETR method, the reference for :class:`HungarianMatcher`: one
-    ``(B*Q) x sum(T)`` cost matrix of every query against every target in the batch, cut into
-    per-image blocks, each solved on its own. The off-diagonal blocks are computed and thrown
-    away. Same arguments and result as ``matcher(outputs, targets)``.
+    """The official DETR matcher, kept as the reference for :class:`HungarianMatcher` (tests and
+    benchmarks/bench.py): one ``(B*Q) x sum(T)`` cost matrix of every query against every target
+    in the batch, with torchvision's GIoU, cut into per-image blocks, each solved on its own;
+    the off-diagonal blocks are computed and thrown away. Softmax classes only. Same arguments
+    and result as ``matcher(outputs, targets)``.
     """
     b, q = outputs["pred_logits"].shape[:2]
+    prob = outputs["pred_logits"].flatten(0, 1).float().softmax(-1)  # (B*Q, K+1)
+    out_boxes = outputs["pred_boxes"].flatten(0, 1).float()  # (B*Q, 4)
     labels = torch.cat([t["labels"] for t in targets])  # (sum T,)
-    tgt_boxes = torch.cat([t["boxes"] for t in targets])  # (sum T, 4)
-    cost = matcher.cost_matrix(outputs["pred_logits"].flatten(0, 1), outputs["pred_boxes"].flatten(0, 1),
-                               labels, tgt_boxes)  # (B*Q, sum T)
+    tgt_boxes = torch.cat([t["boxes"] for t in targets]).float()  # (sum T, 4)
+    cost_class = -prob[:, labels] if matcher.class_cost == "neg_prob" else 1 - prob[:, labels]
+    cost_bbox = torch.cdist(out_boxes, tgt_boxes, p=1)
+    cost_giou = -generalized_box_iou(cxcywh_to_xyxy(out_boxes), cxcywh_to_xyxy(tgt_boxes))
+    cost = matcher.cost_bbox * cost_bbox + matcher.cost_class * cost_class + matcher.cost_giou * cost_giou
     blocks = cost.view(b, q, -1).cpu().split([len(t["labels"]) for t in targets], -1)
     indices = []
     for i, block in enumerate(blocks):

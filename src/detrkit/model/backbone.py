@@ -66,13 +66,11 @@ class Backbone(nn.Module):
         trainable = STAGES[frozen_stages:] if frozen_stages > 0 else ("conv1",) + STAGES
         for pname, p in self.body.named_parameters():
             p.requires_grad_(train_backbone and pname.split(".")[0] in trainable)
-        # Switches that change speed, not results (benchmarks/bench.py measures each):
-        # BatchNorm folded into the convolutions (see trunk); channels-last activations, the
-        # layout the CPU (oneDNN) and GPU (cuDNN) convolutions prefer; and, for CPU inference,
-        # fused oneDNN calls (needs both others).
+        # Two switches that change speed, not results (benchmarks/bench.py measures each):
+        # BatchNorm folded into the convolutions (see trunk), and channels-last activations,
+        # the layout the CPU (oneDNN) and GPU (cuDNN) convolutions prefer.
         self.fold = True
         self.channels_last = True
-        self.onednn = True
         # Folded (weight, bias) of the convolutions whose weights get no gradient, keyed by
         # convolution: rebuilt when a weight or statistic changes (see _folded). Not a buffer:
         # it never reaches the state_dict.
@@ -92,63 +90,42 @@ class Backbone(nn.Module):
         return features, mask
 
     def trunk(self, x: Tensor) -> Tensor:
-        """``self.body(x)`` with every BatchNorm folded into the convolution before it, where exact.
-
-        In CPU inference (no autograd) each convolution, its ReLU and the residual addition run
-        as one oneDNN call on pre-packed weights (what ``torch.compile`` generates for the
-        same graph): the same arithmetic, without a separate pass over each activation.
-        """
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        fused = (self.onednn and self.channels_last and x.device.type == "cpu" and not torch.is_grad_enabled()
-                 and dtype in (torch.float32, torch.bfloat16) and _ONEDNN and torch.backends.mkldnn.is_available()
-                 and not torch.jit.is_tracing())  # (ONNX export traces the plain convolutions)
-        if fused:
-            x = x.to(dtype)  # the fused calls are outside autocast's reach: cast the input once
+        """``self.body(x)`` with every BatchNorm folded into the convolution before it, where exact."""
         body = self.body
-        x = self._conv_bn(x, body.conv1, body.bn1, fused, relu=True)
+        x = self._conv_bn(x, body.conv1, body.bn1, relu=True)
         x = body.maxpool(x)
         for stage in self.stages:
             for block in getattr(body, stage):
-                x = self._block(block, x, fused)
+                x = self._block(block, x)
         return x
 
-    def _block(self, block: nn.Module, x: Tensor, fused: bool) -> Tensor:
+    def _block(self, block: nn.Module, x: Tensor) -> Tensor:
         """One torchvision ``BasicBlock`` or ``Bottleneck``, as its own forward computes it."""
-        identity = x if block.downsample is None else self._conv_bn(x, block.downsample[0], block.downsample[1], fused)
-        out = self._conv_bn(x, block.conv1, block.bn1, fused, relu=True)
+        out = self._conv_bn(x, block.conv1, block.bn1, relu=True)
         if isinstance(block, Bottleneck):
-            out = self._conv_bn(out, block.conv2, block.bn2, fused, relu=True)
-            return self._conv_bn(out, block.conv3, block.bn3, fused, residual=identity)
-        return self._conv_bn(out, block.conv2, block.bn2, fused, residual=identity)
+            out = self._conv_bn(out, block.conv2, block.bn2, relu=True)
+            out = self._conv_bn(out, block.conv3, block.bn3)
+        else:
+            out = self._conv_bn(out, block.conv2, block.bn2)
+        identity = x if block.downsample is None else self._conv_bn(x, block.downsample[0], block.downsample[1])
+        return F.relu_(out.add_(identity))
 
-    def _conv_bn(self, x: Tensor, conv: nn.Conv2d, bn: nn.Module, fused: bool, relu: bool = False,
-                 residual: Optional[Tensor] = None) -> Tensor:
-        """``relu(bn(conv(x)) + residual)`` (ReLU when ``relu`` or ``residual`` is given), as one
-        convolution where folding is exact, and as one oneDNN call when ``fused``."""
-        relu = relu or residual is not None
+    def _conv_bn(self, x: Tensor, conv: nn.Conv2d, bn: nn.Module, relu: bool = False) -> Tensor:
+        """``relu(bn(conv(x)))``, as one convolution where folding is exact."""
         if isinstance(bn, nn.BatchNorm2d) and bn.training:  # batch statistics: nothing to fold
             x = bn(conv(x))
-        elif fused:
-            weight, bias = self._folded(conv, bn, x, packed=True)
-            args = (weight, bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
-            if residual is not None:
-                return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, *args, "add", 1.0, "relu", [], "")
-            return torch.ops.mkldnn._convolution_pointwise(x, *args, "relu" if relu else "none", [], "")
         else:
             weight, bias = self._folded(conv, bn, x)
             x = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-        if residual is not None:
-            x = x.add_(residual)
         return F.relu_(x) if relu else x
 
-    def _folded(self, conv: nn.Conv2d, bn: nn.Module, x: Tensor, packed: bool = False) -> tuple[Tensor, Tensor]:
+    def _folded(self, conv: nn.Conv2d, bn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
         """The (weight, bias) of ``conv`` followed by ``bn`` (fixed statistics) as one convolution.
 
         Recomputed on every call while gradients flow to the convolution's weight (training
         layer2-4: the product is differentiable and cheap next to the convolution). Otherwise
         cached, in the dtype the convolution will run in (bfloat16 under bfloat16 autocast, so
-        autocast does not cast the weights again on every call), in the activations' layout,
-        or ``packed`` in oneDNN's blocked layout for the fused CPU calls.
+        autocast does not cast the weights again on every call) and in the activations' layout.
         """
         if torch.is_grad_enabled() and conv.weight.requires_grad:
             return _fold(conv, bn)
@@ -156,7 +133,7 @@ class Backbone(nn.Module):
         tensors = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
         # In-place updates (optimiser steps, load_state_dict) bump _version; .to() changes data_ptr.
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
-        key = (dtype, layout, packed, x.device) + tuple((t._version, t.data_ptr()) for t in tensors)
+        key = (dtype, layout, x.device) + tuple((t._version, t.data_ptr()) for t in tensors)
         cached = self._fold_cache.get(conv)
         if cached is None or cached[0] != key:
             # Ordinary tensors even when called under inference_mode, so the cache can serve a
@@ -164,9 +141,6 @@ class Backbone(nn.Module):
             with torch.inference_mode(False), torch.no_grad():
                 weight, bias = _fold(conv, bn)
                 weight = weight.to(dtype).contiguous(memory_format=layout)
-                if packed:
-                    weight = torch.ops.mkldnn._reorder_convolution_weight(
-                        weight, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
                 cached = (key, weight, bias.to(dtype))
             self._fold_cache[conv] = cached
         return cached[1], cached[2]
@@ -175,11 +149,6 @@ class Backbone(nn.Module):
         if mode:  # the cached weights of layers about to learn would go stale, unused
             self._fold_cache.clear()
         return super().train(mode)
-
-
-# oneDNN's fused convolution (+ ReLU, + residual add) and its weight packing, used by
-# torch.compile's CPU backend; present in CPU builds of torch 2.x with oneDNN.
-_ONEDNN = hasattr(torch.ops.mkldnn, "_convolution_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight")
 
 
 def _fold(conv: nn.Conv2d, bn: nn.Module) -> tuple[Tensor, Tensor]:
