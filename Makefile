@@ -4,7 +4,7 @@
 PY      := .venv/bin/python
 TORCH   := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test clean
+.PHONY: demo test bench clean
 
 .venv/installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -18,6 +18,10 @@ demo: .venv/installed
 
 test: .venv/installed
 	$(PY) -m pytest -q tests
+
+# detrkit against Hugging Face DETR-R50, side by side (docs/benchmarks.md); about 5 minutes on 2 cores.
+bench: .venv/installed
+	$(PY) benchmarks/bench.py --ablation --json runs/bench.json
 
 clean:
 	rm -rf .venv runs build src/*.egg-info

@@ -1,7 +1,9 @@
 import torch
 from torchvision.ops import generalized_box_iou
 
-from detrkit.boxes import cxcywh_to_xyxy, elementwise_generalized_box_iou, scale_boxes, xyxy_to_cxcywh
+from detrkit.boxes import (
+    cxcywh_to_xyxy, elementwise_generalized_box_iou, pairwise_generalized_box_iou, scale_boxes, xyxy_to_cxcywh,
+)
 
 
 def test_round_trip():
@@ -29,3 +31,18 @@ def test_elementwise_giou_is_the_diagonal_of_the_pairwise_matrix():
     assert torch.allclose(elementwise_generalized_box_iou(a, a), torch.ones(30))
     far = elementwise_generalized_box_iou(torch.tensor([[0.0, 0.0, 0.1, 0.1]]), torch.tensor([[0.9, 0.9, 1.0, 1.0]]))
     assert far.item() < -0.9
+
+
+def test_pairwise_giou_equals_torchvision_for_one_set_and_a_batch():
+    gen = torch.Generator().manual_seed(2)
+
+    def boxes(*shape):
+        return cxcywh_to_xyxy(torch.cat([torch.rand(*shape, 2, generator=gen),
+                                         torch.rand(*shape, 2, generator=gen) * 0.3 + 0.01], -1))
+
+    a, b = boxes(4, 30), boxes(4, 7)
+    batched = pairwise_generalized_box_iou(a, b)
+    assert batched.shape == (4, 30, 7)
+    for i in range(4):
+        torch.testing.assert_close(batched[i], generalized_box_iou(a[i], b[i]), rtol=0, atol=1e-7)
+        torch.testing.assert_close(pairwise_generalized_box_iou(a[i], b[i]), batched[i], rtol=0, atol=0)

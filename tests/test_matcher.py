@@ -6,6 +6,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from detrkit import HungarianMatcher
+from detrkit.matcher import full_matrix_match
 
 
 def _random_problem(gen, batch, queries, counts, classes=5):
@@ -62,6 +63,32 @@ def test_full_matrix_method_gives_the_same_assignment():
     for b, (rows, cols) in enumerate(matcher(outputs, targets)):
         r, c = linear_sum_assignment(blocks[b][b].numpy())
         assert rows.tolist() == r.tolist() and cols.tolist() == c.tolist()
+
+
+@pytest.mark.parametrize("class_cost", ["neg_prob", "one_minus_prob"])
+def test_block_costs_equal_the_full_matrix_reference_at_benchmark_size(class_cost):
+    """benchmarks/bench.py's matcher problem (B=8, Q=300, T=50, 91 classes), and uneven counts:
+    the official full-matrix method finds the same assignments."""
+    gen = torch.Generator().manual_seed(9)
+    matcher = HungarianMatcher(class_cost=class_cost)
+    for counts in ([50] * 8, [50, 0, 3, 17, 1, 50, 9, 0]):
+        outputs, targets = _random_problem(gen, 8, 300, counts, classes=91)
+        ours, ref = matcher(outputs, targets), full_matrix_match(matcher, outputs, targets)
+        for (r, c), (rr, cr), n in zip(ours, ref, counts):
+            assert len(r) == n and torch.equal(r, rr) and torch.equal(c, cr)
+
+
+def test_batched_cost_equals_one_image_at_a_time_with_sigmoid_classes():
+    gen = torch.Generator().manual_seed(10)
+    matcher = HungarianMatcher(sigmoid=True)
+    outputs, targets = _random_problem(gen, 3, 40, [6, 6, 6], classes=7)
+    labels = torch.stack([t["labels"] for t in targets])
+    batched = matcher.cost_matrix(outputs["pred_logits"], outputs["pred_boxes"], labels,
+                                  torch.stack([t["boxes"] for t in targets]))
+    assert batched.shape == (3, 40, 6)
+    for b, t in enumerate(targets):
+        single = matcher.cost_matrix(outputs["pred_logits"][b], outputs["pred_boxes"][b], t["labels"], t["boxes"])
+        torch.testing.assert_close(batched[b], single, rtol=0, atol=1e-6)
 
 
 def test_neg_prob_and_one_minus_prob_give_the_same_assignment():

@@ -155,3 +155,118 @@ def test_imagenet_weights_from_a_local_file(tmp_path):
     torch.save(torchvision.models.resnet34(weights=None).state_dict(), tmp_path / "resnet34.pth")
     with pytest.raises(ValueError, match="resnet34.pth"):
         build_model(ModelConfig(**TINY, backbone="resnet18"), backbone_weights=tmp_path / "resnet34.pth")
+
+
+def _random_statistics(module: torch.nn.Module, gen: torch.Generator) -> None:
+    """BatchNorm statistics and affine terms far from the identity, so folding is really tested."""
+    with torch.no_grad():
+        for m in module.modules():
+            if hasattr(m, "running_var"):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.2)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+                m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=gen))
+                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=gen))
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(backbone="resnet50"),  # bottleneck blocks, frozen BN
+    dict(backbone="resnet50", dilation=True),
+    dict(backbone="resnet18", backbone_norm="batch", backbone_stages=3),  # trainable BN, in eval mode
+])
+def test_folded_batchnorm_equals_the_torchvision_modules(overrides):
+    """Eval forward (BatchNorm folded into the convolutions) == the unfolded torchvision trunk,
+    and the state_dict is untouched by it."""
+    from detrkit.model.backbone import Backbone
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**TINY, **overrides})
+    backbone = Backbone(cfg.backbone, dilation=cfg.dilation, stages=cfg.backbone_stages, norm=cfg.backbone_norm)
+    _random_statistics(backbone, torch.Generator().manual_seed(1))
+    backbone.eval()
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    x = torch.randn(2, 3, 96, 64)
+    mask = torch.zeros(2, 96, 64, dtype=torch.bool)
+    with torch.inference_mode():
+        ref = backbone.body(x)
+        features, _ = backbone(x, mask)
+    assert len(backbone._fold_cache) > 0  # the folded path really ran
+    # Random deep ResNets reach |x| ~ 1e3: compare relative to the scale (float32 rounding).
+    scale = float(ref.abs().max())
+    torch.testing.assert_close(features, ref, atol=1e-5 * scale, rtol=0)
+    after = backbone.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    # A changed statistic (here in place, as load_state_dict does) reaches the next forward.
+    with torch.no_grad():
+        backbone.body.bn1.running_var.mul_(4)
+        ref = backbone.body(x)
+        features, _ = backbone(x, mask)
+    torch.testing.assert_close(features, ref, atol=1e-5 * float(ref.abs().max()), rtol=0)
+    # A forward that records gradients after an inference_mode one (cached folded weights).
+    x.requires_grad_(True)
+    features, _ = backbone(x, mask)
+    features.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_folded_frozen_batchnorm_trains_like_the_modules():
+    """Training with frozen BN folded: the same loss and the same gradient for every weight."""
+    from detrkit.model.backbone import Backbone
+
+    torch.manual_seed(0)
+    backbone = Backbone("resnet18", frozen_stages=1)
+    _random_statistics(backbone, torch.Generator().manual_seed(2))
+    backbone.train()
+    x = torch.randn(2, 3, 64, 64)
+    mask = torch.zeros(2, 64, 64, dtype=torch.bool)
+    backbone(x, mask)[0].square().mean().backward()
+    folded = {n: p.grad.clone() for n, p in backbone.named_parameters() if p.requires_grad}
+    backbone.zero_grad()
+    backbone.body(x).square().mean().backward()
+    assert folded.keys() == {n for n, p in backbone.named_parameters() if p.requires_grad} and folded
+    for n, p in backbone.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(folded[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
+    # The stem and layer1 do not learn: their folded weights are cached; layer2-4 are not.
+    cached = {c for c in backbone._fold_cache}
+    assert backbone.body.conv1 in cached and backbone.body.layer2[0].conv1 not in cached
+
+
+def test_bf16_autocast_keeps_convolution_outputs_in_bf16():
+    """Frozen BN with float32 statistics would turn every convolution output back into float32."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**TINY, backbone="resnet18")).eval()
+    seen = []
+    hook = model.input_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    model.precision = "bf16"  # the forward runs under bfloat16 autocast
+    with torch.inference_mode():
+        model([torch.randn(3, 64, 64)])
+    hook.remove()
+    assert seen == [torch.bfloat16]
+    weights = [w for key, w, b in model.backbone._fold_cache.values()]
+    assert weights and all(w.dtype == torch.bfloat16 for w in weights)  # cast once, not on every call
+
+
+def test_detr_outputs_with_and_without_the_backbone_speed_switches():
+    """Folding BatchNorm and channels-last change the outputs by float32 rounding only (< 1e-4)."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**TINY, backbone="resnet50")).eval()
+    _random_statistics(model.backbone, torch.Generator().manual_seed(3))
+    images = [torch.randn(3, 96, 128), torch.randn(3, 64, 100)]
+    with torch.inference_mode():
+        fast = model(images)
+        model.backbone.fold = model.backbone.channels_last = False
+        plain = model(images)
+    torch.testing.assert_close(fast["pred_logits"], plain["pred_logits"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(fast["pred_boxes"], plain["pred_boxes"], atol=1e-4, rtol=0)
+
+
+def test_a_caller_s_autocast_reaches_the_network():
+    """bf16 training wraps the model call in autocast; the model must not switch it off."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**TINY, backbone="resnet18"))
+    seen = []
+    model.input_proj.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model([torch.randn(3, 64, 64)])
+    model([torch.randn(3, 64, 64)])
+    assert seen == [torch.bfloat16, torch.float32]

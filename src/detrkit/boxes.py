@@ -53,3 +53,26 @@ def elementwise_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     rb_c = torch.max(boxes1[:, 2:], boxes2[:, 2:])
     area_c = (rb_c - lt_c).clamp(min=0).prod(dim=1)
     return iou - (area_c - union) / area_c
+
+
+def pairwise_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """GIoU of every pair: ``boxes1 (..., N, 4)`` with ``boxes2 (..., M, 4)``, xyxy -> ``(..., N, M)``.
+
+    ``torchvision.ops.generalized_box_iou`` (same formula, same order of operations), for a
+    batch of box sets at once, and laid out per coordinate: every intermediate is an
+    ``(..., N, M)`` array with M contiguous, not an ``(N, M, 2)`` one, which the matcher's cost
+    of B images x 300 queries x 50 targets computes several times faster.
+    """
+    # Each coordinate as its own contiguous array: broadcasting strided views is 5x slower.
+    x0, y0, x1, y1 = boxes1.movedim(-1, 0).contiguous().unsqueeze(-1)  # each (..., N, 1)
+    u0, v0, u1, v1 = boxes2.movedim(-1, 0).contiguous().unsqueeze(-2)  # each (..., 1, M)
+    area1 = (x1 - x0) * (y1 - y0)
+    area2 = (u1 - u0) * (v1 - v0)
+    inter = (torch.minimum(x1, u1) - torch.maximum(x0, u0)).clamp(min=0) * \
+        (torch.minimum(y1, v1) - torch.maximum(y0, v0)).clamp(min=0)  # (..., N, M)
+    union = area1 + area2 - inter
+    iou = inter / union
+    # The smallest box enclosing both.
+    hull = (torch.maximum(x1, u1) - torch.minimum(x0, u0)).clamp(min=0) * \
+        (torch.maximum(y1, v1) - torch.minimum(y0, v0)).clamp(min=0)
+    return iou - (hull - union) / hull

@@ -480,7 +480,12 @@ def load_model(path: PathLike, device: Union[str, torch.device] = "cpu", precisi
     """Load a detrkit, official DETR or Hugging Face DETR checkpoint, ready for inference.
 
     Returns the model in eval mode on ``device`` with its class mapping in ``model.classes``.
-    ``precision="bf16"`` runs the network under bfloat16 autocast (outputs stay float32).
+    Inference is exact (the outputs of the plain modules to float32 rounding) and faster than
+    the plain modules: BatchNorm folded into the backbone's convolutions, channels-last
+    activations (:mod:`detrkit.model.backbone`). ``precision="bf16"`` runs the network under
+    bfloat16 autocast with the folded convolution weights kept in bfloat16; outputs, and so
+    postprocessing and matching, stay float32. It is faster only where bfloat16 matrix products
+    are faster than float32 ones (GPUs; CPUs with AMX), see docs/benchmarks.md.
     """
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")

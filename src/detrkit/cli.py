@@ -18,11 +18,14 @@ from typing import Optional
 
 import yaml
 
+from detrkit.allocator import tune_allocator
 from detrkit.config import (
     RECIPES, DataConfig, LossConfig, PRESETS, TrainConfig, config_from_dict, resolve,
 )
 from detrkit.errors import DetrkitError
 
+PRECISION_HELP = ("fp32: exact; bf16: the network under bfloat16 autocast, scores and boxes in float32; faster only "
+                  "where bf16 matrix products are (GPUs, CPUs with AMX; docs/benchmarks.md) (default: fp32)")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
@@ -141,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "pr_curves.png, confusion_matrix.png/.json and f1_curve.png/.json (default: eval/ beside the weights)")
     p.add_argument("--batch-size", type=int, default=8, help="images per batch (default: 8)")
     p.add_argument("--device", default="auto", help="cpu, cuda ... (default: auto)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="(default: fp32)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help=PRECISION_HELP)
     p.add_argument("--iou-threshold", type=float, default=0.5,
                    help="IoU at which a detection hits a target, for the confusion matrix and the F1 curve (default: 0.5)")
     p.add_argument("--score-threshold", type=float, default=0.5,
@@ -156,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/predict", help="output folder (default: runs/predict)")
     p.add_argument("--batch-size", type=int, default=8, help="images per batch (default: 8)")
     p.add_argument("--device", default="auto", help="cpu, cuda ... (default: auto)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="(default: fp32)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help=PRECISION_HELP)
     _common(p)
     from detrkit.export import add_export_arguments
 
@@ -443,6 +446,9 @@ COMMANDS = {"explain": cmd_explain, "export": cmd_export, "train": cmd_train, "c
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    # glibc: keep freed memory for reuse instead of unmapping and faulting it in again on every
+    # forward pass (up to 45 % of the CPU time; see detrkit.allocator and docs/benchmarks.md).
+    tune_allocator()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

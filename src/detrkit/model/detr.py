@@ -110,11 +110,13 @@ class DETR(nn.Module):
             one per decoder layer before the last.
         """
         x, mask = self._batch(images)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        if self.precision != "bf16":
+            # No autocast context of our own: `autocast(enabled=False)` here would switch off
+            # the autocast a caller runs the model under (bf16/fp16 training).
+            return self._forward(x, mask) if extra is None else self._forward(x, mask, extra)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
             out = self._forward(x, mask) if extra is None else self._forward(x, mask, extra)
-        if self.precision == "bf16":  # losses, matching and postprocessing always see float32
-            out = _to_float(out)
-        return out
+        return _to_float(out)  # losses, matching and postprocessing always see float32
 
     def _forward(self, x: Tensor, mask: Tensor, extra: Optional[ExtraQueries] = None) -> dict:
         """The network on a padded batch ``x (B, 3, H, W)``, ``mask (B, H, W)``."""
@@ -140,7 +142,7 @@ class DETR(nn.Module):
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
         return out
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def predict(self, images, threshold: float = 0.5, batch_size: int = 8) -> list[dict]:
         """Detect objects in image files, PIL images or uint8 ``3 x H x W`` tensors.
 

@@ -64,8 +64,12 @@ class MultiheadAttention(nn.Module):
         h = self.nheads
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         b_q, b_k, b_v = self.in_proj_bias.chunk(3)
-        q = F.linear(query, w_q, b_q).view(b, lq, h, d // h).transpose(1, 2)  # (B, h, Lq, D/h)
-        k = F.linear(key, w_k, b_k).view(b, lk, h, d // h).transpose(1, 2)  # (B, h, Lk, D/h)
+        if query is key:  # self-attention: q and k from the same input, one (2D, D) product
+            q, k = F.linear(query, self.in_proj_weight[: 2 * d], self.in_proj_bias[: 2 * d]).chunk(2, dim=-1)
+        else:
+            q, k = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k)
+        q = q.view(b, lq, h, d // h).transpose(1, 2)  # (B, h, Lq, D/h)
+        k = k.view(b, lk, h, d // h).transpose(1, 2)  # (B, h, Lk, D/h)
         v = F.linear(value, w_v, b_v).view(b, lk, h, d // h).transpose(1, 2)  # (B, h, Lk, D/h)
         allowed = None  # SDPA takes a bool mask with True = may attend
         if key_padding_mask is not None:

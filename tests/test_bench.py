@@ -1,0 +1,42 @@
+"""The benchmark harness's plumbing on its tiny configuration (benchmarks/bench.py --tiny).
+
+Measures nothing and asserts no timing: it checks that both sides load the same weights and
+agree, that every section produces its numbers, and that the matcher check passes.
+"""
+import runpy
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("timm")
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return runpy.run_path(str(BENCH), run_name="bench")
+
+
+def test_tiny_run_produces_every_number(bench, tmp_path):
+    results = bench["main"](["--tiny", "--only", "inference,train,matcher", "--malloc", "default",
+                             "--json", str(tmp_path / "bench.json")])
+    assert (tmp_path / "bench.json").exists()
+    inference = results["inference"]
+    assert inference["max_abs_diff_vs_peer"] < 1e-3  # the same weights on both sides
+    assert set(inference["times"]) == {"peer fp32", "detrkit fp32", "detrkit bf16"}
+    # The two sides run the same network: the same counted FLOPs.
+    assert inference["flops"]["detrkit fp32"] == pytest.approx(inference["flops"]["peer fp32"], rel=0.02)
+    train = results["train"]
+    assert set(train["times"]) == {"peer fp32", "detrkit fp32", "detrkit bf16"}
+    assert train["flops"]["detrkit fp32"] == pytest.approx(train["flops"]["peer fp32"], rel=0.02)
+    assert all(t["median"] > 0 and t["ratio_to_peer"] > 0 for t in train["times"].values())
+    assert results["matcher"]["same_assignments"]
+
+
+def test_memory_child_reports_a_peak(bench, tmp_path):
+    folder = tmp_path / "detr"
+    bench["save_peer"]("tiny", folder)
+    row = bench["memory_child"]("detrkit fp32", folder, "tiny")
+    assert row["peak_mib"] >= row["rss_before_mib"] > 0 and row["step_peak_mib"] >= 0
