@@ -44,7 +44,9 @@ def test_freed_memory_is_reused_instead_of_faulted_in_again():
     kept, default_faults = _run({"MALLOC_MMAP_MAX_": "65536"})
     assert (applied, kept) == ("True", "False")
     assert default_faults > 5 * 6 * 768 / 2  # glibc's defaults: the blocks are faulted in again, page by page
-    assert faults < default_faults / 20
+    # Measured here: 0 or 768 faults (one block's pages, now and then) against 23070; the bar
+    # leaves room for a few such blocks.
+    assert faults < default_faults / 5, (faults, default_faults)
 
 
 def test_the_cli_applies_the_settings_at_start_up(monkeypatch):
