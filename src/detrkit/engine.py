@@ -750,7 +750,8 @@ def _train(model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig, t
                             with checkpoint_folder(run_dir / "best") as tmp:  # with the best checkpoint's own numbers
                                 write_model_files(weights, tmp, inference=inference)
                                 write_metrics(tmp, metrics, detections)
-                    elif train_cfg.patience is not None and row["epoch"] - state.best_epoch >= train_cfg.patience:
+                    elif (train_cfg.patience is not None and not last
+                          and row["epoch"] - state.best_epoch >= train_cfg.patience):
                         early_stop = True
                     _log(f"epoch {row['epoch']}: loss {row.get('train_loss', float('nan')):.4f}  "
                          f"AP {metrics['AP']:.4f}  AP50 {metrics['AP50']:.4f}  ({clock.elapsed / 60:.1f} min)")
