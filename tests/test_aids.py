@@ -104,6 +104,7 @@ def test_denoising_noise_positive_smaller_than_negative():
     model = _model(True)
     dn = Denoising(model, groups=4, box_noise=1.0, label_noise=0.0)
     _, targets = _batch()
+    torch.manual_seed(0)  # the noise is random: fixed here so the test gives one answer
     content, boxes, mask, meta = dn.queries(targets)
     t = meta["pad"]
     truth = targets[0]["boxes"]

@@ -89,3 +89,24 @@ def test_smooth_l1_option():
     assert sl1["loss_bbox"].item() == pytest.approx(0.5 * 0.02 ** 2 / 0.1, abs=1e-7)
     with pytest.raises(ValueError):
         LossConfig(bbox_loss="l2")
+
+
+def test_varifocal_targets_are_the_iou_of_the_matched_box():
+    """One image, one target, two queries: the matched query's target at its class is its IoU."""
+    logits = torch.tensor([[[0.3, -1.0], [-0.5, 0.2]]])  # (1, 2 queries, 2 classes), sigmoid
+    boxes = torch.tensor([[[0.5, 0.5, 0.4, 0.2], [0.1, 0.1, 0.05, 0.05]]])  # query 0 half-overlaps the target
+    targets = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
+    criterion = build_criterion(2, LossConfig(class_loss="varifocal"), num_aux=0, sigmoid=True)
+    loss = criterion.loss_labels({"pred_logits": logits, "pred_boxes": boxes}, targets,
+                                 [(torch.tensor([0]), torch.tensor([0]))], log=False, num_boxes=1.0)["loss_ce"]
+    iou = 0.5  # the target (0.4..0.6 square) covers half of query 0's (0.3..0.7 x 0.4..0.6) box
+    score = torch.zeros(1, 2, 2)
+    score[0, 0, 0] = iou
+    p = logits.sigmoid()
+    weight = 0.75 * p ** 2 * (score == 0) + score
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, score, weight=weight, reduction="sum")
+    torch.testing.assert_close(loss, expected)
+    focal = build_criterion(2, LossConfig(), num_aux=0, sigmoid=True).loss_labels(
+        {"pred_logits": logits, "pred_boxes": boxes}, targets, [(torch.tensor([0]), torch.tensor([0]))],
+        log=False, num_boxes=1.0)["loss_ce"]
+    assert not torch.isclose(loss, focal)  # the option changes the loss

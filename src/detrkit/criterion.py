@@ -91,7 +91,8 @@ class SetCriterion(nn.Module):
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
         target_classes[batch_idx, src_idx] = matched_labels
         if self.sigmoid and self.class_loss == "varifocal":
-            losses = {"loss_ce": self._varifocal(logits.float(), outputs, targets, indices, target_classes) / num_boxes}
+            quality = self._matched_iou(outputs, targets, indices, batch_idx, src_idx)
+            losses = {"loss_ce": self._varifocal(logits.float(), target_classes, quality) / num_boxes}
         elif self.sigmoid:
             onehot = F.one_hot(target_classes, self.num_classes + 1)[..., :-1].float()  # (B, Q, K)
             focal = sigmoid_focal_loss(logits.float(), onehot, self.focal_alpha, self.focal_gamma, reduction="sum")
@@ -112,16 +113,21 @@ class SetCriterion(nn.Module):
                 losses["class_error"] = 100 * (1 - correct)
         return losses
 
-    def _varifocal(self, logits: Tensor, outputs: dict, targets: list[dict], indices: Indices,
-                   target_classes: Tensor) -> Tensor:
-        """The summed varifocal loss of ``logits (B, Q, K)``; ``target_classes (B, Q)`` (K = background)."""
-        batch_idx, src_idx = _permutation(indices)
+    @torch.no_grad()
+    def _matched_iou(self, outputs: dict, targets: list[dict], indices: Indices, batch_idx: Tensor,
+                     src_idx: Tensor) -> Tensor:
+        """``(B, Q)``: the IoU of each matched query's box with its target's, 0 for unmatched queries."""
+        src = outputs["pred_boxes"][batch_idx, src_idx].float()  # (M, 4)
+        tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(src)  # (M, 4)
+        iou, _ = elementwise_box_iou(cxcywh_to_xyxy(src), cxcywh_to_xyxy(tgt))
+        quality = torch.zeros(outputs["pred_logits"].shape[:2], device=src.device)
+        quality[batch_idx, src_idx] = iou.clamp(min=0)
+        return quality
+
+    def _varifocal(self, logits: Tensor, target_classes: Tensor, quality: Tensor) -> Tensor:
+        """The summed varifocal loss of ``logits (B, Q, K)``; ``target_classes (B, Q)`` (K = background),
+        ``quality (B, Q)`` the IoU target of each matched query."""
         with torch.no_grad():
-            src = outputs["pred_boxes"][batch_idx, src_idx].float()  # (M, 4)
-            tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(src)  # (M, 4)
-            iou, _ = elementwise_box_iou(cxcywh_to_xyxy(src), cxcywh_to_xyxy(tgt))
-            quality = torch.zeros(logits.shape[:2], device=logits.device)  # (B, Q)
-            quality[batch_idx, src_idx] = iou.clamp(min=0)
             onehot = F.one_hot(target_classes, self.num_classes + 1)[..., :-1].float()  # (B, Q, K)
             score = onehot * quality[..., None]  # the IoU at the object's class, 0 elsewhere
             weight = self.vfl_alpha * logits.sigmoid().pow(self.focal_gamma) * (1 - onehot) + score

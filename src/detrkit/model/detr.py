@@ -113,24 +113,25 @@ class DETR(nn.Module):
         if self.precision != "bf16":
             # No autocast context of our own: `autocast(enabled=False)` here would switch off
             # the autocast a caller runs the model under (bf16/fp16 training).
-            return self._forward(x, mask) if extra is None else self._forward(x, mask, extra)
+            return self._forward(x, mask, extra)
         with torch.autocast(x.device.type, dtype=torch.bfloat16):
-            out = self._forward(x, mask) if extra is None else self._forward(x, mask, extra)
+            out = self._forward(x, mask, extra)
         return _to_float(out)  # losses, matching and postprocessing always see float32
 
     def _forward(self, x: Tensor, mask: Tensor, extra: Optional[ExtraQueries] = None) -> dict:
         """The network on a padded batch ``x (B, 3, H, W)``, ``mask (B, H, W)``."""
         features, mask = self.backbone(x, mask)  # (B, C, h, w), (B, h, w)
         pos = self.position(mask)  # (B, D, h, w)
-        if extra is None:
-            hs, _ = self.transformer(self.input_proj(features), mask, self.query_embed.weight, pos)  # (L, B, Q, D)
-            return self.heads(hs)
-        b, q = x.shape[0], self.num_queries
-        query_pos = torch.cat([self.query_embed.weight.expand(b, -1, -1), extra.position], 1)  # (B, Q + E, D)
-        tgt = torch.cat([torch.zeros_like(query_pos[:, :q]), extra.content], 1)  # (B, Q + E, D)
-        hs, _ = self.transformer(self.input_proj(features), mask, query_pos, pos, extra.attn_mask, tgt)
-        out = self.heads(hs[:, :, :q])  # (L, B, Q, D): the model's own queries
-        out["extra_outputs"] = self.heads(hs[:, :, q:])
+        q = self.num_queries
+        query_pos, tgt, attn_mask = self.query_embed.weight, None, None  # (Q, D); the slots start at zero
+        if extra is not None:  # training-only queries after the model's own, with their own content
+            query_pos = torch.cat([query_pos.expand(x.shape[0], -1, -1), extra.position], 1)  # (B, Q + E, D)
+            tgt = torch.cat([torch.zeros_like(query_pos[:, :q]), extra.content], 1)  # (B, Q + E, D)
+            attn_mask = extra.attn_mask
+        hs, _ = self.transformer(self.input_proj(features), mask, query_pos, pos, attn_mask, tgt)  # (L, B, Q(+E), D)
+        out = self.heads(hs[:, :, :q])  # the model's own queries
+        if extra is not None:
+            out["extra_outputs"] = self.heads(hs[:, :, q:])
         return out
 
     def heads(self, hs: Tensor) -> dict:
