@@ -1,10 +1,14 @@
 """The fast-convergence architecture: encoder-selected queries, refined boxes, sigmoid classes."""
+import dataclasses
+import math
+
 import pytest
 import torch
 
 from detrkit import build_criterion, build_model, load_model, postprocess, preset, save_model
 from detrkit.config import LossConfig, ModelConfig
 from detrkit.model.position import box_sine_embedding
+from detrkit.model.transformer import MultiheadAttention
 from detrkit.model.two_stage import TwoStageDETR, inverse_sigmoid
 
 CFG = ModelConfig(backbone="resnet18", backbone_stages=3, d_model=32, nheads=4, enc_layers=1, dec_layers=2,
@@ -39,10 +43,11 @@ def test_outputs_and_losses():
     assert "loss_ce_enc" in losses and torch.isfinite(losses["loss"])
 
 
-def test_every_parameter_learns_after_one_step():
+@pytest.mark.parametrize("conditional", [False, True])
+def test_every_parameter_learns_after_one_step(conditional):
     """The box heads start at a zero correction (their inner layers get gradient from step 2)."""
     torch.manual_seed(0)
-    model = build_model(CFG)
+    model = build_model(dataclasses.replace(CFG, conditional_attention=conditional))
     crit = build_criterion(3, LossConfig(), num_aux=1, sigmoid=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for _ in range(2):
@@ -65,9 +70,10 @@ def test_box_refinement_starts_at_the_reference():
     assert box_sine_embedding(boxes[None], 32).shape == (1, 5, 64)
 
 
-def test_save_load_round_trip(tmp_path):
+@pytest.mark.parametrize("conditional", [False, True])
+def test_save_load_round_trip(tmp_path, conditional):
     torch.manual_seed(0)
-    model = build_model(CFG).eval()
+    model = build_model(dataclasses.replace(CFG, conditional_attention=conditional)).eval()
     save_model(model, tmp_path / "m")
     loaded = load_model(tmp_path / "m")
     assert isinstance(loaded, TwoStageDETR)
@@ -120,3 +126,29 @@ def test_encoder_one_to_many_matching_trains_more_proposals():
     matches = many.matcher(out["enc_outputs"], repeated)
     assert [len(r) for r, _ in matches] == [6, 3]
     assert all(len(set(r.tolist())) == len(r) for r, _ in matches)  # distinct tokens
+
+
+def test_conditional_cross_attention_is_content_plus_spatial_match():
+    """Conditional DETR: per head, softmax((q_c.k_c + q_s.k_s) / sqrt(2 d_h)) over content values."""
+    torch.manual_seed(0)
+    attn = MultiheadAttention(8, nheads=2)
+    b, lq, lk, h, dh = 2, 3, 5, 2, 4
+    query, key, qs, ks = (torch.randn(b, n, 8) for n in (lq, lk, lq, lk))
+    out = attn(query, key, key, query_spatial=qs, key_spatial=ks)
+    w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = attn.in_proj_bias.chunk(3)
+
+    def heads(x):  # (B, L, 8) -> (B, h, L, d_h)
+        return x.view(b, -1, h, dh).transpose(1, 2)
+
+    qc, kc, v = heads(query @ w_q.T + b_q), heads(key @ w_k.T + b_k), heads(key @ w_v.T + b_v)
+    scores = (qc @ kc.transpose(-1, -2) + heads(qs) @ heads(ks).transpose(-1, -2)) / math.sqrt(2 * dh)
+    expected = attn.out_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, lq, 8))
+    torch.testing.assert_close(out, expected)
+    # Without the spatial parts it is the plain attention: the spatial match changes the result.
+    assert not torch.allclose(attn(query, key, key), out)
+
+
+def test_conditional_attention_needs_reference_boxes():
+    with pytest.raises(ValueError, match="two-stage"):
+        ModelConfig(conditional_attention=True)

@@ -40,6 +40,10 @@ class ModelConfig:
     # Fast-convergence architecture (docs/training.md): queries chosen from the encoder with box
     # references refined layer by layer, sigmoid classification. False is the paper's DETR.
     two_stage: bool = False
+    # Conditional DETR's cross-attention (two-stage models): each query's reference point enters
+    # cross-attention as a separate spatial part of the query, concatenated with the content part
+    # per head, instead of being added to it. False = DETR's addition.
+    conditional_attention: bool = False
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONE_CHANNELS:
@@ -54,6 +58,8 @@ class ModelConfig:
             raise ValueError(f"position_embedding must be 'sine' or 'learned', got {self.position_embedding!r}")
         if self.d_model % self.nheads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by nheads ({self.nheads})")
+        if self.conditional_attention and not self.two_stage:
+            raise ValueError("conditional_attention needs the reference boxes of a two-stage model (two_stage=True)")
         if self.d_model % 2:
             raise ValueError("d_model must be even: half the channels encode y, half x")
 

@@ -220,7 +220,7 @@ def build_model(config: ModelConfig, *, train_backbone: bool = True,
     transformer = Transformer(
         d_model=config.d_model, nheads=config.nheads, enc_layers=config.enc_layers,
         dec_layers=config.dec_layers, dim_feedforward=config.dim_feedforward,
-        dropout=config.dropout, pre_norm=config.pre_norm,
+        dropout=config.dropout, pre_norm=config.pre_norm, conditional=config.conditional_attention,
     )
     if config.two_stage:
         from detrkit.model.two_stage import TwoStageDETR

@@ -53,11 +53,19 @@ class MultiheadAttention(nn.Module):
         value: Tensor,
         key_padding_mask: Optional[Tensor] = None,
         attn_mask: Optional[Tensor] = None,
+        query_spatial: Optional[Tensor] = None,
+        key_spatial: Optional[Tensor] = None,
     ) -> Tensor:
         """``query (B, Lq, D)``, ``key``/``value (B, Lk, D)`` -> ``(B, Lq, D)``.
 
         ``key_padding_mask (B, Lk)`` and ``attn_mask (Lq, Lk)`` are bool with True = may NOT
         attend (the ``nn.MultiheadAttention`` convention).
+
+        ``query_spatial (B, Lq, D)`` and ``key_spatial (B, Lk, D)`` (already projected, both or
+        neither) make it Conditional DETR's cross-attention: each head's query and key are its
+        content part *concatenated* with its spatial part, ``(D/h) -> (2D/h)``, so the score is
+        a content match plus a separate position match, ``q_c.k_c + q_s.k_s``, scaled by
+        ``1/sqrt(2D/h)``; the values stay content only.
         """
         b, lq, d = query.shape
         lk = key.shape[1]
@@ -71,6 +79,10 @@ class MultiheadAttention(nn.Module):
         q = q.view(b, lq, h, d // h).transpose(1, 2)  # (B, h, Lq, D/h)
         k = k.view(b, lk, h, d // h).transpose(1, 2)  # (B, h, Lk, D/h)
         v = F.linear(value, w_v, b_v).view(b, lk, h, d // h).transpose(1, 2)  # (B, h, Lk, D/h)
+        if query_spatial is not None:
+            qs = query_spatial.view(b, lq, h, d // h).transpose(1, 2)  # (B, h, Lq, D/h)
+            ks = key_spatial.view(b, lk, h, d // h).transpose(1, 2)  # (B, h, Lk, D/h)
+            q, k = torch.cat([q, qs], -1), torch.cat([k, ks], -1)  # (B, h, L, 2D/h)
         allowed = None  # SDPA takes a bool mask with True = may attend
         if key_padding_mask is not None:
             allowed = ~key_padding_mask[:, None, None, :]  # (B, 1, 1, Lk)
@@ -153,10 +165,15 @@ class EncoderLayer(nn.Module):
 class DecoderLayer(nn.Module):
     """Self-attention among queries, cross-attention to the image, FFN; residual + LayerNorm each."""
 
-    def __init__(self, d_model: int, nheads: int, dim_feedforward: int, dropout: float, pre_norm: bool) -> None:
+    def __init__(self, d_model: int, nheads: int, dim_feedforward: int, dropout: float, pre_norm: bool,
+                 conditional: bool = False) -> None:
         super().__init__()
         self.self_attn = MultiheadAttention(d_model, nheads, dropout)
         self.multihead_attn = MultiheadAttention(d_model, nheads, dropout)
+        if conditional:  # Conditional DETR: projections of the spatial query and key of cross-attention
+            self.ca_qsine_proj = nn.Linear(d_model, d_model)
+            self.ca_kpos_proj = nn.Linear(d_model, d_model)
+        self.conditional = conditional
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm1 = nn.LayerNorm(d_model)
@@ -176,11 +193,19 @@ class DecoderLayer(nn.Module):
         query_pos: Tensor,
         memory_key_padding_mask: Optional[Tensor],
         self_attn_mask: Optional[Tensor] = None,
+        spatial_query: Optional[Tensor] = None,
+        first: bool = False,
     ) -> Tensor:
         """``tgt``, ``query_pos (B, Q, D)``; ``memory``, ``pos (B, HW, D)`` -> ``(B, Q, D)``.
 
         ``self_attn_mask (Q, Q)`` (True = blocked) is for training-time query groups; the
         plain model passes None.
+
+        A ``conditional`` layer takes ``spatial_query (B, Q, D)``, the sine encoding of each
+        query's reference point (scaled by its content), and concatenates it with the content
+        query in cross-attention, the image positions likewise with the content keys (see
+        :class:`MultiheadAttention`). As in Conditional DETR, the positions are also added to
+        the content query and keys in the ``first`` layer only.
         """
         x = self.norm1(tgt) if self.pre_norm else tgt
         q = k = x + query_pos
@@ -188,9 +213,14 @@ class DecoderLayer(nn.Module):
         if not self.pre_norm:
             tgt = self.norm1(tgt)
         x = self.norm2(tgt) if self.pre_norm else tgt
-        tgt = tgt + self.dropout2(
-            self.multihead_attn(x + query_pos, memory + pos, memory, key_padding_mask=memory_key_padding_mask)
-        )
+        if self.conditional:
+            content_q, content_k = (x + query_pos, memory + pos) if first else (x, memory)
+            cross = self.multihead_attn(content_q, content_k, memory, key_padding_mask=memory_key_padding_mask,
+                                        query_spatial=self.ca_qsine_proj(spatial_query),
+                                        key_spatial=self.ca_kpos_proj(pos))
+        else:
+            cross = self.multihead_attn(x + query_pos, memory + pos, memory, key_padding_mask=memory_key_padding_mask)
+        tgt = tgt + self.dropout2(cross)
         if not self.pre_norm:
             tgt = self.norm2(tgt)
         x = self.norm3(tgt) if self.pre_norm else tgt
@@ -232,11 +262,12 @@ class Transformer(nn.Module):
     """Encoder + decoder with DETR's positional scheme (see the module docstring)."""
 
     def __init__(self, d_model: int = 256, nheads: int = 8, enc_layers: int = 6, dec_layers: int = 6,
-                 dim_feedforward: int = 2048, dropout: float = 0.1, pre_norm: bool = False) -> None:
+                 dim_feedforward: int = 2048, dropout: float = 0.1, pre_norm: bool = False,
+                 conditional: bool = False) -> None:
         super().__init__()
         enc = EncoderLayer(d_model, nheads, dim_feedforward, dropout, pre_norm)
         self.encoder = Encoder(enc, enc_layers, nn.LayerNorm(d_model) if pre_norm else None)
-        dec = DecoderLayer(d_model, nheads, dim_feedforward, dropout, pre_norm)
+        dec = DecoderLayer(d_model, nheads, dim_feedforward, dropout, pre_norm, conditional)
         self.decoder = Decoder(dec, dec_layers, nn.LayerNorm(d_model))
         self.d_model = d_model
         self.nheads = nheads

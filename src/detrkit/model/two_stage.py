@@ -12,7 +12,9 @@ one-to-one, no NMS, no hand-made anchor boxes) and changes where the queries com
 2. Box references refined layer by layer (Deformable DETR's iterative refinement, DAB-DETR):
    each decoder layer predicts a correction of its reference box in inverse-sigmoid space, and
    the query's positional embedding is a sine encoding of the current box, so cross-attention
-   knows where the object is.
+   knows where the object is. With ``conditional_attention`` the box centre's encoding is a
+   separate spatial part of each cross-attention head's query (Conditional DETR) instead of
+   being added to the content.
 3. Sigmoid classification (trained with focal loss): ``pred_logits`` has ``num_classes``
    columns and no "no object" column; a class score is ``sigmoid(logit)``.
 
@@ -63,6 +65,8 @@ class TwoStageDETR(DETR):
         self.enc_class = nn.Linear(d, num_classes)
         self.enc_bbox = MLP(d, d, 4, 3)
         self.ref_point_head = MLP(4 * (d // 2), d, d, 2)  # box sine embedding -> query position
+        if transformer.decoder.layers[0].conditional:
+            self.query_scale = MLP(d, d, d, 2)  # content -> channel scales of the spatial query (Conditional DETR)
         bias = -math.log((1 - PRIOR_PROB) / PRIOR_PROB)
         for head in [*self.class_embed, self.enc_class]:
             nn.init.constant_(head.bias, bias)
@@ -114,9 +118,16 @@ class TwoStageDETR(DETR):
 
         d = self.transformer.d_model
         logits, boxes = [], []
-        for layer, cls_head, box_head in zip(self.transformer.decoder.layers, self.class_embed, self.bbox_embed):
-            query_pos = self.ref_point_head(box_sine_embedding(ref, d).to(tgt.dtype))  # (B, Q, D)
-            tgt = layer(tgt, memory, pos.to(tgt.dtype), query_pos, flat_mask, attn_mask)
+        for i, (layer, cls_head, box_head) in enumerate(
+                zip(self.transformer.decoder.layers, self.class_embed, self.bbox_embed)):
+            sine = box_sine_embedding(ref, d).to(tgt.dtype)  # (B, Q, 2D): (cy, cx, w, h)
+            query_pos = self.ref_point_head(sine)  # (B, Q, D)
+            spatial = None
+            if layer.conditional:
+                # The centre's encoding, in the image encoding's (y, x) layout, scaled channel by
+                # channel by what the query holds (lambda_q of Conditional DETR; 1 in the first layer).
+                spatial = sine[..., :d] if i == 0 else sine[..., :d] * self.query_scale(tgt)
+            tgt = layer(tgt, memory, pos.to(tgt.dtype), query_pos, flat_mask, attn_mask, spatial, first=i == 0)
             hs = self.transformer.decoder.norm(tgt)
             new_boxes = (box_head(hs) + inverse_sigmoid(ref)).sigmoid()  # refine the reference
             logits.append(cls_head(hs))
