@@ -78,7 +78,8 @@ def test_help_documents_every_flag():
     for flag in ("--model", "--weights", "--epochs", "--minutes", "--batch-size", "--lr", "--lr-backbone",
                  "--weight-decay", "--clip", "--bbox-loss", "--out", "--config", "--device", "--seed", "--workers",
                  "--resume", "--lr-drop", "--eval-every", "--data", "--train-json", "--precision", "--accumulate",
-                 "--ema", "--ema-decay", "--ema-warmup", "--patience"):
+                 "--ema", "--ema-decay", "--ema-warmup", "--patience", "--class-loss", "--denoising",
+                 "--query-groups", "--encoder-repeats", "--conditional-attention"):
         assert flag in out.stdout, flag
     assert "(default: 0.0001)" in out.stdout  # defaults come from the config dataclasses
     out = subprocess.run([sys.executable, "-m", "detrkit", "explain", "--help"], capture_output=True, text=True)
@@ -237,8 +238,11 @@ def test_fast_recipe_trains_and_evaluates(shapes, tmp_path):
     assert len(dets) == 6 * 100  # top-100 (query, class) pairs per image
     # Flags still win over the recipe.
     assert main(["train", "--recipe", "fast", *_data_flags(shapes), "--image-size", "64", "--batch-size", "4",
-                 "--epochs", "1", "--lr", "1e-4", "--out", str(tmp_path / "f2")]) == 0
-    assert yaml.safe_load((tmp_path / "f2" / "config.yaml").read_text())["train"]["lr"] == 1e-4
+                 "--epochs", "1", "--lr", "1e-4", "--conditional-attention", "--encoder-repeats", "2",
+                 "--out", str(tmp_path / "f2")]) == 0
+    cfg = yaml.safe_load((tmp_path / "f2" / "config.yaml").read_text())
+    assert cfg["train"]["lr"] == 1e-4 and cfg["model"]["conditional_attention"] and cfg["loss"]["encoder_repeats"] == 2
+    assert any("ca_qsine_proj" in k for k in load_model(tmp_path / "f2" / "best").state_dict())
 
 
 def test_train_stops_before_the_first_step_on_a_missing_image(shapes, tmp_path, capsys):

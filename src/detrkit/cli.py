@@ -20,7 +20,7 @@ import yaml
 
 from detrkit.allocator import tune_allocator
 from detrkit.config import (
-    RECIPES, DataConfig, LossConfig, PRESETS, TrainConfig, config_from_dict, resolve,
+    RECIPES, DataConfig, LossConfig, ModelConfig, PRESETS, TrainConfig, config_from_dict, resolve,
 )
 from detrkit.errors import DetrkitError
 
@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, TrainConfig, "weights", "start from a checkpoint (detrkit, official .pth or Hugging Face folder); "
           "the class head is re-initialised when the classes differ", metavar="PATH")
     _flag(g, TrainConfig, "backbone_weights", "local torchvision ImageNet ResNet state dict", metavar="FILE")
+    g.add_argument("--conditional-attention", action="store_const", const=True, default=None,
+                   help="Conditional DETR's cross-attention in a two-stage preset: the reference point as a "
+                        "separate spatial part of each head's query (default: off)")
     g = p.add_argument_group("optimisation")
     for name, help, typ in [
         ("epochs", "number of epochs", int), ("minutes", "time budget in minutes (stops early)", float),
@@ -128,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, LossConfig, "denoising", "training-only denoising query groups (DN-DETR/DINO); 0 = off", type=int)
     _flag(g, LossConfig, "query_groups", "training-only groups of learned queries (Group DETR, plain DETR "
           "presets); 1 = off", type=int)
+    _flag(g, LossConfig, "encoder_repeats", "two-stage presets: match the encoder proposals against every target "
+          "repeated K times (one-to-many, H-DETR); 1 = off", type=int)
     _data_flags(p)
     g = p.add_argument_group("run")
     _flag(g, TrainConfig, "out", "run folder", metavar="RUN_DIR")
@@ -242,7 +247,8 @@ def cmd_train(args) -> int:
                      if k in ("epochs", "minutes", "device", "patience", "eval_every")}
         train_cfg = dataclasses.replace(train_cfg, **overrides, out=args.resume, resume=True)
     else:
-        flags = {"train": _given(args, TrainConfig), "loss": _given(args, LossConfig), "data": _given(args, DataConfig)}
+        flags = {"train": _given(args, TrainConfig), "loss": _given(args, LossConfig), "data": _given(args, DataConfig),
+                 "model": _given(args, ModelConfig)}
         model_cfg, loss_cfg, data_cfg, train_cfg = resolve(args.recipe, _yaml_sections(args.config), flags)
     run_dir = train(model_cfg, loss_cfg, data_cfg, train_cfg)
     if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, rank 0 speaks for all

@@ -76,5 +76,7 @@ class SeededSamples(Dataset):
     def __getitem__(self, index: int):
         sample_seed = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed)
+            # The CPU generator only: torch.manual_seed would also (lazily) seed every GPU-type
+            # backend, ~1 ms of Python per call, 3-5 % of a small model's training step.
+            torch.default_generator.manual_seed(sample_seed)
             return self.dataset[index]
