@@ -154,3 +154,46 @@ def test_sampler_is_distributed_samplers_order_and_resumes_at_any_position(size,
             assert len({len(s) for s in shares}) == 1 and all(len(list(s)) == len(s) for s in shares)
             assert set(rest) <= set().union(*map(list, shares))
             assert bool(rest) == any(len(s) for s in shares)
+
+
+def _coco_set(tmp_path, sizes, crowded=0):
+    """Black PNGs of the given ``(h, w)`` sizes, one 8 px box each, ``crowded`` boxes in the first."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "images"
+    root.mkdir(parents=True)
+    images, anns = [], []
+    for i, (h, w) in enumerate(sizes, 1):
+        Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(root / f"{i}.png")
+        images.append({"id": i, "file_name": f"{i}.png", "width": w, "height": h})
+        for j in range(crowded if i == 1 and crowded else 1):
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": 1, "area": 64.0, "iscrowd": 0,
+                         "bbox": [10 * (j % 5), 10 * (j // 5), 8, 8]})
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "a"}]}))
+    return {"train_json": str(path), "train_images": str(root)}
+
+
+def test_auto_image_size_is_the_median_shorter_side_never_enlarged_at_most_the_cap(tmp_path):
+    from detrkit.config import AUTO_IMAGE_SIZE, DataConfig
+
+    small = _coco_set(tmp_path / "small", [(64, 80), (48, 64), (70, 60)])
+    assert engine.auto_image_size(DataConfig(**small)) == 60  # median of 64, 48, 60
+    large = _coco_set(tmp_path / "large", [(300, 400), (600, 500), (290, 280)])
+    assert AUTO_IMAGE_SIZE < 300
+    assert engine.auto_image_size(DataConfig(**large)) == AUTO_IMAGE_SIZE
+    with pytest.raises(ValueError, match="auto"):
+        DataConfig(image_size="big")
+
+
+def test_a_new_model_gets_a_query_for_every_object_and_auto_size_is_recorded(tmp_path):
+    data = _coco_set(tmp_path / "d", [(64, 64)] * 3, crowded=13)  # the tiny preset has 10 queries
+    cfg = resolve(None, {"train": {"model": "detr_r18_tiny", "epochs": 1, "out": str(tmp_path / "run"),
+                                   "device": "cpu", "batch_size": 3},
+                         "data": {**data, "image_size": "auto", "workers": 0, "augment": "flip"}})
+    run = engine.train(*cfg)
+    saved = engine.load_run_config(run)
+    assert saved[0].num_queries == 20 and saved[2].image_size == 64
+    model = load_model(run / "last")
+    assert model.num_queries == 20 and model.inference["image_size"] == 64

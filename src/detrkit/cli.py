@@ -20,7 +20,7 @@ import yaml
 
 from detrkit.allocator import tune_allocator
 from detrkit.config import (
-    RECIPES, DataConfig, LossConfig, ModelConfig, PRESETS, TrainConfig, config_from_dict, resolve,
+    AUTO_IMAGE_SIZE, RECIPES, DataConfig, LossConfig, ModelConfig, PRESETS, TrainConfig, config_from_dict, resolve,
 )
 from detrkit.errors import DetrkitError
 
@@ -40,6 +40,15 @@ def _flag(parser, cls, name: str, help: str, **kw) -> None:
                         help=f"{help} (default: {d})", **kw)
 
 
+def _image_size(value: str):
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of pixels or 'auto', got {value!r}") from None
+
+
 def _data_flags(p) -> None:
     g = p.add_argument_group("data (a folder in a common layout, or explicit COCO files)")
     _flag(g, DataConfig, "data", "folder in COCO, Roboflow-COCO or YOLO layout", metavar="DIR")
@@ -48,7 +57,8 @@ def _data_flags(p) -> None:
           metavar="DIR")
     _flag(g, DataConfig, "val_json", "COCO annotation file of the validation split", metavar="FILE")
     _flag(g, DataConfig, "val_images", "image root of the validation split", metavar="DIR")
-    _flag(g, DataConfig, "image_size", "shorter image side at evaluation; training scales follow it", type=int)
+    _flag(g, DataConfig, "image_size", "shorter image side at evaluation; training scales follow it; 'auto': "
+          f"the training images' median shorter side, at most {AUTO_IMAGE_SIZE}", type=_image_size)
     _flag(g, DataConfig, "max_size", "longer image side limit (None: image-size * 1333 / 800)", type=int)
     _flag(g, DataConfig, "workers", "data loader worker processes", type=int)
     g.add_argument("--no-check-images", dest="check_images", action="store_const", const=False, default=None,

@@ -129,11 +129,23 @@ class DataConfig:
     train_images: Optional[str] = None  # image root its file_name entries are relative to
     val_json: Optional[str] = None
     val_images: Optional[str] = None
-    image_size: int = 800  # shorter side at evaluation; training scales 480..800 scale with it (official)
+    # Shorter side at evaluation; training scales 480..800 scale with it (official). "auto": the
+    # training images' median shorter side, at most AUTO_IMAGE_SIZE (the fast recipe's choice).
+    image_size: int | str = 800
     max_size: Optional[int] = None  # longer side limit; None = image_size * 1333 / 800 (official ratio)
     workers: int = 2  # DataLoader worker processes
     augment: str = "detr"  # "detr": official flip + multi-scale + crop; "flip": flip only (small images)
     check_images: bool = True  # open every image before training (ours: 2000 images of 128 px in 5 s on 2 cores); False skips
+
+    def __post_init__(self) -> None:
+        if self.image_size != "auto" and not (isinstance(self.image_size, int) and self.image_size > 0):
+            raise ValueError(f"image_size must be a positive number of pixels or 'auto', got {self.image_size!r}")
+
+
+# The largest size "auto" picks. Ours: on 2 CPU cores the fast model trains at ~33 img/s at
+# 128 px, ~8 at 256 px and ~4 at 320 px (stride 8; benchmarks/profile_step.py), so 256 px still
+# gives a few thousand images several epochs in a quarter of an hour; larger images are scaled down.
+AUTO_IMAGE_SIZE = 256
 
 
 @dataclass
@@ -252,7 +264,9 @@ RECIPES: dict[str, dict[str, dict]] = {
                       epochs=1000),
         # Varifocal targets and 3 denoising groups: AP 0.261 vs 0.209 (focal, none) after 1000 steps.
         "loss": dict(loss_ce=2.0, cost_class=2.0, class_loss="varifocal", denoising=3),
-        "data": dict(augment="flip", workers=0),  # on 2 cores a loader process steals more than it gives
+        # image_size "auto": native size up to 256 px (a larger image costs more than its pixels: the
+        # encoder attends over (side / 8)^2 tokens). On 2 cores a loader process steals more than it gives.
+        "data": dict(augment="flip", workers=0, image_size="auto"),
     },
 }
 

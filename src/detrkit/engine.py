@@ -47,10 +47,10 @@ from detrkit.checkpoint import (
     atomic_write, check_and_load, checkpoint_folder, load_state, readable_folder, save_model, set_classes,
     write_model_files,
 )
-from detrkit.config import DataConfig, LossConfig, ModelConfig, TrainConfig, config_from_dict
+from detrkit.config import AUTO_IMAGE_SIZE, DataConfig, LossConfig, ModelConfig, TrainConfig, config_from_dict
 from detrkit.criterion import SetCriterion, build_criterion
 from detrkit.data.batch import collate
-from detrkit.data.coco import CocoDetection
+from detrkit.data.coco import CocoDetection, load_coco
 from detrkit.data.layouts import find_layout
 from detrkit.data.sampler import EpochSampler, SeededSamples
 from detrkit.data.transforms import train_transforms, val_transforms
@@ -90,8 +90,7 @@ def build_datasets(cfg: DataConfig, categories: Optional[list[dict]] = None, *, 
     paths = data_paths(cfg)
     train_set = val_set = None
     if train:
-        if "train_json" not in paths or "train_images" not in paths:
-            raise DataError("no training data: give --data DIR or --train-json FILE --train-images DIR")
+        _need_training_data(paths)
         train_set = CocoDetection(paths["train_json"], paths["train_images"],
                                   train_transforms(cfg.image_size, cfg.max_size, cfg.augment), categories=categories,
                                   check_images=cfg.check_images)
@@ -101,6 +100,23 @@ def build_datasets(cfg: DataConfig, categories: Optional[list[dict]] = None, *, 
                                 val_transforms(cfg.image_size, cfg.max_size), categories=categories,
                                 check_images=cfg.check_images and train)
     return train_set, val_set
+
+
+def _need_training_data(paths: dict[str, Path]) -> None:
+    if "train_json" not in paths or "train_images" not in paths:
+        raise DataError("no training data: give --data DIR or --train-json FILE --train-images DIR")
+
+
+def auto_image_size(cfg: DataConfig) -> int:
+    """``image_size="auto"``: the training images' median shorter side (from the annotation
+    file's width/height), at most :data:`~detrkit.config.AUTO_IMAGE_SIZE`: small images are
+    never enlarged, large ones are scaled down to what a CPU can train on in minutes."""
+    paths = data_paths(cfg)
+    _need_training_data(paths)
+    sizes = load_coco(paths["train_json"], paths["train_images"]).sizes  # (I, 2) h, w
+    if len(sizes) == 0:
+        raise DataError(f"{paths['train_json']}: no images")
+    return int(min(np.median(sizes.min(1)), AUTO_IMAGE_SIZE))
 
 
 def make_train_loader(dataset, batch_size: int, workers: int, *, seed: int, epoch: int, position: int = 0) -> DataLoader:
@@ -641,12 +657,26 @@ def _train(model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig, t
     rank = distributed.rank()
     _seed_everything(train_cfg.seed + rank)  # each process its own dropout masks (official: seed + rank)
 
+    if data_cfg.image_size == "auto":
+        data_cfg = dataclasses.replace(data_cfg, image_size=auto_image_size(data_cfg))
+        _log(f"image size: {data_cfg.image_size} px (auto: the training images' median shorter side, "
+             f"at most {AUTO_IMAGE_SIZE})")
     # Only rank 0 opens every image; a broken file stops it, and torchrun then stops the others.
     train_set, val_set = build_datasets(dataclasses.replace(data_cfg, check_images=data_cfg.check_images and main))
     if main:
         print(train_set.report.summary())
     classes = [{"id": c["id"], "name": c["name"]} for c in train_set.categories]
+    most = int(np.diff(train_set.data.offsets).max(initial=0))  # objects in the fullest training image
+    if most > model_cfg.num_queries and not train_cfg.resume and train_cfg.weights is None:
+        # DETR predicts at most one object per query: a new model gets enough of them.
+        queries = 10 * math.ceil(most / 10)
+        _log(f"training images hold up to {most} objects, more than the {model_cfg.num_queries} queries of "
+             f"{train_cfg.model}: the model gets {queries} queries")
+        model_cfg = dataclasses.replace(model_cfg, num_queries=queries)
     model = initial_model(model_cfg, train_cfg, classes)
+    if most > model.num_queries:
+        _log(f"warning: training images hold up to {most} objects, but the model predicts at most "
+             f"{model.num_queries} per image")
     model_cfg = model.config
     if world > 1 and device.type == "cuda" and model_cfg.backbone_norm == "batch":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over all GPUs
