@@ -263,7 +263,7 @@ RECIPES: dict[str, dict[str, dict]] = {
                       batch_size=8,  # more updates per minute: AP 0.632 vs 0.592 at batch 16 in 10 min
                       epochs=1000),
         # Varifocal targets and 3 denoising groups: AP 0.261 vs 0.209 (focal, none) after 1000 steps.
-        # Encoder one-to-many matching x4: AP 0.69 vs 0.59 after 7.5 minutes (docs/benchmarks.md).
+        # Encoder one-to-many matching x4: AP 0.722 vs 0.599 after 10 minutes (docs/benchmarks.md).
         "loss": dict(loss_ce=2.0, cost_class=2.0, class_loss="varifocal", denoising=3, encoder_repeats=4),
         # image_size "auto": native size up to 256 px (a larger image costs more than its pixels: the
         # encoder attends over (side / 8)^2 tokens). On 2 cores a loader process steals more than it gives.
