@@ -145,7 +145,82 @@ def test_query_groups_refuse_two_stage():
         AidedModel(_model(True), LossConfig(query_groups=2))
 
 
-@pytest.mark.parametrize("option", [dict(denoising=2), dict(query_groups=2)])
+def _hybrid_run(model, loss, seed=1):
+    """The aided model's outputs on the test batch, with the denoising noise drawn from ``seed``."""
+    images, targets = _batch()
+    torch.manual_seed(seed)
+    return AidedModel(model, loss)(images, targets)
+
+
+@pytest.mark.parametrize("denoising", [0, 2])
+def test_hybrid_queries_are_a_separate_branch(denoising):
+    """H-DETR's hybrid queries: the model's outputs stay the plain ones, and the hybrid and denoising
+    queries cannot see each other."""
+    model = _model(True)
+    images, targets = _batch()
+    loss = LossConfig(hybrid_queries=4, hybrid_repeats=2, denoising=denoising)
+    out = _hybrid_run(model, loss)
+    plain = model(images)
+    for k in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(out[k], plain[k], rtol=0, atol=1e-6)
+    hybrid = out["hybrid_outputs"]
+    assert hybrid["pred_logits"].shape == (2, 4, 3) and len(hybrid["aux_outputs"]) == 1
+    other = _hybrid_run(model, LossConfig(hybrid_queries=0 if denoising else 4, denoising=2))
+    # The denoising queries' outputs do not depend on the hybrid queries, nor the other way round.
+    # (Logits: at initialisation the box heads output their reference boxes whatever the features.)
+    key = "dn_outputs" if denoising else "hybrid_outputs"
+    for k in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(out[key][k], other[key][k], rtol=0, atol=1e-6)
+
+
+def test_hybrid_block_sees_only_itself():
+    from detrkit.model.two_stage import _with_hybrid_block
+
+    q, m, e = 3, 2, 4
+    dn = Denoising(_model(True), groups=2, box_noise=1.0, label_noise=0.0)
+    dn.model_queries = q
+    mask = dn.mask(1)  # (Q + E, Q + E): two denoising groups of 2
+    full = _with_hybrid_block(mask, q, m)
+    hyb = slice(q, q + m)
+    assert full.shape == (q + m + e, q + m + e)
+    assert not full[hyb, hyb].any() and full[hyb, :q].all() and full[hyb, q + m:].all()
+    assert full[:q, hyb].all() and full[q + m:, hyb].all()
+    kept = [*range(q), *range(q + m, q + m + e)]
+    assert torch.equal(full[kept][:, kept], mask)  # the rest is the given mask
+
+
+def test_hybrid_queries_are_matched_one_to_many():
+    model = _model(True)
+    _, targets = _batch()
+    loss = LossConfig(hybrid_queries=4, hybrid_repeats=2)
+    out = _hybrid_run(model, loss)
+    criterion = _criterion(model, loss)
+    matched = []
+    real_forward = criterion.matcher.forward
+
+    def spy(outputs, tgts):
+        indices = real_forward(outputs, tgts)
+        if outputs["pred_logits"].shape[1] == 4:  # the hybrid branch
+            matched.append([(len(t["labels"]), len(i)) for t, (i, _) in zip(tgts, indices)])
+        return indices
+
+    criterion.matcher.forward = spy
+    losses = criterion(out, targets)
+    # Every hybrid layer (last + 1 auxiliary) is matched against the targets repeated twice:
+    # image 0 has 3 targets -> 6 to match, 4 queries; image 1 has 1 target -> 2, both matched.
+    assert matched == [[(6, 4), (2, 2)]] * 2
+    plain = _criterion(model, LossConfig())(model(_batch()[0]), targets)
+    hybrid_total = sum(losses[f"{k}_hybrid"] * w for k, w in (("loss_ce", 1.0), ("loss_bbox", 5.0), ("loss_giou", 2.0)))
+    torch.testing.assert_close(losses["loss"], plain["loss"] + hybrid_total, rtol=1e-6, atol=1e-5)
+
+
+def test_hybrid_queries_refuse_plain_detr():
+    with pytest.raises(ValueError, match="two-stage"):
+        AidedModel(_model(), LossConfig(hybrid_queries=4))
+
+
+@pytest.mark.parametrize("option", [dict(denoising=2), dict(query_groups=2),
+                                    dict(denoising=2, hybrid_queries=8, two_stage=True)])
 def test_trained_with_aids_saves_the_plain_model(option, tmp_path):
     """A run with an aid on: its checkpoint has the plain model's parameter names and the same outputs."""
     from detrkit.config import DataConfig, TrainConfig
@@ -153,7 +228,8 @@ def test_trained_with_aids_saves_the_plain_model(option, tmp_path):
 
     paths = make_synthetic(tmp_path / "data", num_train=8, num_val=4, image_size=64)
     data = DataConfig(**{k: str(v) for k, v in paths.items()}, image_size=64, workers=0, augment="flip")
-    model_cfg = preset("detr_r18_tiny", dropout=0.0)
+    option = dict(option)
+    model_cfg = preset("detr_r18_tiny", dropout=0.0, two_stage=option.pop("two_stage", False))
     run = train(model_cfg, LossConfig(**option), data,
                 TrainConfig(model="detr_r18_tiny", epochs=1, batch_size=4, out=str(tmp_path / "run"), lr=1e-3))
     loaded = load_model(run / "last")

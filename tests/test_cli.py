@@ -79,7 +79,8 @@ def test_help_documents_every_flag():
                  "--weight-decay", "--clip", "--bbox-loss", "--out", "--config", "--device", "--seed", "--workers",
                  "--resume", "--lr-drop", "--eval-every", "--data", "--train-json", "--precision", "--accumulate",
                  "--ema", "--ema-decay", "--ema-warmup", "--patience", "--class-loss", "--denoising",
-                 "--query-groups", "--encoder-repeats", "--conditional-attention"):
+                 "--query-groups", "--encoder-repeats", "--conditional-attention", "--hybrid-queries",
+                 "--hybrid-repeats"):
         assert flag in out.stdout, flag
     assert "(default: 0.0001)" in out.stdout  # defaults come from the config dataclasses
     out = subprocess.run([sys.executable, "-m", "detrkit", "explain", "--help"], capture_output=True, text=True)
@@ -239,9 +240,11 @@ def test_fast_recipe_trains_and_evaluates(shapes, tmp_path):
     # Flags still win over the recipe.
     assert main(["train", "--recipe", "fast", *_data_flags(shapes), "--image-size", "64", "--batch-size", "4",
                  "--epochs", "1", "--lr", "1e-4", "--conditional-attention", "--encoder-repeats", "2",
-                 "--out", str(tmp_path / "f2")]) == 0
+                 "--hybrid-queries", "20", "--hybrid-repeats", "3", "--out", str(tmp_path / "f2")]) == 0
     cfg = yaml.safe_load((tmp_path / "f2" / "config.yaml").read_text())
     assert cfg["train"]["lr"] == 1e-4 and cfg["model"]["conditional_attention"] and cfg["loss"]["encoder_repeats"] == 2
+    assert cfg["loss"]["hybrid_queries"] == 20 and cfg["loss"]["hybrid_repeats"] == 3
+    assert "train_loss_ce_hybrid" in (tmp_path / "f2" / "results.csv").read_text().splitlines()[0]
     assert any("ca_qsine_proj" in k for k in load_model(tmp_path / "f2" / "best").state_dict())
 
 

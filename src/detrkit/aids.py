@@ -1,4 +1,4 @@
-"""Training-only aids for fast convergence: query groups and denoising queries.
+"""Training-only aids for fast convergence: query groups, denoising queries, hybrid queries.
 
 One-to-one matching gives each image only as many positive queries as it has objects, and
 early on the matching flips from step to step. The aids add training-only decoder queries
@@ -15,6 +15,10 @@ those of the plain preset:
   size) must reconstruct its object; a *negative* copy (moved by one to two times that) must
   predict "no object". Their targets are known, so they take no part in the Hungarian
   matching: a stable training signal from the first step.
+* **Hybrid queries** (H-DETR, Jia et al. 2023): two-stage models only. The M encoder tokens
+  ranked after the model's own Q queries also go through the decoder, as a separate branch
+  matched one-to-many (every target repeated k times): many more positives per object. They
+  have no parameters of their own; the model chooses them (``ExtraQueries.hybrid``).
 
 The extra parameters (group queries, label embedding, box-to-position head) live here, in
 :class:`AidedModel`, not in the model: checkpoints of the model never contain them.
@@ -139,8 +143,8 @@ class Denoising(nn.Module):
 
 class AidedModel(nn.Module):
     """A model with its training-only aids: ``forward(images, targets)`` -> the model's outputs,
-    plus ``group_outputs`` (a list of per-group output dicts) and/or ``dn_outputs`` and
-    ``dn_meta`` for :class:`detrkit.criterion.SetCriterion`.
+    plus ``group_outputs`` (a list of per-group output dicts), ``dn_outputs`` and ``dn_meta``,
+    ``hybrid_outputs`` for :class:`detrkit.criterion.SetCriterion`, for the aids that are on.
 
     With every aid off it is the model itself: the same call, the same outputs.
     """
@@ -153,6 +157,10 @@ class AidedModel(nn.Module):
                           if loss.denoising > 0 else None)
         if self.groups is not None and self.denoising is not None:
             raise ValueError("query groups and denoising queries cannot be combined (choose one)")
+        self.hybrid = loss.hybrid_queries
+        if self.hybrid and not model.sigmoid_class:
+            raise ValueError("hybrid queries are chosen from the encoder: two-stage presets only "
+                             "(plain DETR: use query_groups for one-to-many training)")
 
     def forward(self, images: Images, targets: list[dict]) -> dict:
         if self.groups is not None:
@@ -161,24 +169,31 @@ class AidedModel(nn.Module):
             out = self.model(images, ExtraQueries(content, mask, position=position))
             out["group_outputs"] = self.groups.split(out.pop("extra_outputs"))
             return out
-        if self.denoising is not None:
-            noised = self.denoising.queries(targets)
-            if noised is None:
-                out = self.model(images)
-                # Keep the aid's parameters in the graph: DDP expects a gradient for each of them.
-                out["pred_logits"] = out["pred_logits"] + 0.0 * sum(p.sum() for p in self.denoising.parameters())
-                return out
+        extra, meta = None, None
+        noised = self.denoising.queries(targets) if self.denoising is not None else None
+        if noised is not None:
             content, boxes, mask, meta = noised
             if self.model.sigmoid_class:
                 extra = ExtraQueries(content, mask, boxes=boxes)
             else:
                 position = self.denoising.box_position(box_sine_embedding(boxes, self.model.transformer.d_model))
                 extra = ExtraQueries(content, mask, position=position)
-            out = self.model(images, extra)
-            out["dn_outputs"] = out.pop("extra_outputs")
-            out["dn_meta"] = meta
-            return out
-        return self.model(images)
+        if self.hybrid:
+            if extra is None:  # no denoising queries: an empty set of extra queries to carry the request
+                x, _ = DETR._batch(images)
+                d, q = self.model.transformer.d_model, self.model.num_queries
+                extra = ExtraQueries(x.new_zeros(x.shape[0], 0, d), torch.zeros(q, q, dtype=torch.bool, device=x.device),
+                                     boxes=x.new_zeros(x.shape[0], 0, 4))
+            extra.hybrid = self.hybrid
+        out = self.model(images, extra) if extra is not None else self.model(images)
+        extra_outputs = out.pop("extra_outputs", None)
+        if meta is not None:
+            out["dn_outputs"], out["dn_meta"] = extra_outputs, meta
+        elif self.denoising is not None:
+            # No targets in the batch, so no denoising queries. Keep the aid's parameters in the
+            # graph: DDP expects a gradient for each of them.
+            out["pred_logits"] = out["pred_logits"] + 0.0 * sum(p.sum() for p in self.denoising.parameters())
+        return out
 
 
 def _slice(outputs: dict, part: slice) -> dict:

@@ -143,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
           "presets); 1 = off", type=int)
     _flag(g, LossConfig, "encoder_repeats", "two-stage presets: match the encoder proposals against every target "
           "repeated K times (one-to-many, H-DETR); 1 = off", type=int)
+    _flag(g, LossConfig, "hybrid_queries", "two-stage presets: M more encoder-chosen queries trained as a separate "
+          "one-to-many branch (H-DETR hybrid matching; training only); 0 = off", type=int)
+    _flag(g, LossConfig, "hybrid_repeats", "how often each target is repeated for the hybrid queries (H-DETR's k)",
+          type=int)
     _data_flags(p)
     g = p.add_argument_group("run")
     _flag(g, TrainConfig, "out", "run folder", metavar="RUN_DIR")

@@ -101,6 +101,12 @@ class LossConfig:
     # repeated this many times (H-DETR's one-to-many matching), so each object trains several
     # tokens instead of one. 1 = one-to-one. The decoder stays one-to-one, so no NMS is needed.
     encoder_repeats: int = 1
+    # Two-stage only, training only: H-DETR's hybrid branch. This many more encoder tokens (the
+    # next best after the model's own queries) go through the decoder as extra queries, each
+    # layer matched one-to-many against every target repeated hybrid_repeats times; the model's
+    # own queries cannot see them, so inference is unchanged. 0 = off.
+    hybrid_queries: int = 0
+    hybrid_repeats: int = 6  # H-DETR's k
     # Training-only aids (detrkit.aids); they leave the model, its checkpoints and its inference unchanged.
     query_groups: int = 1  # Group DETR: groups of learned queries, each matched one-to-one (paper: 11); 1 = off
     denoising: int = 0  # DN-DETR/DINO: groups of noised ground-truth queries (DINO: 100 queries ~ 5-10 groups); 0 = off
@@ -114,8 +120,10 @@ class LossConfig:
             raise ValueError(f"bbox_loss must be 'l1' or 'smooth_l1', got {self.bbox_loss!r}")
         if self.class_loss not in ("focal", "varifocal"):
             raise ValueError(f"class_loss must be 'focal' or 'varifocal', got {self.class_loss!r}")
-        if self.query_groups < 1 or self.denoising < 0:
-            raise ValueError("query_groups must be >= 1 and denoising >= 0")
+        if self.query_groups < 1 or self.denoising < 0 or self.hybrid_queries < 0:
+            raise ValueError("query_groups must be >= 1, denoising and hybrid_queries >= 0")
+        if self.encoder_repeats < 1 or self.hybrid_repeats < 1:
+            raise ValueError("encoder_repeats and hybrid_repeats must be >= 1")
         if self.smooth_l1_beta <= 0:
             raise ValueError("smooth_l1_beta must be > 0")
 

@@ -52,7 +52,7 @@ class SetCriterion(nn.Module):
                  eos_coef: float = 0.1, bbox_loss: str = "l1", smooth_l1_beta: float = 0.1, *,
                  sigmoid: bool = False, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
                  encoder_repeats: int = 1, class_loss: str = "focal", vfl_alpha: float = 0.75,
-                 denoising: int = 0) -> None:
+                 denoising: int = 0, hybrid_repeats: int = 1) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.matcher = matcher
@@ -66,6 +66,7 @@ class SetCriterion(nn.Module):
         self.encoder_repeats = encoder_repeats
         self.class_loss = class_loss  # with sigmoid: "focal" or "varifocal" (IoU-aware targets)
         self.vfl_alpha = vfl_alpha
+        self.hybrid_repeats = hybrid_repeats  # how often the hybrid queries' targets are repeated (H-DETR's k)
         self.denoising = denoising  # groups of denoising queries the model is trained with (detrkit.aids), 0 = none
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef
@@ -201,6 +202,12 @@ class SetCriterion(nn.Module):
         if "group_outputs" in outputs:  # query groups (detrkit.aids): each group matched on its own
             group_losses = [self.all_layer_losses(g, targets, norm) for g in outputs["group_outputs"]]
             losses.update({f"{k}_group": sum(gl[k] for gl in group_losses) for k in _TRAINED})
+        if "hybrid_outputs" in outputs:  # H-DETR's one-to-many branch: every target repeated k times
+            reps = self.hybrid_repeats
+            repeated = [{**t, "labels": t["labels"].repeat(reps), "boxes": t["boxes"].repeat(reps, 1)} for t in targets]
+            hybrid_norm = norm._replace(num_boxes=norm.num_boxes * reps)
+            hybrid = self.all_layer_losses(outputs["hybrid_outputs"], repeated, hybrid_norm)
+            losses.update({f"{k}_hybrid": hybrid[k] for k in _TRAINED})
         if "dn_outputs" in outputs:  # denoising queries: known targets, never matched
             meta = outputs["dn_meta"]
             indices = Denoising.indices(targets, meta)
@@ -266,11 +273,11 @@ def _permutation(indices: Indices) -> tuple[Tensor, Tensor]:
 
 def weight_dict(loss: LossConfig, num_aux: int, encoder: bool = False) -> dict[str, float]:
     """The loss weights, with a copy for each auxiliary layer ``_0 .. _{num_aux-1}`` (and ``_enc``,
-    and ``_group`` / ``_dn`` for the training-only queries when those are on)."""
+    and ``_group`` / ``_dn`` / ``_hybrid`` for the training-only queries when those are on)."""
     base = {"loss_ce": loss.loss_ce, "loss_bbox": loss.loss_bbox, "loss_giou": loss.loss_giou}
     weights = dict(base)
     suffixes = [str(i) for i in range(num_aux)] + ["enc"] * encoder
-    suffixes += ["group"] * (loss.query_groups > 1) + ["dn"] * (loss.denoising > 0)
+    suffixes += ["group"] * (loss.query_groups > 1) + ["dn"] * (loss.denoising > 0) + ["hybrid"] * (loss.hybrid_queries > 0)
     for suffix in suffixes:
         weights.update({f"{k}_{suffix}": w for k, w in base.items()})
     return weights
@@ -288,4 +295,4 @@ def build_criterion(num_classes: int, loss: LossConfig, num_aux: int, *, sigmoid
                         bbox_loss=loss.bbox_loss, smooth_l1_beta=loss.smooth_l1_beta, sigmoid=sigmoid,
                         focal_alpha=loss.focal_alpha, focal_gamma=loss.focal_gamma,
                         encoder_repeats=loss.encoder_repeats, class_loss=loss.class_loss, vfl_alpha=loss.vfl_alpha,
-                        denoising=loss.denoising)
+                        denoising=loss.denoising, hybrid_repeats=loss.hybrid_repeats)

@@ -32,12 +32,18 @@ class ExtraQueries:
     positional embedding (plain DETR); ``boxes (B, E, 4)``: reference boxes, cxcywh in [0, 1]
     (two-stage models, whose query position comes from the box); ``attn_mask (Q+E, Q+E)``
     bool, True = the row query may not attend to the column query.
+
+    ``hybrid`` (two-stage models): this many more queries chosen from the encoder, the next best
+    tokens after the model's own Q, placed between those and ``content`` (H-DETR's one-to-many
+    branch). ``attn_mask`` does not cover them: the model inserts their rows and columns, and
+    they see only each other. Their predictions come back under ``hybrid_outputs``.
     """
 
     content: Tensor
     attn_mask: Tensor
     position: Optional[Tensor] = None
     boxes: Optional[Tensor] = None
+    hybrid: int = 0
 
 
 class MLP(nn.Module):

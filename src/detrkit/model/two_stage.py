@@ -105,16 +105,18 @@ class TwoStageDETR(DETR):
         memory = self.transformer.encoder(src, pos.to(src.dtype), flat_mask)
         enc_logits, enc_boxes, enc_feats = self.proposals(memory, mask)
 
-        # The top-Q tokens by best class score become the queries (content and reference box).
+        # The top-Q tokens by best class score become the queries (content and reference box);
+        # in training, the next M tokens may follow as H-DETR's one-to-many branch.
         k = min(self.num_queries, enc_logits.shape[1])
-        top = enc_logits.max(-1).values.topk(k, dim=1).indices  # (B, Q)
+        m = 0 if extra is None else min(extra.hybrid, enc_logits.shape[1] - k)
+        top = enc_logits.max(-1).values.topk(k + m, dim=1).indices  # (B, Q + M), best first
         tgt = torch.gather(enc_feats, 1, top[..., None].expand(-1, -1, enc_feats.shape[-1])).detach()
-        ref = torch.gather(enc_boxes, 1, top[..., None].expand(-1, -1, 4)).detach()  # (B, Q, 4)
+        ref = torch.gather(enc_boxes, 1, top[..., None].expand(-1, -1, 4)).detach()  # (B, Q + M, 4)
         attn_mask = None
-        if extra is not None:  # training-only queries (denoising) after the Q chosen ones
-            tgt = torch.cat([tgt, extra.content.to(tgt.dtype)], 1)  # (B, Q + E, D)
-            ref = torch.cat([ref, extra.boxes.to(ref.dtype)], 1)  # (B, Q + E, 4)
-            attn_mask = extra.attn_mask
+        if extra is not None:  # training-only queries (denoising) after the Q (+ M) chosen ones
+            tgt = torch.cat([tgt, extra.content.to(tgt.dtype)], 1)  # (B, Q + M + E, D)
+            ref = torch.cat([ref, extra.boxes.to(ref.dtype)], 1)  # (B, Q + M + E, 4)
+            attn_mask = _with_hybrid_block(extra.attn_mask, k, m)
 
         d = self.transformer.d_model
         logits, boxes = [], []
@@ -136,7 +138,10 @@ class TwoStageDETR(DETR):
         out = self._layer_outputs([a[:, :k] for a in logits], [b[:, :k] for b in boxes])
         out["enc_outputs"] = {"pred_logits": enc_logits, "pred_boxes": enc_boxes}
         if extra is not None:
-            out["extra_outputs"] = self._layer_outputs([a[:, k:] for a in logits], [b[:, k:] for b in boxes])
+            if m:
+                out["hybrid_outputs"] = self._layer_outputs([a[:, k:k + m] for a in logits],
+                                                            [b[:, k:k + m] for b in boxes])
+            out["extra_outputs"] = self._layer_outputs([a[:, k + m:] for a in logits], [b[:, k + m:] for b in boxes])
         return out
 
     def _layer_outputs(self, logits: list[Tensor], boxes: list[Tensor]) -> dict:
@@ -146,3 +151,17 @@ class TwoStageDETR(DETR):
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
         return out
 
+
+
+def _with_hybrid_block(mask: Tensor, q: int, m: int) -> Tensor:
+    """A ``(Q+E, Q+E)`` attention mask (True = blocked) with ``m`` hybrid queries inserted after
+    the first ``q``: ``(Q+M+E, Q+M+E)``, where the hybrid queries see only each other and no
+    other query sees them (H-DETR keeps its two branches apart)."""
+    if m == 0:
+        return mask
+    n = mask.shape[0] + m
+    full = torch.ones(n, n, dtype=torch.bool, device=mask.device)
+    kept = torch.cat([torch.arange(q, device=mask.device), torch.arange(q + m, n, device=mask.device)])
+    full[kept[:, None], kept[None, :]] = mask
+    full[q:q + m, q:q + m] = False
+    return full
