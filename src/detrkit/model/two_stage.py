@@ -18,6 +18,10 @@ one-to-one, no NMS, no hand-made anchor boxes) and changes where the queries com
 3. Sigmoid classification (trained with focal loss): ``pred_logits`` has ``num_classes``
    columns and no "no object" column; a class score is ``sigmoid(logit)``.
 
+In training, :class:`detrkit.aids.AidedModel` may ask for more encoder tokens than the model's
+own queries (``ExtraQueries.hybrid``, H-DETR's one-to-many branch); they are decoded beside the
+model's queries behind an attention mask, so the model's outputs do not change.
+
 The backbone, positional encoding and encoder/decoder layers are the plain DETR's.
 """
 from __future__ import annotations
