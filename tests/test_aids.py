@@ -214,9 +214,12 @@ def test_hybrid_queries_are_matched_one_to_many():
     torch.testing.assert_close(losses["loss"], plain["loss"] + hybrid_total, rtol=1e-6, atol=1e-5)
 
 
-def test_hybrid_queries_refuse_plain_detr():
+def test_hybrid_queries_refuse_plain_detr_and_bad_counts():
     with pytest.raises(ValueError, match="two-stage"):
         AidedModel(_model(), LossConfig(hybrid_queries=4))
+    for bad in (dict(hybrid_queries=-1), dict(hybrid_repeats=0), dict(encoder_repeats=0)):
+        with pytest.raises(ValueError, match="hybrid_queries|repeats"):
+            LossConfig(**bad)
 
 
 @pytest.mark.parametrize("option", [dict(denoising=2), dict(query_groups=2),
