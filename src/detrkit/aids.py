@@ -174,17 +174,15 @@ class AidedModel(nn.Module):
         if noised is not None:
             content, boxes, mask, meta = noised
             if self.model.sigmoid_class:
-                extra = ExtraQueries(content, mask, boxes=boxes)
-            else:
+                extra = ExtraQueries(content, mask, boxes=boxes, hybrid=self.hybrid)
+            else:  # plain DETR (no hybrid queries)
                 position = self.denoising.box_position(box_sine_embedding(boxes, self.model.transformer.d_model))
                 extra = ExtraQueries(content, mask, position=position)
-        if self.hybrid:
-            if extra is None:  # no denoising queries: an empty set of extra queries to carry the request
-                x, _ = DETR._batch(images)
-                d, q = self.model.transformer.d_model, self.model.num_queries
-                extra = ExtraQueries(x.new_zeros(x.shape[0], 0, d), torch.zeros(q, q, dtype=torch.bool, device=x.device),
-                                     boxes=x.new_zeros(x.shape[0], 0, 4))
-            extra.hybrid = self.hybrid
+        elif self.hybrid:  # no denoising queries: an empty set of extra queries carries the request
+            x, _ = DETR._batch(images)
+            d, q = self.model.transformer.d_model, self.model.num_queries
+            extra = ExtraQueries(x.new_zeros(x.shape[0], 0, d), torch.zeros(q, q, dtype=torch.bool, device=x.device),
+                                 boxes=x.new_zeros(x.shape[0], 0, 4), hybrid=self.hybrid)
         out = self.model(images, extra) if extra is not None else self.model(images)
         extra_outputs = out.pop("extra_outputs", None)
         if meta is not None:

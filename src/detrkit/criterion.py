@@ -52,7 +52,7 @@ class SetCriterion(nn.Module):
                  eos_coef: float = 0.1, bbox_loss: str = "l1", smooth_l1_beta: float = 0.1, *,
                  sigmoid: bool = False, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
                  encoder_repeats: int = 1, class_loss: str = "focal", vfl_alpha: float = 0.75,
-                 denoising: int = 0, hybrid_repeats: int = 1) -> None:
+                 denoising: int = 0, hybrid_repeats: int = LossConfig.hybrid_repeats) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.matcher = matcher
@@ -193,20 +193,14 @@ class SetCriterion(nn.Module):
             aux_losses = self.layer_losses(aux, targets, norm, log=False)
             losses.update({f"{k}_{i}": v for k, v in aux_losses.items()})
         if "enc_outputs" in outputs:  # two-stage: the encoder proposals get the same set loss
-            k = self.encoder_repeats  # one-to-many: each target matched to k proposals
-            enc_targets = targets if k == 1 else [
-                {**t, "labels": t["labels"].repeat(k), "boxes": t["boxes"].repeat(k, 1)} for t in targets]
-            enc_norm = norm._replace(num_boxes=norm.num_boxes * k)
+            enc_targets, enc_norm = _one_to_many(targets, norm, self.encoder_repeats)
             enc_losses = self.layer_losses(outputs["enc_outputs"], enc_targets, enc_norm, log=False)
             losses.update({f"{k}_enc": v for k, v in enc_losses.items()})
         if "group_outputs" in outputs:  # query groups (detrkit.aids): each group matched on its own
             group_losses = [self.all_layer_losses(g, targets, norm) for g in outputs["group_outputs"]]
             losses.update({f"{k}_group": sum(gl[k] for gl in group_losses) for k in _TRAINED})
         if "hybrid_outputs" in outputs:  # H-DETR's one-to-many branch: every target repeated k times
-            reps = self.hybrid_repeats
-            repeated = [{**t, "labels": t["labels"].repeat(reps), "boxes": t["boxes"].repeat(reps, 1)} for t in targets]
-            hybrid_norm = norm._replace(num_boxes=norm.num_boxes * reps)
-            hybrid = self.all_layer_losses(outputs["hybrid_outputs"], repeated, hybrid_norm)
+            hybrid = self.all_layer_losses(outputs["hybrid_outputs"], *_one_to_many(targets, norm, self.hybrid_repeats))
             losses.update({f"{k}_hybrid": hybrid[k] for k in _TRAINED})
         if "dn_outputs" in outputs:  # denoising queries: known targets, never matched
             meta = outputs["dn_meta"]
@@ -262,6 +256,15 @@ class SetCriterion(nn.Module):
 
 
 _TRAINED = ("loss_ce", "loss_bbox", "loss_giou")  # the named losses that carry a weight
+
+
+def _one_to_many(targets: list[dict], norm: Normalizers, k: int) -> tuple[list[dict], Normalizers]:
+    """Every target repeated ``k`` times, so that matching gives each object ``k`` predictions
+    (H-DETR's one-to-many matching), and the normalisers for that many target boxes."""
+    if k == 1:
+        return targets, norm
+    repeated = [{**t, "labels": t["labels"].repeat(k), "boxes": t["boxes"].repeat(k, 1)} for t in targets]
+    return repeated, norm._replace(num_boxes=norm.num_boxes * k)
 
 
 def _permutation(indices: Indices) -> tuple[Tensor, Tensor]:

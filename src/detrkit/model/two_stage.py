@@ -156,7 +156,6 @@ class TwoStageDETR(DETR):
         return out
 
 
-
 def _with_hybrid_block(mask: Tensor, q: int, m: int) -> Tensor:
     """A ``(Q+E, Q+E)`` attention mask (True = blocked) with ``m`` hybrid queries inserted after
     the first ``q``: ``(Q+M+E, Q+M+E)``, where the hybrid queries see only each other and no
