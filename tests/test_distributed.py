@@ -1,13 +1,15 @@
 """Two CPU processes (Gloo) under torchrun against one process, and torchrun's elastic restart.
 
-One torchrun job serves all tests here (starting processes is the slow part): 2 processes x
+One torchrun job serves most tests here (starting processes is the slow part): 2 processes x
 batch 2 for 2 epochs of one step each, evaluated after each epoch. In its first attempt rank 1
 is killed in epoch 2 (tests/ddp_job.py); torchrun restarts both, and they resume from epoch 1's
-checkpoint. The reference is one process with batch 4 on the same data.
+checkpoint. The reference is one process with batch 4 on the same data. The multi-node form
+(two launchers, one process each) runs as a second job.
 """
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +53,7 @@ def runs(tmp_path_factory):
         one_epoch1 = load_file(tmp / "one" / "last" / "model.safetensors")
         assert main(["train", "--resume", str(tmp / "one"), "--epochs", "2"]) == 0
     return {"ddp": tmp / "ddp", "one": tmp / "one", "one_epoch1": one_epoch1, "log": job.stdout + job.stderr,
+            "flags": flags, "env": env,
             "val": {"val_json": str(shapes["val_json"]), "val_images": str(shapes["val_images"]), "workers": 0}}
 
 
@@ -98,6 +101,35 @@ def test_a_killed_rank_is_restarted_and_the_run_resumes_from_its_last_checkpoint
     one = load_file(runs["one"] / "last" / "model.safetensors")
     for k in one:
         assert torch.allclose(ddp[k], one[k], rtol=0, atol=1e-5), k
+
+
+def test_the_multi_node_form_trains_as_one_process_and_only_rank_0_writes(runs, tmp_path):
+    """``torchrun --nnodes 2 --rdzv-backend c10d --rdzv-endpoint HOST:PORT``, one launcher per
+    machine (here two folders on one machine, one process each), is the same training."""
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = []
+    for name in ("node0", "node1"):
+        (tmp_path / name).mkdir()
+        nodes.append(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "test",
+             "-m", "detrkit", "train", *runs["flags"], "--batch-size", "2", "--epochs", "1", "--out", "run"],
+            cwd=tmp_path / name, env=runs["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    # The run folder is on the machine of rank 0 alone (which machine that is, the rendezvous decides).
+    written = [tmp_path / name / "run" for name in ("node0", "node1") if (tmp_path / name / "run").exists()]
+    assert len(written) == 1 and (written[0] / "results.csv").exists()
+    ddp = load_file(written[0] / "last" / "model.safetensors")
+    for k, v in runs["one_epoch1"].items():
+        assert torch.allclose(ddp[k], v, rtol=0, atol=1e-6), k
+
+
+def test_a_run_on_channels_last_activations_prints_no_ddp_stride_warning(runs):
+    # 1x1 convolutions' weight gradients differ from the weights in size-1 strides only (engine.py).
+    assert "Grad strides do not match" not in runs["log"]
 
 
 @contextlib.contextmanager

@@ -712,6 +712,11 @@ def _train(model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig, t
 
     net: nn.Module = aided
     if world > 1:
+        # On channels-last activations a 1x1 convolution's weight gradient comes back with
+        # other strides in its size-1 dimensions than the weight's ((C, 1, C, C) vs (C, 1, 1, 1)):
+        # the same memory order, so DDP's copy into its bucket is a plain copy, but it warns
+        # "may impair performance" on every run. Nothing to act on; silenced.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         net = nn.parallel.DistributedDataParallel(
             aided, device_ids=[device.index] if device.type == "cuda" else None,
             # The two-stage model's earlier-layer heads only get gradients from the auxiliary losses.
