@@ -1,5 +1,6 @@
 """The training loop: gradient accumulation, EMA, early stopping, mid-epoch resume, the sample order."""
 import json
+import copy
 import os
 import signal
 
@@ -14,6 +15,7 @@ from detrkit.cli import main
 from detrkit.config import resolve
 from detrkit.data.sampler import EpochSampler
 from detrkit.data.synthetic import make_synthetic
+from detrkit.ema import ModelEMA
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +129,45 @@ def test_fp16_on_a_cpu_is_a_clear_error(shapes, tmp_path, capsys):
     assert main(["train", "--train-json", str(shapes["train_json"]), "--train-images", str(shapes["train_images"]),
                  "--precision", "fp16", "--device", "cpu", "--out", str(tmp_path / "x")]) == 2
     assert "fp16 needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_the_fp16_loss_scaler_clips_true_gradients_and_its_skipped_steps_leave_the_ema():
+    """The fp16 step (CUDA only in `train`) on its own, with PyTorch's CPU loss scaler."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 4)
+
+    def trainer(scaler):
+        net = torch.nn.Linear(4, 2)
+        net.load_state_dict(first)  # both trainers start from the same weights
+        cfg = resolve(None, {"train": {"clip": 0.1}})[3]
+        optimizer = torch.optim.AdamW(net.parameters(), lr=0.1)
+        return engine.Trainer(net, net, net, None, optimizer, cfg, torch.device("cpu"), scaler,
+                              ModelEMA(net, decay=0.5, warmup=0))
+
+    first = torch.nn.Linear(4, 2).state_dict()
+    plain, scaled = trainer(None), trainer(torch.amp.GradScaler("cpu", init_scale=2.0 ** 12))
+    plain.model(x).pow(2).sum().backward()
+    assert torch.cat([p.grad.flatten() for p in plain.model.parameters()]).norm() > 1  # clipping to 0.1 acts
+    scaled.scaler.scale(scaled.model(x).pow(2).sum()).backward()
+    plain.optimizer_step()
+    scaled.optimizer_step()
+    # Unscaled before clipping: the same step as without a scaler (scaling by 2^12 is exact).
+    for a, b in zip(plain.model.parameters(), scaled.model.parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6)
+    # An overflowing step is skipped: weights and EMA unchanged, the scale halved.
+    weights = copy.deepcopy(scaled.model.state_dict())
+    ema = copy.deepcopy(scaled.ema.module.state_dict())
+    (scaled.scaler.scale(scaled.model(x).sum()) * float("inf")).backward()
+    scaled.optimizer_step()
+    assert scaled.scaler.get_scale() == 2.0 ** 11
+    for k in weights:
+        assert torch.equal(scaled.model.state_dict()[k], weights[k])
+        assert torch.equal(scaled.ema.module.state_dict()[k], ema[k])
+    # The next finite step moves both again.
+    scaled.scaler.scale(scaled.model(x).pow(2).sum()).backward()
+    scaled.optimizer_step()
+    assert not torch.equal(scaled.model.weight, weights["weight"])
+    assert not torch.equal(scaled.ema.module.weight, ema["weight"])
 
 
 @pytest.mark.parametrize("size,world", [(1, 1), (8, 2), (13, 2), (13, 3), (5, 8)])
