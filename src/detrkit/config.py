@@ -230,7 +230,7 @@ PRESETS: dict[str, dict] = {
         backbone="resnet18", d_model=128, nheads=8, enc_layers=3, dec_layers=3,
         dim_feedforward=512, num_queries=30, frozen_stages=0, two_stage=True,
         backbone_stages=2,  # stride 8: at 128 px, stride 16 puts two small objects in one cell (AP 0.15 vs 0.32 at 4 min)
-        dropout=0.0,  # with 0.1, drawing dropout masks makes a CPU step 1004 ms, not 407 (benchmarks/profile_step.py)
+        dropout=0.0,  # with 0.1 a CPU step takes 586 ms, not 339 (benchmarks/profile_step.py)
         backbone_norm="batch",  # trained from random weights: frozen identity BN would not normalise
     ),
     # The smallest useful model, for tests and smoke runs (seconds per step on a CPU).

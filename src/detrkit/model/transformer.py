@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detrkit.model.dropout import Dropout, dropout
+
 
 class MultiheadAttention(nn.Module):
     """Batch-first multi-head attention with the parameter layout of ``nn.MultiheadAttention``.
@@ -28,8 +30,9 @@ class MultiheadAttention(nn.Module):
     The q, k and v projections are packed into ``in_proj_weight (3D, D)`` / ``in_proj_bias (3D,)``
     (rows q, then k, then v), the output projection is ``out_proj``: official checkpoints load
     as they are. The product itself is :func:`torch.nn.functional.scaled_dot_product_attention`,
-    which never materialises the attention weights; :func:`capture_attention` makes the module
-    also compute them, beside the unchanged product.
+    which never materialises the attention weights, except when training with dropout on a CPU
+    (written out there, for a cheaper dropout mask: :mod:`detrkit.model.dropout`);
+    :func:`capture_attention` makes the module also compute them, beside the unchanged product.
     """
 
     # A list while capture_attention is active: each call appends its weights (B, h, Lq, Lk).
@@ -88,25 +91,29 @@ class MultiheadAttention(nn.Module):
             allowed = ~key_padding_mask[:, None, None, :]  # (B, 1, 1, Lk)
         if attn_mask is not None:
             allowed = ~attn_mask if allowed is None else allowed & ~attn_mask
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0
-        )  # (B, h, Lq, D/h)
+        p = self.dropout if self.training else 0.0
+        if p > 0.0 and q.device.type == "cpu":
+            # SDPA's own attention dropout on a CPU draws the mask element by element and
+            # costs 12x the attention: the same product written out, with the cheaper mask.
+            out = dropout(attention_weights(q, k, allowed), p) @ v  # (B, h, Lq, D/h)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)  # (B, h, Lq, D/h)
         if self.store is not None:
-            self.store.append(attention_weights(q, k, allowed))
+            with torch.no_grad():
+                self.store.append(attention_weights(q.float(), k.float(), allowed))
         return self.out_proj(out.transpose(1, 2).reshape(b, lq, d))
 
 
-@torch.no_grad()
 def attention_weights(q: Tensor, k: Tensor, allowed: Optional[Tensor]) -> Tensor:
-    """``softmax(q k^T / sqrt(d))`` over the allowed keys: ``(B, h, Lq, Lk)`` float32, detached.
+    """``softmax(q k^T / sqrt(d))`` over the allowed keys: ``(B, h, Lq, Lk)``.
 
     The weights scaled_dot_product_attention applies to the values (before attention dropout),
     from the same projected ``q (B, h, Lq, d)`` and ``k (B, h, Lk, d)``; keys that may not be
     attended to get exactly 0.
     """
-    scores = q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, h, Lq, Lk)
+    scores = (q / math.sqrt(q.shape[-1])) @ k.transpose(-2, -1)  # (B, h, Lq, Lk)
     if allowed is not None:
-        scores = scores.masked_fill(~allowed, float("-inf"))
+        scores.masked_fill_(~allowed, float("-inf"))  # in place: the product's backward needs q and k only
     return scores.softmax(-1)
 
 
@@ -143,9 +150,9 @@ class EncoderLayer(nn.Module):
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)  # inside the FFN
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)  # inside the FFN
+        self.dropout1 = Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
         self.pre_norm = pre_norm
 
     def forward(self, src: Tensor, pos: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
@@ -179,10 +186,10 @@ class DecoderLayer(nn.Module):
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
         self.norm3 = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.dropout3 = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
+        self.dropout3 = Dropout(dropout)
         self.pre_norm = pre_norm
 
     def forward(
