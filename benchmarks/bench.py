@@ -401,18 +401,23 @@ def top_class_agreement(ours, fast, batches) -> tuple[int, int]:
     """Over every query that scores > 0.5 in fp32: how many have the same top class in bf16.
 
     Returns ``(agreeing, total)``. Scores are softmax without "no object" (DETR) or sigmoid
-    (two-stage models), as postprocessing reads them.
+    (two-stage models), as postprocessing reads them. Each fp32 query is compared with the bf16
+    query whose box is nearest (L1): a two-stage model's query slots are its encoder's
+    best-scoring tokens in rank order, and bf16 rounding can swap two near-equal ranks, so the
+    same slot may hold another object; DETR's learned slots pair with themselves.
     """
-    def scores(model, batch):
-        logits = model(batch)["pred_logits"]
-        return logits.sigmoid() if model.sigmoid_class else logits.softmax(-1)[..., :-1]
+    def scores(out):
+        return out["pred_logits"].sigmoid() if ours.sigmoid_class else out["pred_logits"].softmax(-1)[..., :-1]
 
     agree = total = 0
     with torch.inference_mode():
         for batch in batches:
-            score, label = scores(ours, batch).max(-1)
+            a, b = ours(batch), fast(batch)
+            score, label = scores(a).max(-1)  # (B, Q)
+            nearest = torch.cdist(a["pred_boxes"], b["pred_boxes"], p=1).argmin(-1)  # (B, Q): bf16 query per fp32 query
+            label_fast = scores(b).argmax(-1).gather(1, nearest)  # (B, Q)
             keep = score > 0.5
-            agree += int((scores(fast, batch).argmax(-1)[keep] == label[keep]).sum())
+            agree += int((label_fast[keep] == label[keep]).sum())
             total += int(keep.sum())
     return agree, total
 

@@ -40,3 +40,25 @@ def test_memory_child_reports_a_peak(bench, tmp_path):
     bench["save_peer"]("tiny", folder)
     row = bench["memory_child"]("detrkit fp32", folder, "tiny")
     assert row["peak_mib"] >= row["rss_before_mib"] > 0 and row["step_peak_mib"] >= 0
+
+
+def test_top_class_agreement_pairs_queries_by_box_not_by_slot(bench):
+    import torch
+
+    class Fixed(torch.nn.Module):
+        """Returns fixed outputs, slots in the given order (a two-stage model's ranks can swap)."""
+        sigmoid_class = True
+
+        def __init__(self, order, flip=()):
+            super().__init__()
+            logits = torch.tensor([[4.0, -4.0], [-4.0, 4.0], [-4.0, -4.0]])  # classes 0, 1, nothing
+            logits[list(flip)] = logits[list(flip)].flip(-1)
+            boxes = torch.tensor([[0.2, 0.2, 0.1, 0.1], [0.7, 0.7, 0.2, 0.2], [0.5, 0.5, 0.3, 0.3]])
+            self.out = {"pred_logits": logits[order][None], "pred_boxes": boxes[order][None]}
+
+        def forward(self, batch):
+            return self.out
+
+    fp32 = Fixed([0, 1, 2])
+    assert bench["top_class_agreement"](fp32, Fixed([1, 0, 2]), [None]) == (2, 2)  # swapped slots, same objects
+    assert bench["top_class_agreement"](fp32, Fixed([0, 1, 2], flip=[1]), [None]) == (1, 2)  # one class changed
