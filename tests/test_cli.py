@@ -26,7 +26,7 @@ def _data_flags(paths):
             "--val-json", str(paths["val_json"]), "--val-images", str(paths["val_images"])]
 
 
-def test_train_resume_eval_predict(shapes, tmp_path, capsys):
+def test_train_resume_eval_predict(shapes, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     assert main(["train", *_data_flags(shapes), *TRAIN_FLAGS, "--epochs", "1", "--out", str(run)]) == 0
     for name in ("config.yaml", "results.csv", "results.png", "metrics.json", "detections.json"):
@@ -54,8 +54,29 @@ def test_train_resume_eval_predict(shapes, tmp_path, capsys):
     assert main(["predict", "--weights", str(run / "best"), str(shapes["val_images"]), "--threshold", "0",
                  "--out", str(tmp_path / "pred")]) == 0
     assert len(list((tmp_path / "pred").glob("*.png"))) == 6
+    capsys.readouterr()
+    monkeypatch.setattr("detrkit.cli.cpu_flags", lambda: {"avx512f", "avx512_bf16"})  # a CPU without AMX
+    assert main(["predict", "--weights", str(run / "best"), str(shapes["val_images"]), "--precision", "bf16",
+                 "--device", "cpu", "--out", str(tmp_path / "pred16")]) == 0
+    assert "without AMX" in capsys.readouterr().err
     records = json.loads((tmp_path / "pred" / "detections.json").read_text())
     assert len(records) == 6 and all(len(r["detections"]) == 10 for r in records)  # threshold 0 keeps every query
+
+
+def test_bf16_on_a_cpu_without_amx_gets_a_note(monkeypatch, capsys):
+    import detrkit.cli as cli
+
+    monkeypatch.setattr(cli, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    cli.note_slow_bf16("bf16", "cpu")
+    assert "without AMX" in capsys.readouterr().err
+    cli.note_slow_bf16("fp32", "cpu")
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(cli, "cpu_flags", lambda: {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+    cli.note_slow_bf16("bf16", "cpu")
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(cli, "cpu_flags", lambda: set())  # not Linux: nothing known, nothing said
+    cli.note_slow_bf16("bf16", "cpu")
+    assert capsys.readouterr().err == ""
 
 
 def test_check_data_and_errors(shapes, tmp_path, capsys):

@@ -29,6 +29,26 @@ PRECISION_HELP = ("fp32: exact; bf16: the network under bfloat16 autocast, score
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
+def cpu_flags() -> set[str]:
+    """The instruction-set flags of this CPU as Linux lists them (empty elsewhere)."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return next((set(line.split(":", 1)[1].split()) for line in cpuinfo.splitlines() if line.startswith("flags")), set())
+
+
+def note_slow_bf16(precision: str, device: str) -> None:
+    """Tell the user when bf16 was asked for on a CPU whose bf16 products are not fast (no AMX)."""
+    from detrkit.engine import select_device
+
+    flags = cpu_flags()
+    if precision == "bf16" and select_device(device).type == "cpu" and flags and "amx_bf16" not in flags:
+        print("note: --precision bf16 on a CPU without AMX: its bfloat16 matrix products are no faster than "
+              "float32 ones (half as fast on the machine of docs/benchmarks.md), so fp32 is likely faster here",
+              file=sys.stderr)
+
+
 def _default(cls, name: str):
     return {f.name: f.default for f in dataclasses.fields(cls)}[name]
 
@@ -264,6 +284,8 @@ def cmd_train(args) -> int:
         flags = {"train": _given(args, TrainConfig), "loss": _given(args, LossConfig), "data": _given(args, DataConfig),
                  "model": _given(args, ModelConfig)}
         model_cfg, loss_cfg, data_cfg, train_cfg = resolve(args.recipe, _yaml_sections(args.config), flags)
+    if int(os.environ.get("RANK", "0")) == 0:
+        note_slow_bf16(train_cfg.precision, train_cfg.device)
     run_dir = train(model_cfg, loss_cfg, data_cfg, train_cfg)
     if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, rank 0 speaks for all
         return 0
@@ -301,6 +323,7 @@ def cmd_eval(args) -> int:
     for name in ("iou_threshold", "score_threshold"):
         if not 0 <= getattr(args, name) <= 1:
             raise DetrkitError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    note_slow_bf16(args.precision, args.device)
     model = load_model(args.weights, precision=args.precision)
     metrics, detections = evaluate_model(model, _given(args, DataConfig), batch_size=args.batch_size,
                                          device=args.device)
@@ -346,6 +369,7 @@ def cmd_predict(args) -> int:
 
         model = OnnxDetector(args.weights)
     else:
+        note_slow_bf16(args.precision, args.device)
         model = load_model(args.weights, device=select_device(args.device), precision=args.precision)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
