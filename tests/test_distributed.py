@@ -9,6 +9,7 @@ checkpoint. The reference is one process with batch 4 on the same data. The mult
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -101,6 +102,20 @@ def test_a_killed_rank_is_restarted_and_the_run_resumes_from_its_last_checkpoint
     one = load_file(runs["one"] / "last" / "model.safetensors")
     for k in one:
         assert torch.allclose(ddp[k], one[k], rtol=0, atol=1e-5), k
+
+
+def test_a_two_process_run_resumes_in_one_process(runs, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(runs["ddp"], run)  # the fixture's run stays as the other tests read it
+    with _one_thread():
+        assert main(["train", "--resume", str(run), "--epochs", "3"]) == 0
+    assert "the checkpoint was written by 2 processes, this run has 1" in capsys.readouterr().out
+    rows = _rows(run)
+    # Epoch 3 on one process: the global batch is now 2, so 2 steps over the 4 images.
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"] and rows[-1]["steps"] == "4"
+    before = load_file(runs["ddp"] / "last" / "model.safetensors")
+    after = load_file(run / "last" / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
 def test_the_multi_node_form_trains_as_one_process_and_only_rank_0_writes(runs, tmp_path):
