@@ -23,6 +23,11 @@ def test_each_element_is_dropped_with_probability_p_independently(p):
     assert abs(both - (1 - p) ** 2) < 5 * sigma
 
 
+def test_probabilities_next_to_0_and_1_keep_everything_or_nothing():
+    assert keep_mask((1000,), 1e-11).all()
+    assert not keep_mask((1000,), 1 - 1e-11).any()
+
+
 def test_the_mask_follows_the_seed():
     torch.manual_seed(3)
     a = keep_mask((4, 1000), 0.1)

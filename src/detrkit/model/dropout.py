@@ -24,12 +24,15 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> Tensor:
 
     Drawn from the default CPU generator (``torch.manual_seed`` and saved RNG states apply).
     """
+    dropped = round(p * 2 ** 32)  # of every 2^32 equally likely draws
+    if dropped == 2 ** 32:  # p within 2^-33 of 1: the threshold below would not fit in int32
+        return torch.zeros(shape, dtype=torch.bool)
     n = math.prod(shape)
     # The full 64-bit range (from the int64 minimum, no upper bound): every bit is random, so
     # each 32-bit half is uniform on [-2^31, 2^31).
     bits = torch.empty((n + 1) // 2, dtype=torch.int64).random_(-(2 ** 63), None)
     halves = bits.view(torch.int32)[:n].view(shape)
-    return halves >= round(p * 2 ** 32) - 2 ** 31  # P(keep) = 1 - round(p 2^32) / 2^32
+    return halves >= dropped - 2 ** 31  # P(keep) = 1 - dropped / 2^32
 
 
 def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
