@@ -284,10 +284,11 @@ def cmd_train(args) -> int:
         flags = {"train": _given(args, TrainConfig), "loss": _given(args, LossConfig), "data": _given(args, DataConfig),
                  "model": _given(args, ModelConfig)}
         model_cfg, loss_cfg, data_cfg, train_cfg = resolve(args.recipe, _yaml_sections(args.config), flags)
-    if int(os.environ.get("RANK", "0")) == 0:
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 speaks for all
+    if main_process:
         note_slow_bf16(train_cfg.precision, train_cfg.device)
     run_dir = train(model_cfg, loss_cfg, data_cfg, train_cfg)
-    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, rank 0 speaks for all
+    if not main_process:
         return 0
     print(f"run folder: {run_dir}\nbest checkpoint: {run_dir / 'best'}\nresults: {run_dir / 'results.csv'}, "
           f"{run_dir / 'results.png'}")
