@@ -139,8 +139,8 @@ def test_the_fp16_loss_scaler_clips_true_gradients_and_its_skipped_steps_leave_t
     def trainer(scaler):
         net = torch.nn.Linear(4, 2)
         net.load_state_dict(first)  # both trainers start from the same weights
-        cfg = resolve(None, {"train": {"clip": 0.1}})[3]
-        optimizer = torch.optim.AdamW(net.parameters(), lr=0.1)
+        cfg = resolve(None, {"train": {"clip": 0.1, "lr": 0.1}})[3]
+        optimizer = engine.make_optimizer(net, cfg)  # the training's own AdamW (fused), with the scaler
         return engine.Trainer(net, net, net, None, optimizer, cfg, torch.device("cpu"), scaler,
                               ModelEMA(net, decay=0.5, warmup=0))
 
