@@ -2,7 +2,8 @@
 
     make bench                                  # the full run (about 5 minutes on 2 cores)
     python benchmarks/bench.py --quick          # smaller images, fewer repeats: a smoke run
-    python benchmarks/bench.py --only matcher   # one section (peak, inference, train, memory, matcher, agreement)
+    python benchmarks/bench.py --only matcher   # one section (peak, inference, train, memory, matcher,
+                                                #   optimizer, agreement)
 
 Both sides are DETR-R50 in the configuration of the published ``facebook/detr-resnet-50``
 (timm ResNet-50, 6+6 layers, 100 queries, 92 logits), built from random weights (nothing can
@@ -59,7 +60,7 @@ SIZES = {
 }
 TARGETS_PER_IMAGE = 5
 NUM_LABELS = 91  # COCO, as facebook/detr-resnet-50: 92 logits with "no object"
-SECTIONS = ("peak", "inference", "train", "memory", "matcher", "agreement")
+SECTIONS = ("peak", "inference", "train", "memory", "matcher", "optimizer", "agreement")
 # FlopCounterMode knows the GPU attention kernels; the CPU one does the same arithmetic.
 def _sdpa_cpu_flops(query, key, value, *args, **kwargs) -> int:
     return sdpa_flop_count(query.shape, key.shape, value.shape)
@@ -400,6 +401,30 @@ def section_matcher(size: dict, results: dict) -> None:
     print(f"  speed-up {ratio:.1f}x (target >= 5x)")
 
 
+def section_optimizer(folder: Path, size: dict, results: dict) -> None:
+    """One AdamW step over the model's trainable parameters: detrkit's (fused) against PyTorch's
+    default on this device (on CPUs a Python loop over the tensors) and ``foreach=True``."""
+    from detrkit.config import TrainConfig
+    from detrkit.engine import make_optimizer
+
+    model = load_ours(folder).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    gen = torch.Generator().manual_seed(4)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+    cfg = TrainConfig()
+    optimizers = {"PyTorch default": torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
+                  "foreach": torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True),
+                  "detrkit (fused)": make_optimizer(model, cfg)}
+    timed = alternate({name: opt.step for name, opt in optimizers.items()}, max(size["repeats"], 7), size["warmup"] + 1)
+    base = timed["PyTorch default"]["median"]
+    results["optimizer"] = {"parameters": sum(p.numel() for p in params), "times": timed,
+                            "ratio_to_default": {k: t["median"] / base for k, t in timed.items()}}
+    print(f"\nAdamW step, {sum(p.numel() for p in params) / 1e6:.1f} M trainable parameters")
+    for name, r in timed.items():
+        print(f"  {name:<28} {r['median'] * 1e3:8.2f} ms  x default {r['median'] / base:.2f}")
+
+
 def top_class_agreement(ours, fast, batches) -> tuple[int, int]:
     """Over every query that scores > 0.5 in fp32: how many have the same top class in bf16.
 
@@ -515,7 +540,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "detr"
-        if {"inference", "train", "memory", "agreement"} & set(sections):
+        if {"inference", "train", "memory", "optimizer", "agreement"} & set(sections):
             save_peer(size["arch"], folder)
         if "peak" in sections:
             section_peak(size, results)
@@ -529,6 +554,8 @@ def main(argv: list[str] | None = None) -> dict:
             section_memory(folder, args.size, results, args.malloc)
         if "matcher" in sections:
             section_matcher(size, results)
+        if "optimizer" in sections:
+            section_optimizer(folder, size, results)
     results["seconds"] = time.perf_counter() - t0
     print(f"\n({results['seconds']:.0f} s)")
     if args.json:

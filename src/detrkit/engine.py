@@ -166,9 +166,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = [{"params": rest, "lr": cfg.lr, "base_lr": cfg.lr}]
     if backbone:
         groups.append({"params": backbone, "lr": cfg.lr_backbone, "base_lr": cfg.lr_backbone})
-    # fused: the whole update of a tensor in one kernel (CPU and CUDA). For the R50's 41 M
-    # trainable parameters on the 2-core CPU of docs/benchmarks.md: 28 ms a step, against 81 ms
-    # for PyTorch's default on CPUs (a Python loop) and 92 ms with foreach=True.
+    # fused: the whole update of a tensor in one kernel (CPU and CUDA). On a CPU, a third of the
+    # time of PyTorch's default there (a Python loop over the tensors): docs/benchmarks.md.
     fused = all(p.device.type in ("cpu", "cuda") for _, p in named)
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
