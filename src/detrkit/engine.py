@@ -435,7 +435,7 @@ def train_one_epoch(trainer: Trainer, loader: DataLoader, state: TrainState, clo
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------
-@torch.no_grad()
+@torch.inference_mode()
 def predict_batches(model: DETR, loader: DataLoader, device: torch.device) -> list[list[dict]]:
     """COCO-format detections (dataset category ids, absolute xywh in original pixels), one list per batch."""
     model.eval()
