@@ -14,7 +14,8 @@ import torch
 
 from detrkit import build_criterion, build_model, preset
 from detrkit.allocator import tune_allocator
-from detrkit.config import LossConfig
+from detrkit.config import LossConfig, TrainConfig
+from detrkit.engine import make_optimizer
 
 
 def main() -> None:
@@ -30,7 +31,7 @@ def main() -> None:
     cfg = preset(args.preset, **overrides)
     model = build_model(cfg).train()
     criterion = build_criterion(4, LossConfig(), cfg.dec_layers - 1, sigmoid=cfg.two_stage)
-    optimizer = torch.optim.AdamW(model.parameters(), 1e-4)
+    optimizer = make_optimizer(model, TrainConfig())  # detrkit train's AdamW (fused)
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=gen)
     mask = torch.zeros(args.batch_size, args.image_size, args.image_size, dtype=torch.bool)
