@@ -3,7 +3,7 @@
     make bench                                  # the full run (about 5 minutes on 2 cores)
     python benchmarks/bench.py --quick          # smaller images, fewer repeats: a smoke run
     python benchmarks/bench.py --only matcher   # one section (peak, inference, train, memory, matcher,
-                                                #   optimizer, agreement)
+                                                #   optimizer, dropout, agreement)
 
 Both sides are DETR-R50 in the configuration of the published ``facebook/detr-resnet-50``
 (timm ResNet-50, 6+6 layers, 100 queries, 92 logits), built from random weights (nothing can
@@ -52,15 +52,15 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 # Problem sizes: the issue's R50 cases, a --quick smoke run and a --tiny plumbing check (tests).
 SIZES = {
     "full": {"arch": "r50", "infer": (800, 1066), "train": [(512, 683), (480, 640)], "matcher": (8, 300, 50),
-             "peak_n": 2048, "repeats": 7, "warmup": 2},
+             "peak_n": 2048, "conv": (256, 100, 134), "attention": (2, 8, 324, 32), "repeats": 7, "warmup": 2},
     "quick": {"arch": "r50", "infer": (400, 533), "train": [(256, 341), (240, 320)], "matcher": (8, 300, 50),
-              "peak_n": 1024, "repeats": 3, "warmup": 1},
+              "peak_n": 1024, "conv": (256, 50, 67), "attention": (2, 8, 81, 32), "repeats": 3, "warmup": 1},
     "tiny": {"arch": "tiny", "infer": (64, 96), "train": [(64, 96), (48, 80)], "matcher": (2, 10, 3),
-             "peak_n": 128, "repeats": 1, "warmup": 1},
+             "peak_n": 128, "conv": (16, 8, 8), "attention": (1, 2, 16, 8), "repeats": 1, "warmup": 1},
 }
 TARGETS_PER_IMAGE = 5
 NUM_LABELS = 91  # COCO, as facebook/detr-resnet-50: 92 logits with "no object"
-SECTIONS = ("peak", "inference", "train", "memory", "matcher", "optimizer", "agreement")
+SECTIONS = ("peak", "inference", "train", "memory", "matcher", "optimizer", "dropout", "agreement")
 # FlopCounterMode knows the GPU attention kernels; the CPU one does the same arithmetic.
 def _sdpa_cpu_flops(query, key, value, *args, **kwargs) -> int:
     return sdpa_flop_count(query.shape, key.shape, value.shape)
@@ -188,11 +188,35 @@ def matmul_peak(dtype: torch.dtype, n: int, repeats: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Sections
 # ---------------------------------------------------------------------------------------------
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def conv_peak(dtype: torch.dtype, shape: tuple[int, int, int], repeats: int) -> dict:
+    """GFLOP/s of a 3x3 convolution, ``C -> C`` channels on a ``C x H x W`` channels-last map
+    (a ResNet stage's convolution), as for :func:`matmul_peak`."""
+    c, h, w = shape
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, c, h, w, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(c, c, 3, 3, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        times = alternate({"conv": lambda: torch.nn.functional.conv2d(x, weight, padding=1)}, max(repeats, 5), 2)["conv"]
+    flops = 2.0 * c * c * 9 * h * w
+    return {"shape": shape, "peak_gflops": flops / times["min"] / 1e9, "median_gflops": flops / times["median"] / 1e9}
+
+
 def section_peak(size: dict, results: dict) -> None:
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    """The machine's rates: matrix products (fp32 and bf16 set the "of peak" columns) and, to show
+    whether half precision can pay off here, fp16 products and 3x3 convolutions in all three."""
+    for name, dtype in DTYPES.items():
         results["peak"][name] = matmul_peak(dtype, size["peak_n"], size["repeats"])
         r = results["peak"][name]
         print(f"matmul {name} {r['n']}x{r['n']}: peak {r['peak_gflops']:.0f} GFLOP/s (median {r['median_gflops']:.0f})")
+    results["conv_peak"] = {}
+    for name, dtype in DTYPES.items():
+        r = results["conv_peak"][name] = conv_peak(dtype, size["conv"], size["repeats"])
+        c, h, w = r["shape"]
+        print(f"conv 3x3 {name} {c}->{c} on {h}x{w}: peak {r['peak_gflops']:.0f} GFLOP/s "
+              f"(median {r['median_gflops']:.0f})")
 
 
 def section_inference(folder: Path, size: dict, results: dict, ablation: bool) -> None:
@@ -402,27 +426,58 @@ def section_matcher(size: dict, results: dict) -> None:
 
 
 def section_optimizer(folder: Path, size: dict, results: dict) -> None:
-    """One AdamW step over the model's trainable parameters: detrkit's (fused) against PyTorch's
-    default on this device (on CPUs a Python loop over the tensors) and ``foreach=True``."""
+    """One AdamW step over a model's trainable parameters: detrkit's (fused) against PyTorch's
+    default on this device (on CPUs a Python loop over the tensors) and ``foreach=True``; for
+    the benchmark's model and for the ``detr_r18_fast`` preset (``make demo``'s)."""
+    from detrkit import build_model, preset
     from detrkit.config import TrainConfig
     from detrkit.engine import make_optimizer
 
-    model = load_ours(folder).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    gen = torch.Generator().manual_seed(4)
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen) * 1e-3
     cfg = TrainConfig()
-    optimizers = {"PyTorch default": torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
-                  "foreach": torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True),
-                  "detrkit (fused)": make_optimizer(model, cfg)}
-    timed = alternate({name: opt.step for name, opt in optimizers.items()}, max(size["repeats"], 7), size["warmup"] + 1)
-    base = timed["PyTorch default"]["median"]
-    results["optimizer"] = {"parameters": sum(p.numel() for p in params), "times": timed,
-                            "ratio_to_default": {k: t["median"] / base for k, t in timed.items()}}
-    print(f"\nAdamW step, {sum(p.numel() for p in params) / 1e6:.1f} M trainable parameters")
+    results["optimizer"] = {}
+    for name, model in (("benchmark model", load_ours(folder)), ("detr_r18_fast", build_model(preset("detr_r18_fast")))):
+        params = [p for p in model.train().parameters() if p.requires_grad]
+        gen = torch.Generator().manual_seed(4)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+        optimizers = {"PyTorch default": torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
+                      "foreach": torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True),
+                      "detrkit (fused)": make_optimizer(model, cfg)}
+        timed = alternate({k: opt.step for k, opt in optimizers.items()}, max(size["repeats"], 7), size["warmup"] + 1)
+        base = timed["PyTorch default"]["median"]
+        count = sum(p.numel() for p in params)
+        results["optimizer"][name] = {"parameters": count, "times": timed,
+                                      "ratio_to_default": {k: t["median"] / base for k, t in timed.items()}}
+        print(f"\nAdamW step, {name}, {count / 1e6:.1f} M trainable parameters")
+        for k, r in timed.items():
+            print(f"  {k:<28} {r['median'] * 1e3:8.2f} ms  x default {r['median'] / base:.2f}")
+
+
+def section_dropout(size: dict, results: dict) -> None:
+    """Dropout 0.1 on the attention weights of one encoder layer (``size['attention']`` =
+    batch, heads, tokens, head dim; the full size is the R50 at 576 px, batch 2): PyTorch's
+    ``F.dropout`` against detrkit's mask, and attention with dropout, SDPA's against detrkit's
+    written-out product, beside SDPA without dropout."""
+    import torch.nn.functional as F
+
+    from detrkit.model.dropout import dropout
+    from detrkit.model.transformer import attention_weights
+
+    b, h, n, d = size["attention"]
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(b, h, n, d, generator=gen) for _ in range(3))
+    weights = attention_weights(q, k, None)  # (B, h, N, N)
+    timed = alternate({
+        "F.dropout (PyTorch)": lambda: F.dropout(weights, 0.1, True),
+        "dropout (detrkit)": lambda: dropout(weights, 0.1),
+        "SDPA, no dropout": lambda: F.scaled_dot_product_attention(q, k, v),
+        "SDPA, dropout 0.1": lambda: F.scaled_dot_product_attention(q, k, v, dropout_p=0.1),
+        "written out, detrkit dropout 0.1": lambda: dropout(attention_weights(q, k, None), 0.1) @ v,
+    }, max(size["repeats"], 7) * 3, size["warmup"] + 2)
+    results["dropout"] = {"elements": weights.numel(), "times": timed}
+    print(f"\ndropout 0.1 on {weights.numel() / 1e6:.1f} M attention weights ({b}x{h}x{n}x{n}), and attention with it")
     for name, r in timed.items():
-        print(f"  {name:<28} {r['median'] * 1e3:8.2f} ms  x default {r['median'] / base:.2f}")
+        print(f"  {name:<34} {r['median'] * 1e3:8.2f} ms  (min {r['min'] * 1e3:.2f})")
 
 
 def top_class_agreement(ours, fast, batches) -> tuple[int, int]:
@@ -556,6 +611,8 @@ def main(argv: list[str] | None = None) -> dict:
             section_matcher(size, results)
         if "optimizer" in sections:
             section_optimizer(folder, size, results)
+        if "dropout" in sections:
+            section_dropout(size, results)
     results["seconds"] = time.perf_counter() - t0
     print(f"\n({results['seconds']:.0f} s)")
     if args.json:

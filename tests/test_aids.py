@@ -210,7 +210,8 @@ def test_hybrid_queries_are_matched_one_to_many():
     # image 0 has 3 targets -> 6 to match, 4 queries; image 1 has 1 target -> 2, both matched.
     assert matched == [[(6, 4), (2, 2)]] * 2
     plain = _criterion(model, LossConfig())(model(_batch()[0]), targets)
-    hybrid_total = sum(losses[f"{k}_hybrid"] * w for k, w in (("loss_ce", 1.0), ("loss_bbox", 5.0), ("loss_giou", 2.0)))
+    hybrid_total = sum(losses[f"{k}_hybrid"] * criterion.weight_dict[f"{k}_hybrid"]
+                       for k in ("loss_ce", "loss_bbox", "loss_giou"))
     torch.testing.assert_close(losses["loss"], plain["loss"] + hybrid_total, rtol=1e-6, atol=1e-5)
 
 

@@ -20,7 +20,7 @@ def bench():
 
 
 def test_tiny_run_produces_every_number(bench, tmp_path):
-    results = bench["main"](["--tiny", "--only", "inference,train,matcher,optimizer", "--malloc", "default",
+    results = bench["main"](["--tiny", "--only", "peak,inference,train,matcher,optimizer,dropout", "--malloc", "default",
                              "--json", str(tmp_path / "bench.json")])
     assert (tmp_path / "bench.json").exists()
     inference = results["inference"]
@@ -33,7 +33,10 @@ def test_tiny_run_produces_every_number(bench, tmp_path):
     assert train["flops"]["detrkit fp32"] == pytest.approx(train["flops"]["peer fp32"], rel=0.02)
     assert all(t["median"] > 0 and t["ratio_to_peer"] > 0 for t in train["times"].values())
     assert results["matcher"]["same_assignments"]
-    assert set(results["optimizer"]["times"]) == {"PyTorch default", "foreach", "detrkit (fused)"}
+    for model in ("benchmark model", "detr_r18_fast"):
+        assert set(results["optimizer"][model]["times"]) == {"PyTorch default", "foreach", "detrkit (fused)"}
+    assert set(results["conv_peak"]) == set(results["peak"]) == {"fp32", "bf16", "fp16"}
+    assert len(results["dropout"]["times"]) == 5
 
 
 def test_memory_child_reports_a_peak(bench, tmp_path):

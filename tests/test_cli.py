@@ -54,13 +54,13 @@ def test_train_resume_eval_predict(shapes, tmp_path, capsys, monkeypatch):
     assert main(["predict", "--weights", str(run / "best"), str(shapes["val_images"]), "--threshold", "0",
                  "--out", str(tmp_path / "pred")]) == 0
     assert len(list((tmp_path / "pred").glob("*.png"))) == 6
+    records = json.loads((tmp_path / "pred" / "detections.json").read_text())
+    assert len(records) == 6 and all(len(r["detections"]) == 10 for r in records)  # threshold 0 keeps every query
     capsys.readouterr()
     monkeypatch.setattr("detrkit.cli.cpu_flags", lambda: {"avx512f", "avx512_bf16"})  # a CPU without AMX
     assert main(["predict", "--weights", str(run / "best"), str(shapes["val_images"]), "--precision", "bf16",
                  "--device", "cpu", "--out", str(tmp_path / "pred16")]) == 0
     assert "without AMX" in capsys.readouterr().err
-    records = json.loads((tmp_path / "pred" / "detections.json").read_text())
-    assert len(records) == 6 and all(len(r["detections"]) == 10 for r in records)  # threshold 0 keeps every query
 
 
 def test_bf16_on_a_cpu_without_amx_gets_a_note(monkeypatch, capsys):

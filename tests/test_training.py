@@ -1,6 +1,6 @@
 """The training loop: gradient accumulation, EMA, early stopping, mid-epoch resume, the sample order."""
-import json
 import copy
+import json
 import os
 import signal
 

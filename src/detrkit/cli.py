@@ -42,8 +42,10 @@ def note_slow_bf16(precision: str, device: str) -> None:
     """Tell the user when bf16 was asked for on a CPU whose bf16 products are not fast (no AMX)."""
     from detrkit.engine import select_device
 
+    if precision != "bf16" or select_device(device).type != "cpu":
+        return
     flags = cpu_flags()
-    if precision == "bf16" and select_device(device).type == "cpu" and flags and "amx_bf16" not in flags:
+    if flags and "amx_bf16" not in flags:
         print("note: --precision bf16 on a CPU without AMX: its bfloat16 matrix products are no faster than "
               "float32 ones (half as fast on the machine of docs/benchmarks.md), so fp32 is likely faster here",
               file=sys.stderr)

@@ -1,14 +1,13 @@
 """Dropout with a cheaper random mask on CPUs.
 
 On a CPU, :func:`torch.nn.functional.dropout` draws its mask with ``bernoulli_``, element by
-element in scalar code: 11.6 ms for the 1.7 M attention weights of one R50 encoder layer at
-576 px (batch 2), against 1.3 ms for the attention itself. Here every element takes 32 bits of
-a 64-bit draw from the same generator and is kept when they are at or above ``p * 2^32``, one
-vectorised comparison: 3.9 ms. The distribution is the same (each element is dropped with
-probability ``p``, to within 2^-32, independently) and so is the scaling of the kept ones by
-``1 / (1 - p)``; only the random numbers differ. A training step of the paper's R50 (batch 2,
-576 px) takes 6 % less time, the fast preset with dropout 0.1 21 % less (docs/benchmarks.md).
-On GPUs PyTorch's dropout is used as it is.
+element in scalar code, which costs several times the attention it follows. Here every element
+takes 32 bits of a 64-bit draw from the same generator and is kept when they are at or above
+``p * 2^32``, one vectorised comparison. The distribution is the same (each element is dropped
+with probability ``p``, to within 2^-32, independently) and so is the scaling of the kept ones
+by ``1 / (1 - p)``; only the random numbers differ. ``python benchmarks/bench.py --only
+dropout`` measures both, docs/benchmarks.md records it and the training steps it shortens. On
+GPUs PyTorch's dropout is used as it is.
 """
 from __future__ import annotations
 
@@ -17,6 +16,11 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def draws_own_mask(device: torch.device) -> bool:
+    """Whether dropout on ``device`` uses :func:`keep_mask` (CPUs) rather than PyTorch's own."""
+    return device.type == "cpu"
 
 
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> Tensor:
@@ -41,7 +45,7 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu" or p == 1.0:
+    if not draws_own_mask(x.device) or p == 1.0:
         return F.dropout(x, p, True)
     return (x * keep_mask(x.shape, p)).mul_(1.0 / (1.0 - p))  # in place: x * mask's backward needs the mask only
 

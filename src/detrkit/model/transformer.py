@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detrkit.model.dropout import Dropout, dropout
+from detrkit.model.dropout import Dropout, draws_own_mask, dropout
 
 
 class MultiheadAttention(nn.Module):
@@ -92,9 +92,9 @@ class MultiheadAttention(nn.Module):
         if attn_mask is not None:
             allowed = ~attn_mask if allowed is None else allowed & ~attn_mask
         p = self.dropout if self.training else 0.0
-        if p > 0.0 and q.device.type == "cpu":
-            # SDPA's own attention dropout on a CPU draws the mask element by element and
-            # costs 12x the attention: the same product written out, with the cheaper mask.
+        if p > 0.0 and draws_own_mask(q.device):
+            # SDPA's own attention dropout on a CPU draws PyTorch's mask and costs several times
+            # the attention (bench.py --only dropout): the same product written out, with ours.
             out = dropout(attention_weights(q, k, allowed), p) @ v  # (B, h, Lq, D/h)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)  # (B, h, Lq, D/h)
