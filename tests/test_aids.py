@@ -11,7 +11,7 @@ from detrkit.config import LossConfig, preset
 from detrkit.criterion import SetCriterion, build_criterion
 from detrkit.data.synthetic import make_synthetic
 from detrkit.matcher import HungarianMatcher
-from detrkit.model.detr import build_model
+from detrkit.model.build import build_model
 
 TINY = dict(num_classes=3, dropout=0.0)
 

@@ -9,7 +9,7 @@ from detrkit import build_criterion, build_model, load_model, postprocess, prese
 from detrkit.config import LossConfig, ModelConfig
 from detrkit.model.position import box_sine_embedding
 from detrkit.model.transformer import MultiheadAttention
-from detrkit.model.two_stage import TwoStageDETR, inverse_sigmoid
+from detrkit.model.two_stage import ConditionalAttention, TwoStageDETR, inverse_sigmoid
 
 CFG = ModelConfig(backbone="resnet18", backbone_stages=3, d_model=32, nheads=4, enc_layers=1, dec_layers=2,
                   dim_feedforward=64, num_queries=6, num_classes=3, frozen_stages=0, two_stage=True)
@@ -131,10 +131,10 @@ def test_encoder_one_to_many_matching_trains_more_proposals():
 def test_conditional_cross_attention_is_content_plus_spatial_match():
     """Conditional DETR: per head, softmax((q_c.k_c + q_s.k_s) / sqrt(2 d_h)) over content values."""
     torch.manual_seed(0)
-    attn = MultiheadAttention(8, nheads=2)
+    attn = ConditionalAttention(8, nheads=2)
     b, lq, lk, h, dh = 2, 3, 5, 2, 4
     query, key, qs, ks = (torch.randn(b, n, 8) for n in (lq, lk, lq, lk))
-    out = attn(query, key, key, query_spatial=qs, key_spatial=ks)
+    out = attn(query, key, key, None, query_spatial=qs, key_spatial=ks)
     w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
     b_q, b_k, b_v = attn.in_proj_bias.chunk(3)
 
@@ -146,7 +146,9 @@ def test_conditional_cross_attention_is_content_plus_spatial_match():
     expected = attn.out_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, lq, 8))
     torch.testing.assert_close(out, expected)
     # Without the spatial parts it is the plain attention: the spatial match changes the result.
-    assert not torch.allclose(attn(query, key, key), out)
+    plain = MultiheadAttention(8, nheads=2)
+    plain.load_state_dict(attn.state_dict())  # the same parameters
+    assert not torch.allclose(plain(query, key, key), out)
 
 
 def test_conditional_attention_needs_reference_boxes():

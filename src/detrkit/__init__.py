@@ -21,7 +21,8 @@ from detrkit.explain import explain
 from detrkit.config import DataConfig, LossConfig, ModelConfig, TrainConfig, preset
 from detrkit.criterion import SetCriterion, build_criterion
 from detrkit.matcher import HungarianMatcher
-from detrkit.model.detr import DETR, build_model
+from detrkit.model.build import build_model
+from detrkit.model.detr import DETR
 from detrkit.postprocess import postprocess
 
 __all__ = [

@@ -32,7 +32,8 @@ from torch import Tensor, nn
 
 from detrkit.boxes import cxcywh_to_xyxy, xyxy_to_cxcywh
 from detrkit.config import LossConfig
-from detrkit.model.detr import DETR, MLP, ExtraQueries, Images
+from detrkit.model.detr import DETR, Images
+from detrkit.model.heads import MLP, ExtraQueries
 from detrkit.model.position import box_sine_embedding
 
 

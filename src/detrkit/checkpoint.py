@@ -38,7 +38,8 @@ from torch import Tensor
 
 from detrkit.config import ModelConfig, config_from_dict
 from detrkit.errors import CheckpointError
-from detrkit.model.detr import DETR, build_model
+from detrkit.model.build import build_model
+from detrkit.model.detr import DETR
 
 FORMAT_VERSION = 1
 PathLike = Union[str, Path]

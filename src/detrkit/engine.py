@@ -59,7 +59,8 @@ from detrkit.errors import DataError, DetrkitError
 from detrkit.evaluate import (
     METRIC_KEYS, coco_metrics, detections_to_coco, format_best_threshold, write_analysis, write_metrics,
 )
-from detrkit.model.detr import DETR, build_model
+from detrkit.model.build import build_model
+from detrkit.model.detr import DETR
 from detrkit.postprocess import postprocess
 
 MAX_BAD_STEPS = 5  # consecutive non-finite losses before a run stops

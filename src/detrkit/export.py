@@ -44,8 +44,9 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from detrkit.postprocess import score_boxes
 from detrkit.errors import DetrkitError
+from detrkit.postprocess import score_boxes
+from detrkit.predict import predict_images
 
 DEFAULT_OPSET = 17  # ONNX opset 17 (LayerNormalization as one op); 14 is the least that has our attention
 MIN_OPSET = 14  # the exporter writes scaled_dot_product_attention only from opset 14 on
@@ -310,33 +311,18 @@ class OnnxDetector:
         self.inference: dict = json.loads(meta["inference"])
         self.sigmoid_class = bool(json.loads(meta.get("sigmoid_class", "false")))
 
-    @torch.no_grad()
     def predict(self, images, threshold: float = 0.5, batch_size: int = 8) -> list[dict]:
         """Image files, PIL images or uint8 ``3 x H x W`` tensors -> one dict per image:
         ``boxes (N, 4)`` absolute ``(x0, y0, x1, y1)`` in the original image's pixels, ``scores (N,)``,
-        ``labels (N,)`` dataset category ids, ``names``; detections scoring above ``threshold``."""
-        from PIL import Image
+        ``labels (N,)`` dataset category ids, ``names``; detections scoring above ``threshold``
+        (:func:`detrkit.predict.predict_images`)."""
+        return predict_images(self.forward, images, inference=self.inference, classes=self.classes,
+                              sigmoid_class=self.sigmoid_class, threshold=threshold, batch_size=batch_size)
 
-        from detrkit.data.batch import pad_images
-        from detrkit.data.transforms import prepare_image, val_transforms
-        from detrkit.postprocess import postprocess
-
-        if isinstance(images, (str, Path, Image.Image, Tensor)):
-            images = [images]
-        transform = val_transforms(self.inference["image_size"], self.inference.get("max_size"))
-        names = {c["id"]: c["name"] for c in self.classes}
-        results = []
-        for start in range(0, len(images), batch_size):
-            tensors, sizes = zip(*(prepare_image(img, transform) for img in images[start:start + batch_size]))
-            batch, mask = pad_images(list(tensors))
-            got = _run(self.session, _feeds(self.session, batch, mask, torch.tensor(sizes)))
-            out = {k: torch.from_numpy(got[k]) for k in RAW_OUTPUTS}
-            dets = postprocess(out, list(sizes), threshold=threshold, sigmoid=self.sigmoid_class,
-                               index_to_category=[c["id"] for c in self.classes])
-            for d in dets:
-                d["names"] = [names[int(i)] for i in d["labels"]]
-            results += dets
-        return results
+    def forward(self, batch: tuple[Tensor, Tensor]) -> dict:
+        """The graph on a padded batch ``(images (B, 3, H, W), mask (B, H, W))`` -> ``pred_logits``, ``pred_boxes``."""
+        got = _run(self.session, _feeds(self.session, *batch, None))
+        return {k: torch.from_numpy(got[k]) for k in RAW_OUTPUTS}
 
 
 # ---------------------------------------------------------------------------------------------

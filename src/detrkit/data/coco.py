@@ -14,25 +14,21 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
+from detrkit.data.images import PathLike, check_images, open_rgb
 from detrkit.data.transforms import finish_targets
 from detrkit.errors import DataError
-
-PathLike = Union[str, "os.PathLike[str]"]
 
 REQUIRED_KEYS = ("images", "annotations", "categories")
 # A box edge moved by less than this (pixels) is float noise at the image border, not a repair
@@ -43,9 +39,6 @@ MAX_PROBLEMS_IN_MESSAGE = 100
 # How many annotation ids of each kind of repair the summary names (the counts are complete).
 MAX_REPAIR_IDS = 5
 _INT64_MAX = 2**63 - 1
-# EXIF orientations 5..8 rotate by 90 degrees, so the displayed image has width and height swapped.
-_EXIF_ORIENTATION_TAG = 0x0112
-_ROTATING_ORIENTATIONS = (5, 6, 7, 8)
 
 
 @dataclass
@@ -429,65 +422,11 @@ def _pack(json_path, image_root, cats, images, per_image, report) -> CocoData:
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# Images
-# ---------------------------------------------------------------------------------------------
-def exif_size(image: Image.Image) -> tuple[int, int]:
-    """``(width, height)`` as displayed, i.e. after the EXIF orientation; reads the header only."""
-    w, h = image.size
-    try:
-        orientation = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
-    except Exception:  # broken EXIF: open_rgb ignores it too
-        orientation = 1
-    return (h, w) if orientation in _ROTATING_ORIENTATIONS else (w, h)
-
-
-def open_rgb(path: PathLike, json_path: Optional[PathLike] = None) -> Image.Image:
-    """Decode an image fully, apply its EXIF orientation, return it as RGB.
-
-    Grayscale, palette, CMYK and alpha images become RGB (alpha is dropped). Any failure to
-    read or decode (missing, empty, truncated, not an image) raises DataError naming ``path``.
-    """
-    where = f" (listed in {json_path})" if json_path else ""
-    try:
-        with Image.open(path) as raw:
-            raw.load()
-            try:
-                im = ImageOps.exif_transpose(raw)  # a new image, so closing the file leaves it intact
-            except Exception:  # a corrupt EXIF block should not make a decodable image unusable
-                im = raw.copy()
-        if im.mode == "P" and "transparency" in im.info:
-            im = im.convert("RGBA")  # PIL warns when a palette with transparency goes straight to RGB
-        return im if im.mode == "RGB" else im.convert("RGB")
-    except FileNotFoundError:
-        raise DataError(f"{path}: image file not found{where}; fix: add the file or remove its record") from None
-    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)
-        raise DataError(
-            f"{path}: cannot read the image{where} ({type(e).__name__}: {e}); fix: re-export it or remove its record"
-        ) from None
-
-
-def _check_one_image(args) -> Optional[str]:
-    iid, (file_name, h, w), root, json_path = args
-    path = root / file_name
-    try:
-        im = open_rgb(path, json_path)
-    except DataError as e:
-        return f"{json_path}: image id {iid}: {e}"
-    if (im.height, im.width) != (h, w):
-        fix = "fix: correct width/height in the JSON"
-        with Image.open(path) as raw:
-            if raw.size == (w, h):
-                fix = "the JSON has the size before EXIF rotation; fix: strip the EXIF orientation or re-annotate"
-        return f"{json_path}: image id {iid}: {path} is {im.width}x{im.height} but the JSON says {w}x{h}; {fix}"
-    return None
-
-
 def _check_image_files(images: dict, image_root: Path, json_path: Path) -> list[str]:
-    jobs = [(iid, rec, image_root, json_path) for iid, rec in images.items()]
-    # Decoding releases the GIL, so threads scale with cores without copying the records.
-    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
-        return [p for p in pool.map(_check_one_image, jobs, chunksize=16) if p]
+    """The problems of the image files of ``images`` (``{id: (file_name, h, w)}``), each naming its image id."""
+    ids = list(images)
+    found = check_images([(image_root / images[i][0], images[i][1:]) for i in ids], json_path)
+    return [f"{json_path}: image id {iid}: {problem}" for iid, problem in zip(ids, found) if problem]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from typing import Any, Optional, Union
 import yaml
 from PIL import Image
 
-from detrkit.data.coco import exif_size
+from detrkit.data.images import exif_size
 from detrkit.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")

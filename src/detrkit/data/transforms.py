@@ -27,6 +27,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from detrkit.data.images import ImageInput, image_tensor
+
 # ImageNet statistics the torchvision ResNet weights were trained with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -204,20 +206,10 @@ def val_transforms(image_size: int = REFERENCE_SIZE, max_size: Optional[int] = N
     return v2.Compose([_resize_shorter(image_size, max_size), *_to_model_input(), finish_targets()])
 
 
-
-def prepare_image(image, transform: v2.Transform) -> tuple[Tensor, tuple[int, int]]:
+def prepare_image(image: ImageInput, transform: v2.Transform) -> tuple[Tensor, tuple[int, int]]:
     """One image for inference: a file path, PIL image or uint8 ``3 x H x W`` tensor ->
     ``(model input, original (h, w))``, through an evaluation preset such as :func:`val_transforms`."""
-    from pathlib import Path
-
-    from PIL import Image
-
-    from detrkit.data.coco import open_rgb
-
-    if isinstance(image, (str, Path)):
-        image = open_rgb(image)
-    if isinstance(image, Image.Image):
-        image = F.pil_to_tensor(image.convert("RGB"))
+    image = image_tensor(image)
     size = tuple(image.shape[-2:])
     # The presets transform (image, target) pairs; an empty target carries no boxes.
     no_boxes = {"boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=size),

@@ -3,64 +3,23 @@
 The names of the parts are the paper's and the official code's (``input_proj``,
 ``query_embed``, ``class_embed``, ``bbox_embed``, ``pred_logits``, ``pred_boxes``,
 ``aux_outputs``), and so is the parameter layout: an official checkpoint maps onto it by
-renaming two prefixes (see :mod:`detrkit.checkpoint`).
+renaming two prefixes (see :mod:`detrkit.convert`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detrkit.config import ModelConfig
 from detrkit.data.batch import pad_images
+from detrkit.data.images import ImageInput
 from detrkit.model.backbone import Backbone
-from detrkit.model.position import PositionEmbeddingLearned, PositionEmbeddingSine
+from detrkit.model.heads import MLP, ExtraQueries, layer_outputs
 from detrkit.model.transformer import Transformer
+from detrkit.predict import predict_images
 
 Images = Union[Sequence[Tensor], tuple[Tensor, Tensor]]
-
-
-@dataclass
-class ExtraQueries:
-    """Training-only decoder queries, appended after the model's own Q (see :mod:`detrkit.aids`).
-
-    ``content (B, E, D)``: the initial decoder content; ``position (B, E, D)``: the query
-    positional embedding (plain DETR); ``boxes (B, E, 4)``: reference boxes, cxcywh in [0, 1]
-    (two-stage models, whose query position comes from the box); ``attn_mask (Q+E, Q+E)``
-    bool, True = the row query may not attend to the column query.
-
-    ``hybrid`` (two-stage models): this many more queries chosen from the encoder, the next best
-    tokens after the model's own Q, placed between those and ``content`` (H-DETR's one-to-many
-    branch). ``attn_mask`` does not cover them: the model inserts their rows and columns, and
-    they see only each other. Their predictions come back under ``hybrid_outputs``.
-    """
-
-    content: Tensor
-    attn_mask: Tensor
-    position: Optional[Tensor] = None
-    boxes: Optional[Tensor] = None
-    hybrid: int = 0
-
-
-class MLP(nn.Module):
-    """``num_layers`` Linear layers with ReLU between them (the box head: 3 layers)."""
-
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
-        super().__init__()
-        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
-        outs = [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, outs))
-
-    def forward(self, x: Tensor) -> Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = F.relu(x)
-        return x
 
 
 class DETR(nn.Module):
@@ -144,44 +103,21 @@ class DETR(nn.Module):
         """The shared heads on every decoder layer's output ``hs (L, B, Q, D)``."""
         logits = self.class_embed(hs)  # (L, B, Q, K+1)
         boxes = self.bbox_embed(hs).sigmoid()  # (L, B, Q, 4)
-        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
-        if self.aux_loss:
-            out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
-        return out
+        return layer_outputs(logits, boxes, self.aux_loss)
 
-    @torch.inference_mode()
-    def predict(self, images, threshold: float = 0.5, batch_size: int = 8) -> list[dict]:
+    def predict(self, images: Union[ImageInput, Sequence[ImageInput]], threshold: float = 0.5,
+                batch_size: int = 8) -> list[dict]:
         """Detect objects in image files, PIL images or uint8 ``3 x H x W`` tensors.
 
         Images are resized as the model was trained (``self.inference``) and normalised.
         Returns one dict per image: ``boxes (N, 4)`` absolute ``(x0, y0, x1, y1)`` in the
         original image's pixels, ``scores (N,)``, ``labels (N,)`` dataset category ids and
-        ``names`` (list of N class names), for detections scoring above ``threshold``.
+        ``names`` (list of N class names), for detections scoring above ``threshold``
+        (:func:`detrkit.predict.predict_images`).
         """
-        from PIL import Image
-
-        from detrkit.data.transforms import prepare_image, val_transforms
-        from detrkit.postprocess import postprocess
-
-        if isinstance(images, (str, Path, Image.Image, Tensor)):
-            images = [images]
-        transform = val_transforms(self.inference["image_size"], self.inference.get("max_size"))
-        device = next(self.parameters()).device
-        was_training = self.training
-        self.eval()
-        names = {c["id"]: c["name"] for c in self.classes}
-        results = []
-        for start in range(0, len(images), batch_size):
-            tensors, sizes = zip(*(prepare_image(img, transform) for img in images[start:start + batch_size]))
-            tensors = [t.to(device) for t in tensors]
-            out = self(tensors)
-            dets = postprocess(out, sizes, threshold=threshold, index_to_category=[c["id"] for c in self.classes],
-                               sigmoid=self.sigmoid_class)
-            for d in dets:
-                d["names"] = [names[int(i)] for i in d["labels"]]
-            results += dets
-        self.train(was_training)
-        return results
+        return predict_images(self, images, inference=self.inference, classes=self.classes,
+                              sigmoid_class=self.sigmoid_class, threshold=threshold, batch_size=batch_size,
+                              device=next(self.parameters()).device)
 
     @staticmethod
     def _batch(images: Images) -> tuple[Tensor, Tensor]:
@@ -208,32 +144,3 @@ def _to_float(out):
     if isinstance(out, list):
         return [_to_float(v) for v in out]
     return out.float()
-
-
-def build_model(config: ModelConfig, *, train_backbone: bool = True,
-                backbone_weights: Optional[Union[str, Path]] = None) -> DETR:
-    """The one function that turns a :class:`ModelConfig` into a :class:`DETR`.
-
-    ``train_backbone=False`` (the official rule when the backbone learning rate is 0) freezes
-    the whole backbone; ``backbone_weights`` is a local torchvision ImageNet state-dict file.
-    """
-    backbone = Backbone(
-        config.backbone, dilation=config.dilation, stages=config.backbone_stages,
-        frozen_stages=config.frozen_stages, norm=config.backbone_norm, train_backbone=train_backbone, weights_path=backbone_weights,
-    )
-    half = config.d_model // 2
-    position = PositionEmbeddingSine(half) if config.position_embedding == "sine" else PositionEmbeddingLearned(half)
-    transformer = Transformer(
-        d_model=config.d_model, nheads=config.nheads, enc_layers=config.enc_layers,
-        dec_layers=config.dec_layers, dim_feedforward=config.dim_feedforward,
-        dropout=config.dropout, pre_norm=config.pre_norm, conditional=config.conditional_attention,
-    )
-    if config.two_stage:
-        from detrkit.model.two_stage import TwoStageDETR
-
-        cls = TwoStageDETR
-    else:
-        cls = DETR
-    model = cls(backbone, position, transformer, config.num_classes, config.num_queries, config.aux_loss)
-    model.config = config
-    return model

@@ -49,27 +49,17 @@ class MultiheadAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(
-        self,
-        query: Tensor,
-        key: Tensor,
-        value: Tensor,
-        key_padding_mask: Optional[Tensor] = None,
-        attn_mask: Optional[Tensor] = None,
-        query_spatial: Optional[Tensor] = None,
-        key_spatial: Optional[Tensor] = None,
-    ) -> Tensor:
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
+                attn_mask: Optional[Tensor] = None) -> Tensor:
         """``query (B, Lq, D)``, ``key``/``value (B, Lk, D)`` -> ``(B, Lq, D)``.
 
         ``key_padding_mask (B, Lk)`` and ``attn_mask (Lq, Lk)`` are bool with True = may NOT
         attend (the ``nn.MultiheadAttention`` convention).
-
-        ``query_spatial (B, Lq, D)`` and ``key_spatial (B, Lk, D)`` (already projected, both or
-        neither) make it Conditional DETR's cross-attention: each head's query and key are its
-        content part *concatenated* with its spatial part, ``(D/h) -> (2D/h)``, so the score is
-        a content match plus a separate position match, ``q_c.k_c + q_s.k_s``, scaled by
-        ``1/sqrt(2D/h)``; the values stay content only.
         """
+        return self.attend(*self.project(query, key, value), key_padding_mask, attn_mask)
+
+    def project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The per-head queries, keys and values: ``q (B, h, Lq, D/h)``, ``k``, ``v (B, h, Lk, D/h)``."""
         b, lq, d = query.shape
         lk = key.shape[1]
         h = self.nheads
@@ -82,10 +72,13 @@ class MultiheadAttention(nn.Module):
         q = q.view(b, lq, h, d // h).transpose(1, 2)  # (B, h, Lq, D/h)
         k = k.view(b, lk, h, d // h).transpose(1, 2)  # (B, h, Lk, D/h)
         v = F.linear(value, w_v, b_v).view(b, lk, h, d // h).transpose(1, 2)  # (B, h, Lk, D/h)
-        if query_spatial is not None:
-            qs = query_spatial.view(b, lq, h, d // h).transpose(1, 2)  # (B, h, Lq, D/h)
-            ks = key_spatial.view(b, lk, h, d // h).transpose(1, 2)  # (B, h, Lk, D/h)
-            q, k = torch.cat([q, qs], -1), torch.cat([k, ks], -1)  # (B, h, L, 2D/h)
+        return q, k, v
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None,
+               attn_mask: Optional[Tensor] = None) -> Tensor:
+        """Attention of per-head ``q (B, h, Lq, d)`` over ``k (B, h, Lk, d)``, ``v (B, h, Lk, D/h)``, scaled by
+        ``1/sqrt(d)``, heads merged and through ``out_proj``: ``(B, Lq, D)``. Masks as :meth:`forward`."""
+        b, h, lq = q.shape[:3]
         allowed = None  # SDPA takes a bool mask with True = may attend
         if key_padding_mask is not None:
             allowed = ~key_padding_mask[:, None, None, :]  # (B, 1, 1, Lk)
@@ -101,7 +94,7 @@ class MultiheadAttention(nn.Module):
         if self.store is not None:
             with torch.no_grad():
                 self.store.append(attention_weights(q.float(), k.float(), allowed))
-        return self.out_proj(out.transpose(1, 2).reshape(b, lq, d))
+        return self.out_proj(out.transpose(1, 2).reshape(b, lq, h * v.shape[-1]))
 
 
 def attention_weights(q: Tensor, k: Tensor, allowed: Optional[Tensor]) -> Tensor:
@@ -140,7 +133,24 @@ def capture_attention(model: nn.Module) -> Iterator[dict[str, list[Tensor]]]:
             m.store = None
 
 
-class EncoderLayer(nn.Module):
+class _Sublayers(nn.Module):
+    """What encoder and decoder layers share: the feed-forward network, and the residual
+    connection around each sub-layer with its LayerNorm after it (post-norm, official) or
+    before it (pre-norm)."""
+
+    pre_norm: bool
+
+    def residual(self, x: Tensor, sublayer, norm: nn.LayerNorm, drop: nn.Module) -> Tensor:
+        """``norm(x + drop(sublayer(x)))``, or ``x + drop(sublayer(norm(x)))`` with pre-norm."""
+        if self.pre_norm:
+            return x + drop(sublayer(norm(x)))
+        return norm(x + drop(sublayer(x)))
+
+    def feed_forward(self, x: Tensor) -> Tensor:
+        return self.linear2(self.dropout(F.relu(self.linear1(x))))
+
+
+class EncoderLayer(_Sublayers):
     """Self-attention + FFN, each with a residual connection and LayerNorm (after, or before)."""
 
     def __init__(self, d_model: int, nheads: int, dim_feedforward: int, dropout: float, pre_norm: bool) -> None:
@@ -157,30 +167,21 @@ class EncoderLayer(nn.Module):
 
     def forward(self, src: Tensor, pos: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
         """``src``, ``pos (B, HW, D)``, ``key_padding_mask (B, HW)`` -> ``(B, HW, D)``."""
-        x = self.norm1(src) if self.pre_norm else src
-        q = k = x + pos  # position on queries and keys, not values
-        src = src + self.dropout1(self.self_attn(q, k, x, key_padding_mask=key_padding_mask))
-        if not self.pre_norm:
-            src = self.norm1(src)
-        x = self.norm2(src) if self.pre_norm else src
-        src = src + self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(x)))))
-        if not self.pre_norm:
-            src = self.norm2(src)
-        return src
+        def self_attention(x: Tensor) -> Tensor:
+            q = k = x + pos  # position on queries and keys, not values
+            return self.self_attn(q, k, x, key_padding_mask=key_padding_mask)
+
+        src = self.residual(src, self_attention, self.norm1, self.dropout1)
+        return self.residual(src, self.feed_forward, self.norm2, self.dropout2)
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(_Sublayers):
     """Self-attention among queries, cross-attention to the image, FFN; residual + LayerNorm each."""
 
-    def __init__(self, d_model: int, nheads: int, dim_feedforward: int, dropout: float, pre_norm: bool,
-                 conditional: bool = False) -> None:
+    def __init__(self, d_model: int, nheads: int, dim_feedforward: int, dropout: float, pre_norm: bool) -> None:
         super().__init__()
         self.self_attn = MultiheadAttention(d_model, nheads, dropout)
         self.multihead_attn = MultiheadAttention(d_model, nheads, dropout)
-        if conditional:  # Conditional DETR: projections of the spatial query and key of cross-attention
-            self.ca_qsine_proj = nn.Linear(d_model, d_model)
-            self.ca_kpos_proj = nn.Linear(d_model, d_model)
-        self.conditional = conditional
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm1 = nn.LayerNorm(d_model)
@@ -192,49 +193,27 @@ class DecoderLayer(nn.Module):
         self.dropout3 = Dropout(dropout)
         self.pre_norm = pre_norm
 
-    def forward(
-        self,
-        tgt: Tensor,
-        memory: Tensor,
-        pos: Tensor,
-        query_pos: Tensor,
-        memory_key_padding_mask: Optional[Tensor],
-        self_attn_mask: Optional[Tensor] = None,
-        spatial_query: Optional[Tensor] = None,
-        first: bool = False,
-    ) -> Tensor:
+    def forward(self, tgt: Tensor, memory: Tensor, pos: Tensor, query_pos: Tensor,
+                memory_key_padding_mask: Optional[Tensor], self_attn_mask: Optional[Tensor] = None) -> Tensor:
         """``tgt``, ``query_pos (B, Q, D)``; ``memory``, ``pos (B, HW, D)`` -> ``(B, Q, D)``.
 
         ``self_attn_mask (Q, Q)`` (True = blocked) is for training-time query groups; the
         plain model passes None.
-
-        A ``conditional`` layer takes ``spatial_query (B, Q, D)``, the sine encoding of each
-        query's reference point (scaled by its content), and concatenates it with the content
-        query in cross-attention, the image positions likewise with the content keys (see
-        :class:`MultiheadAttention`). As in Conditional DETR, the positions are also added to
-        the content query and keys in the ``first`` layer only.
         """
-        x = self.norm1(tgt) if self.pre_norm else tgt
-        q = k = x + query_pos
-        tgt = tgt + self.dropout1(self.self_attn(q, k, x, attn_mask=self_attn_mask))
-        if not self.pre_norm:
-            tgt = self.norm1(tgt)
-        x = self.norm2(tgt) if self.pre_norm else tgt
-        if self.conditional:
-            content_q, content_k = (x + query_pos, memory + pos) if first else (x, memory)
-            cross = self.multihead_attn(content_q, content_k, memory, key_padding_mask=memory_key_padding_mask,
-                                        query_spatial=self.ca_qsine_proj(spatial_query),
-                                        key_spatial=self.ca_kpos_proj(pos))
-        else:
-            cross = self.multihead_attn(x + query_pos, memory + pos, memory, key_padding_mask=memory_key_padding_mask)
-        tgt = tgt + self.dropout2(cross)
-        if not self.pre_norm:
-            tgt = self.norm2(tgt)
-        x = self.norm3(tgt) if self.pre_norm else tgt
-        tgt = tgt + self.dropout3(self.linear2(self.dropout(F.relu(self.linear1(x)))))
-        if not self.pre_norm:
-            tgt = self.norm3(tgt)
-        return tgt
+        def cross_attention(x: Tensor) -> Tensor:
+            return self.multihead_attn(x + query_pos, memory + pos, memory, key_padding_mask=memory_key_padding_mask)
+
+        tgt = self.self_attention(tgt, query_pos, self_attn_mask)
+        tgt = self.residual(tgt, cross_attention, self.norm2, self.dropout2)
+        return self.residual(tgt, self.feed_forward, self.norm3, self.dropout3)
+
+    def self_attention(self, tgt: Tensor, query_pos: Tensor, attn_mask: Optional[Tensor]) -> Tensor:
+        """The first sub-layer, with its residual connection: the queries attend to each other."""
+        def attend(x: Tensor) -> Tensor:
+            q = k = x + query_pos
+            return self.self_attn(q, k, x, attn_mask=attn_mask)
+
+        return self.residual(tgt, attend, self.norm1, self.dropout1)
 
 
 class Encoder(nn.Module):
@@ -270,11 +249,13 @@ class Transformer(nn.Module):
 
     def __init__(self, d_model: int = 256, nheads: int = 8, enc_layers: int = 6, dec_layers: int = 6,
                  dim_feedforward: int = 2048, dropout: float = 0.1, pre_norm: bool = False,
-                 conditional: bool = False) -> None:
+                 decoder_layer: type[DecoderLayer] = DecoderLayer) -> None:
+        """``decoder_layer``: the class of the decoder's layers, built with the same arguments as
+        :class:`DecoderLayer` (a variant's own layer, composed of the blocks here, may take its place)."""
         super().__init__()
         enc = EncoderLayer(d_model, nheads, dim_feedforward, dropout, pre_norm)
         self.encoder = Encoder(enc, enc_layers, nn.LayerNorm(d_model) if pre_norm else None)
-        dec = DecoderLayer(d_model, nheads, dim_feedforward, dropout, pre_norm, conditional)
+        dec = decoder_layer(d_model, nheads, dim_feedforward, dropout, pre_norm)
         self.decoder = Decoder(dec, dec_layers, nn.LayerNorm(d_model))
         self.d_model = d_model
         self.nheads = nheads
@@ -299,13 +280,18 @@ class Transformer(nn.Module):
         Returns:
             ``hs (L, B, Q, D)``: every decoder layer's output; ``memory (B, HW, D)``.
         """
-        b = src.shape[0]
-        src = src.flatten(2).transpose(1, 2)  # (B, HW, D)
-        pos = pos.flatten(2).transpose(1, 2).to(src.dtype)  # (B, HW, D)
-        mask = mask.flatten(1)  # (B, HW)
-        query_pos = query_embed.expand(b, -1, -1)  # (B, Q, D)
+        memory, pos, mask = self.encode(src, mask, pos)
+        query_pos = query_embed.expand(src.shape[0], -1, -1)  # (B, Q, D)
         if tgt is None:
             tgt = torch.zeros_like(query_pos)  # the slots start empty
-        memory = self.encoder(src, pos, mask)
-        hs = self.decoder(tgt.to(query_pos.dtype), memory, pos, query_pos, mask, self_attn_mask)
+        hs = self.decoder(tgt.to(query_pos.dtype), memory, pos.to(src.dtype), query_pos, mask, self_attn_mask)
         return hs, memory
+
+    def encode(self, src: Tensor, mask: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The encoder on a feature map: ``src``, ``pos (B, D, H, W)``, ``mask (B, H, W)`` ->
+        ``memory (B, HW, D)`` and the flattened ``pos (B, HW, D)`` (in its own dtype: under
+        autocast the encoder gets it in ``src``'s) and ``mask (B, HW)``."""
+        src = src.flatten(2).transpose(1, 2)  # (B, HW, D)
+        pos = pos.flatten(2).transpose(1, 2)  # (B, HW, D)
+        mask = mask.flatten(1)  # (B, HW)
+        return self.encoder(src, pos.to(src.dtype), mask), pos, mask

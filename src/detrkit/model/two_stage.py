@@ -22,7 +22,8 @@ In training, :class:`detrkit.aids.AidedModel` may ask for more encoder tokens th
 own queries (``ExtraQueries.hybrid``, H-DETR's one-to-many branch); they are decoded beside the
 model's queries behind an attention mask, so the model's outputs do not change.
 
-The backbone, positional encoding and encoder/decoder layers are the plain DETR's.
+The backbone, positional encoding and encoder/decoder layers are the plain DETR's; Conditional
+DETR's cross-attention is built here from the same blocks (:class:`ConditionalDecoderLayer`).
 """
 from __future__ import annotations
 
@@ -33,9 +34,10 @@ import torch
 from torch import Tensor, nn
 
 from detrkit.model.backbone import Backbone
-from detrkit.model.detr import DETR, MLP, ExtraQueries
+from detrkit.model.detr import DETR
+from detrkit.model.heads import MLP, ExtraQueries, layer_outputs
 from detrkit.model.position import box_sine_embedding
-from detrkit.model.transformer import Transformer
+from detrkit.model.transformer import DecoderLayer, MultiheadAttention, Transformer
 
 PRIOR_PROB = 0.01  # initial foreground probability of the sigmoid class heads (focal-loss practice)
 ANCHOR_SIZE = 0.05  # initial proposal width/height relative to the image (two-stage Deformable DETR)
@@ -69,7 +71,8 @@ class TwoStageDETR(DETR):
         self.enc_class = nn.Linear(d, num_classes)
         self.enc_bbox = MLP(d, d, 4, 3)
         self.ref_point_head = MLP(4 * (d // 2), d, d, 2)  # box sine embedding -> query position
-        if transformer.decoder.layers[0].conditional:
+        self.conditional = isinstance(transformer.decoder.layers[0], ConditionalDecoderLayer)
+        if self.conditional:
             self.query_scale = MLP(d, d, d, 2)  # content -> channel scales of the spatial query (Conditional DETR)
         bias = -math.log((1 - PRIOR_PROB) / PRIOR_PROB)
         for head in [*self.class_embed, self.enc_class]:
@@ -103,11 +106,8 @@ class TwoStageDETR(DETR):
 
     def _forward(self, x: Tensor, mask: Tensor, extra: Optional[ExtraQueries] = None) -> dict:
         features, mask = self.backbone(x, mask)  # (B, C, h, w), (B, h, w)
-        pos = self.position(mask).flatten(2).transpose(1, 2)  # (B, hw, D)
-        src = self.input_proj(features).flatten(2).transpose(1, 2)  # (B, hw, D)
-        flat_mask = mask.flatten(1)  # (B, hw)
-        memory = self.transformer.encoder(src, pos.to(src.dtype), flat_mask)
-        enc_logits, enc_boxes, enc_feats = self.proposals(memory, mask)
+        memory, pos, flat_mask = self.transformer.encode(self.input_proj(features), mask, self.position(mask))
+        enc_logits, enc_boxes, enc_feats = self.proposals(memory, mask)  # (B, hw, K), (B, hw, 4), (B, hw, D)
 
         # The top-Q tokens by best class score become the queries (content and reference box);
         # in training, the next M tokens may follow as H-DETR's one-to-many branch.
@@ -122,38 +122,89 @@ class TwoStageDETR(DETR):
             ref = torch.cat([ref, extra.boxes.to(ref.dtype)], 1)  # (B, Q + M + E, 4)
             attn_mask = _with_hybrid_block(extra.attn_mask, k, m)
 
+        logits, boxes = self._decode(tgt, ref, memory, pos, flat_mask, attn_mask)  # per layer (B, Q + M + E, .)
+        out = layer_outputs([a[:, :k] for a in logits], [b[:, :k] for b in boxes], self.aux_loss)
+        out["enc_outputs"] = {"pred_logits": enc_logits, "pred_boxes": enc_boxes}
+        if extra is not None:
+            if m:
+                out["hybrid_outputs"] = layer_outputs([a[:, k:k + m] for a in logits],
+                                                      [b[:, k:k + m] for b in boxes], self.aux_loss)
+            out["extra_outputs"] = layer_outputs([a[:, k + m:] for a in logits], [b[:, k + m:] for b in boxes],
+                                                 self.aux_loss)
+        return out
+
+    def _decode(self, tgt: Tensor, ref: Tensor, memory: Tensor, pos: Tensor, mask: Tensor,
+                attn_mask: Optional[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """The decoder layers with box refinement: ``tgt (B, Q, D)`` content, ``ref (B, Q, 4)``
+        reference boxes; ``memory``, ``pos (B, HW, D)``, ``mask (B, HW)`` -> every layer's class
+        logits ``(B, Q, K)`` and refined boxes ``(B, Q, 4)``."""
         d = self.transformer.d_model
+        decoder = self.transformer.decoder
         logits, boxes = [], []
-        for i, (layer, cls_head, box_head) in enumerate(
-                zip(self.transformer.decoder.layers, self.class_embed, self.bbox_embed)):
+        for i, (layer, cls_head, box_head) in enumerate(zip(decoder.layers, self.class_embed, self.bbox_embed)):
             sine = box_sine_embedding(ref, d).to(tgt.dtype)  # (B, Q, 2D): (cy, cx, w, h)
             query_pos = self.ref_point_head(sine)  # (B, Q, D)
-            spatial = None
-            if layer.conditional:
+            if self.conditional:
                 # The centre's encoding, in the image encoding's (y, x) layout, scaled channel by
                 # channel by what the query holds (lambda_q of Conditional DETR; 1 in the first layer).
                 spatial = sine[..., :d] if i == 0 else sine[..., :d] * self.query_scale(tgt)
-            tgt = layer(tgt, memory, pos.to(tgt.dtype), query_pos, flat_mask, attn_mask, spatial, first=i == 0)
-            hs = self.transformer.decoder.norm(tgt)
+                tgt = layer(tgt, memory, pos.to(tgt.dtype), query_pos, mask, attn_mask, spatial, first=i == 0)
+            else:
+                tgt = layer(tgt, memory, pos.to(tgt.dtype), query_pos, mask, attn_mask)
+            hs = decoder.norm(tgt)
             new_boxes = (box_head(hs) + inverse_sigmoid(ref)).sigmoid()  # refine the reference
             logits.append(cls_head(hs))
             boxes.append(new_boxes)
             ref = new_boxes.detach()  # each layer learns its own correction (Deformable DETR)
-        out = self._layer_outputs([a[:, :k] for a in logits], [b[:, :k] for b in boxes])
-        out["enc_outputs"] = {"pred_logits": enc_logits, "pred_boxes": enc_boxes}
-        if extra is not None:
-            if m:
-                out["hybrid_outputs"] = self._layer_outputs([a[:, k:k + m] for a in logits],
-                                                            [b[:, k:k + m] for b in boxes])
-            out["extra_outputs"] = self._layer_outputs([a[:, k + m:] for a in logits], [b[:, k + m:] for b in boxes])
-        return out
+        return logits, boxes
 
-    def _layer_outputs(self, logits: list[Tensor], boxes: list[Tensor]) -> dict:
-        """Per-layer ``(B, Q, .)`` predictions -> ``pred_logits``, ``pred_boxes`` (last layer), ``aux_outputs``."""
-        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
-        if self.aux_loss:
-            out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
-        return out
+
+class ConditionalAttention(MultiheadAttention):
+    """Conditional DETR's cross-attention (Meng et al. 2021), with :class:`MultiheadAttention`'s parameters.
+
+    Each head's query and key are its content part *concatenated* with a spatial part,
+    ``(D/h) -> (2D/h)``, so the score is a content match plus a separate position match,
+    ``q_c.k_c + q_s.k_s``, scaled by ``1/sqrt(2D/h)``; the values stay content only.
+    """
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor],
+                query_spatial: Tensor, key_spatial: Tensor) -> Tensor:
+        """``query (B, Lq, D)``, ``key``/``value (B, Lk, D)``, and the already projected
+        ``query_spatial (B, Lq, D)``, ``key_spatial (B, Lk, D)`` -> ``(B, Lq, D)``."""
+        q, k, v = self.project(query, key, value)  # (B, h, L, D/h)
+        b, h, lq, dh = q.shape
+        qs = query_spatial.view(b, lq, h, dh).transpose(1, 2)  # (B, h, Lq, D/h)
+        ks = key_spatial.view(b, k.shape[2], h, dh).transpose(1, 2)  # (B, h, Lk, D/h)
+        return self.attend(torch.cat([q, qs], -1), torch.cat([k, ks], -1), v, key_padding_mask)  # (B, h, L, 2D/h)
+
+
+class ConditionalDecoderLayer(DecoderLayer):
+    """The paper's decoder layer with Conditional DETR's cross-attention (:class:`ConditionalAttention`).
+
+    It takes ``spatial_query (B, Q, D)``, the sine encoding of each query's reference point
+    (scaled by its content), projected by ``ca_qsine_proj``; the image positions, projected by
+    ``ca_kpos_proj``, are the spatial keys. As in Conditional DETR, the positions are also added
+    to the content query and keys in the ``first`` layer only.
+    """
+
+    def __init__(self, d_model: int, nheads: int, dim_feedforward: int, dropout: float, pre_norm: bool) -> None:
+        super().__init__(d_model, nheads, dim_feedforward, dropout, pre_norm)
+        self.multihead_attn = ConditionalAttention(d_model, nheads, dropout)
+        self.ca_qsine_proj = nn.Linear(d_model, d_model)  # projections of the spatial query and key
+        self.ca_kpos_proj = nn.Linear(d_model, d_model)
+
+    def forward(self, tgt: Tensor, memory: Tensor, pos: Tensor, query_pos: Tensor,
+                memory_key_padding_mask: Optional[Tensor], self_attn_mask: Optional[Tensor] = None,
+                spatial_query: Optional[Tensor] = None, first: bool = False) -> Tensor:
+        """As :meth:`DecoderLayer.forward`, with ``spatial_query (B, Q, D)`` (see the class docstring)."""
+        def cross_attention(x: Tensor) -> Tensor:
+            content_q, content_k = (x + query_pos, memory + pos) if first else (x, memory)
+            return self.multihead_attn(content_q, content_k, memory, memory_key_padding_mask,
+                                       self.ca_qsine_proj(spatial_query), self.ca_kpos_proj(pos))
+
+        tgt = self.self_attention(tgt, query_pos, self_attn_mask)
+        tgt = self.residual(tgt, cross_attention, self.norm2, self.dropout2)
+        return self.residual(tgt, self.feed_forward, self.norm3, self.dropout3)
 
 
 def _with_hybrid_block(mask: Tensor, q: int, m: int) -> Tensor:

@@ -1,0 +1,38 @@
+"""The one function that turns a :class:`~detrkit.config.ModelConfig` into a model."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+from detrkit.config import ModelConfig
+from detrkit.model.backbone import Backbone
+from detrkit.model.detr import DETR
+from detrkit.model.position import PositionEmbeddingLearned, PositionEmbeddingSine
+from detrkit.model.transformer import DecoderLayer, Transformer
+from detrkit.model.two_stage import ConditionalDecoderLayer, TwoStageDETR
+
+
+def build_model(config: ModelConfig, *, train_backbone: bool = True,
+                backbone_weights: Optional[Union[str, Path]] = None) -> DETR:
+    """The model ``config.arch`` names: :class:`DETR` (``"detr"``) or :class:`TwoStageDETR` (``"two_stage"``).
+
+    ``train_backbone=False`` (the official rule when the backbone learning rate is 0) freezes
+    the whole backbone; ``backbone_weights`` is a local torchvision ImageNet state-dict file.
+    The model keeps ``config`` as ``model.config``.
+    """
+    backbone = Backbone(
+        config.backbone, dilation=config.dilation, stages=config.backbone_stages, frozen_stages=config.frozen_stages,
+        norm=config.backbone_norm, train_backbone=train_backbone, weights_path=backbone_weights,
+    )
+    half = config.d_model // 2
+    position = PositionEmbeddingSine(half) if config.position_embedding == "sine" else PositionEmbeddingLearned(half)
+    transformer = Transformer(
+        d_model=config.d_model, nheads=config.nheads, enc_layers=config.enc_layers,
+        dec_layers=config.dec_layers, dim_feedforward=config.dim_feedforward, dropout=config.dropout,
+        pre_norm=config.pre_norm,
+        decoder_layer=ConditionalDecoderLayer if config.conditional_attention else DecoderLayer,
+    )
+    cls = TwoStageDETR if config.two_stage else DETR
+    model = cls(backbone, position, transformer, config.num_classes, config.num_queries, config.aux_loss)
+    model.config = config
+    return model

@@ -1,0 +1,58 @@
+"""What the detectors share around the transformer: the MLP head, training-only extra queries,
+and the per-layer output dict (``pred_logits``, ``pred_boxes``, ``aux_outputs``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class MLP(nn.Module):
+    """``num_layers`` Linear layers with ReLU between them (the box head: 3 layers)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
+        outs = [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, outs))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+@dataclass
+class ExtraQueries:
+    """Training-only decoder queries, appended after the model's own Q (see :mod:`detrkit.aids`).
+
+    ``content (B, E, D)``: the initial decoder content; ``position (B, E, D)``: the query
+    positional embedding (plain DETR); ``boxes (B, E, 4)``: reference boxes, cxcywh in [0, 1]
+    (two-stage models, whose query position comes from the box); ``attn_mask (Q+E, Q+E)``
+    bool, True = the row query may not attend to the column query.
+
+    ``hybrid`` (two-stage models): this many more queries chosen from the encoder, the next best
+    tokens after the model's own Q, placed between those and ``content`` (H-DETR's one-to-many
+    branch). ``attn_mask`` does not cover them: the model inserts their rows and columns, and
+    they see only each other. Their predictions come back under ``hybrid_outputs``.
+    """
+
+    content: Tensor
+    attn_mask: Tensor
+    position: Optional[Tensor] = None
+    boxes: Optional[Tensor] = None
+    hybrid: int = 0
+
+
+def layer_outputs(logits: Sequence[Tensor], boxes: Sequence[Tensor], aux_loss: bool) -> dict:
+    """Every decoder layer's ``(B, Q, .)`` predictions (a list, or a stacked ``(L, B, Q, .)``
+    tensor) -> the output dict: ``pred_logits`` and ``pred_boxes`` of the last layer and, with
+    ``aux_loss``, ``aux_outputs``: one ``{"pred_logits", "pred_boxes"}`` per earlier layer."""
+    out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+    if aux_loss:
+        out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
+    return out
