@@ -44,9 +44,9 @@ from tqdm import tqdm
 from detrkit import distributed
 from detrkit.aids import AidedModel
 from detrkit.checkpoint import (
-    atomic_write, check_and_load, checkpoint_folder, load_state, readable_folder, save_model, set_classes,
-    write_model_files,
+    check_and_load, checkpoint_folder, load_state, readable_folder, save_model, set_classes, write_model_files,
 )
+from detrkit.files import atomic_write
 from detrkit.config import AUTO_IMAGE_SIZE, DataConfig, LossConfig, ModelConfig, TrainConfig, config_from_dict
 from detrkit.criterion import SetCriterion, build_criterion
 from detrkit.data.batch import collate
@@ -615,7 +615,7 @@ def initial_model(model_cfg: ModelConfig, train_cfg: TrainConfig, classes: list[
         model = build_model(dataclasses.replace(model_cfg, num_classes=len(classes)),
                             train_backbone=train_backbone, backbone_weights=train_cfg.backbone_weights)
     else:
-        src_cfg, state, src_classes = load_state(train_cfg.weights)
+        src_cfg, state, src_classes, _ = load_state(train_cfg.weights)
         model = build_model(dataclasses.replace(src_cfg, num_classes=len(classes), aux_loss=model_cfg.aux_loss,
                                                 dropout=model_cfg.dropout, frozen_stages=model_cfg.frozen_stages),
                             train_backbone=train_backbone)
@@ -841,7 +841,7 @@ def _read_last(run_dir: Path) -> dict:
     """The checkpoint in ``run_dir/last`` to continue from: the training state, the raw weights
     (``model``) and the weights for inference (``weights``, the EMA when there is one)."""
     saved = load_train_state(run_dir / "last")
-    _, weights, _ = load_state(run_dir / "last")
+    weights = load_state(run_dir / "last").state
     # With an EMA, model.safetensors holds the average and train_state.pt the raw weights.
     return {"train_state": saved, "weights": weights, "model": saved.pop("model", weights)}
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from detrkit.errors import DataError
+from detrkit.files import read_json
 
 # The 12 summary numbers, in the order COCOeval.summarize() computes them (its ``stats``):
 # key, AP or AR, IoU range, area range, maxDets. ``format_metrics`` prints them in this order.
@@ -429,14 +430,7 @@ def _load_ground_truth(source: GroundTruth) -> dict:
     if isinstance(source, dict):
         gt, where = copy.deepcopy(source), "the ground truth dict"
     else:
-        where = str(source)
-        try:
-            with open(source) as f:
-                gt = json.load(f)
-        except FileNotFoundError:
-            raise DataError(f"{where}: annotation file not found") from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e})") from None
+        gt, where = read_json(source, DataError, "COCO annotation file"), str(source)
     if not isinstance(gt, dict) or "images" not in gt or "categories" not in gt:
         raise DataError(f"{where}: not a COCO annotation file (it needs 'images' and 'categories' lists)")
     gt.setdefault("annotations", [])

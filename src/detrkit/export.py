@@ -41,9 +41,12 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from detrkit.checkpoint import default_classes, load_model
+from detrkit.data.batch import pad_images
 from detrkit.errors import DetrkitError
 from detrkit.postprocess import score_boxes
 from detrkit.predict import predict_images
@@ -123,8 +126,6 @@ def _inference_mode(model: nn.Module):
 def _sample_batch(image_size: tuple[int, int], batch: int, device) -> tuple[Tensor, Tensor]:
     """``batch`` noise images padded into one ``(batch, 3, H, W)`` batch; every image after the
     first is smaller (about 3/4 x 2/3 of the size), so the mask holds padding."""
-    from detrkit.data.batch import pad_images
-
     h, w = image_size
     gen = torch.Generator().manual_seed(0)
     sizes = [(h, w)] + [(max(1, h * 3 // 4), max(1, w * 2 // 3))] * (batch - 1)
@@ -219,8 +220,6 @@ def export_onnx(model: nn.Module, path: PathLike, *, image_size: Optional[Sequen
 
 
 def _metadata(model: nn.Module) -> dict[str, str]:
-    from detrkit.checkpoint import default_classes
-
     config = getattr(model, "config", None)
     return {
         "classes": json.dumps(getattr(model, "classes", None) or default_classes(model.num_classes)),
@@ -245,8 +244,6 @@ def _session(path: PathLike, providers: Optional[Sequence[str]] = None):
 
 def _run(session, feeds: dict) -> dict:
     """Run ``session`` on numpy ``feeds``; a graph with a fixed batch size gets the batch in chunks."""
-    import numpy as np
-
     n = len(next(iter(feeds.values())))
     fixed = session.get_inputs()[0].shape[0]
     step = fixed if isinstance(fixed, int) else n
@@ -355,8 +352,6 @@ def default_output(weights: PathLike) -> Path:
 
 def run_export(args: argparse.Namespace) -> int:
     """``detrkit export``: load, export, check against onnxruntime on two padded images, report."""
-    from detrkit.checkpoint import load_model
-
     for module in ("onnx", "onnxruntime"):  # fail before the (slow) model load
         _require(module)
     model = load_model(args.weights)

@@ -12,7 +12,6 @@ Dataset category ids are kept in ``dataset.categories`` (index ``i`` <-> ``categ
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
@@ -29,6 +28,7 @@ from torchvision.transforms.v2 import functional as F
 from detrkit.data.images import PathLike, check_images, open_rgb
 from detrkit.data.transforms import finish_targets
 from detrkit.errors import DataError
+from detrkit.files import read_json
 
 REQUIRED_KEYS = ("images", "annotations", "categories")
 # A box edge moved by less than this (pixels) is float noise at the image border, not a repair
@@ -180,22 +180,6 @@ def unsafe_file_name(name: Any) -> Optional[str]:
     return None
 
 
-def _read_json(json_path: Path) -> Any:
-    try:
-        with open(json_path, "rb") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"{json_path}: annotation file not found; fix: check the path") from None
-    except IsADirectoryError:
-        raise DataError(f"{json_path}: is a folder, expected a COCO annotation .json file") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{json_path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # not UTF-8, a huge number, absurd nesting
-        raise DataError(f"{json_path}: not valid JSON ({e})") from None
-    except OSError as e:
-        raise DataError(f"{json_path}: cannot read the annotation file ({e.strerror or e})") from None
-
-
 def normalize_categories(categories: Sequence[Any], where: str) -> list[dict]:
     """Check a user-given category list (``[{"id": int, "name": str}]``) and copy it.
 
@@ -300,7 +284,7 @@ def load_coco(
     Invalid JSON or a missing top-level key always raises.
     """
     json_path, image_root = Path(json_path), Path(image_root)
-    raw = _read_json(json_path)
+    raw = read_json(json_path, DataError, "COCO annotation file")
     if not isinstance(raw, dict):
         raise DataError(
             f"{json_path}: expected a COCO object with {', '.join(REQUIRED_KEYS)}, got a {type(raw).__name__}"
