@@ -12,13 +12,14 @@ import sys
 from pathlib import Path
 
 import detrkit.engine as engine
+import detrkit.run as run
 from detrkit.cli import main
 
 RANK = int(os.environ["RANK"])
 FIRST_ATTEMPT = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0
 OUT = Path(sys.argv[sys.argv.index("--out") + 1])
 
-real_save, real_forward_backward = engine.save_run_checkpoint, engine.Trainer.forward_backward
+real_save, real_forward_backward = run.save_run_checkpoint, engine.Trainer.forward_backward
 steps = 0
 
 
@@ -38,6 +39,6 @@ def forward_backward_or_die(self, micro_batches):
     return real_forward_backward(self, micro_batches)
 
 
-engine.save_run_checkpoint = save_and_keep_the_first
+run.save_run_checkpoint = save_and_keep_the_first
 engine.Trainer.forward_backward = forward_backward_or_die
 sys.exit(main(sys.argv[1:]))

@@ -228,7 +228,7 @@ def test_hybrid_queries_refuse_plain_detr_and_bad_counts():
 def test_trained_with_aids_saves_the_plain_model(option, tmp_path):
     """A run with an aid on: its checkpoint has the plain model's parameter names and the same outputs."""
     from detrkit.config import DataConfig, TrainConfig
-    from detrkit.engine import train
+    from detrkit.run import train
 
     paths = make_synthetic(tmp_path / "data", num_train=8, num_val=4, image_size=64)
     data = DataConfig(**{k: str(v) for k, v in paths.items()}, image_size=64, workers=0, augment="flip")

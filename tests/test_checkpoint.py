@@ -13,9 +13,8 @@ import pytest
 import torch
 
 from detrkit import build_model, load_model, save_model
-from detrkit.checkpoint import detect_format
+from detrkit.checkpoint import detect_format, load_train_state, save_run_checkpoint
 from detrkit.config import ModelConfig
-from detrkit.engine import load_train_state, save_run_checkpoint
 from detrkit.errors import CheckpointError
 
 TINY = ModelConfig(backbone="resnet18", d_model=32, nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=64,
@@ -137,7 +136,7 @@ from pathlib import Path
 import torch
 from detrkit import build_model
 from detrkit.config import ModelConfig
-from detrkit.engine import save_run_checkpoint
+from detrkit.checkpoint import save_run_checkpoint
 torch.manual_seed(1)
 model = build_model(ModelConfig(**json.loads(sys.argv[2])))
 save_run_checkpoint(Path(sys.argv[1]), model, torch.optim.AdamW(model.parameters()),

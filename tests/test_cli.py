@@ -313,7 +313,7 @@ def test_a_few_repairable_records_are_repaired_counted_and_training_goes_on(shap
     header, row = (run / "results.csv").read_text().splitlines()
     loss = float(dict(zip(header.split(","), row.split(",")))["train_loss"])
     assert np.isfinite(loss) and loss > 0
-    from detrkit.engine import load_train_state
+    from detrkit.checkpoint import load_train_state
 
     assert load_train_state(run / "last")["step"] == 3  # 12 images, batch 4: every step taken
     weights = load_model(run / "last").state_dict()
@@ -323,18 +323,18 @@ def test_a_few_repairable_records_are_repaired_counted_and_training_goes_on(shap
 def test_an_image_broken_during_training_stops_with_one_line_naming_it(shapes, tmp_path, capsys, monkeypatch):
     """An image that passes the up-front check and then breaks: the loader process's error reaches
     the command line as one line naming the file (exit 2, no traceback)."""
-    import detrkit.engine as engine
+    import detrkit.run as run
 
     data = _copy_of(shapes, tmp_path / "data")
     victim = sorted(data["images"].iterdir())[5]
-    real = engine.build_datasets
+    real = run.build_datasets
 
     def build_then_break(*args, **kwargs):
         sets = real(*args, **kwargs)  # every image is opened here
         victim.write_bytes(victim.read_bytes()[:200])
         return sets
 
-    monkeypatch.setattr(engine, "build_datasets", build_then_break)
+    monkeypatch.setattr(run, "build_datasets", build_then_break)
     flags = ["--train-json", str(data["json"]), "--train-images", str(data["images"])]
     assert main(["train", *flags, *TRAIN_FLAGS, "--workers", "2", "--epochs", "1",
                  "--out", str(tmp_path / "run")]) == 2
@@ -352,9 +352,9 @@ def test_an_image_broken_during_training_stops_with_one_line_naming_it(shapes, t
 def _poison_losses(monkeypatch, bad_steps):
     """Make the training loss NaN at the criterion calls in ``bad_steps`` (0-based); returns the
     image ids of every batch the criterion saw."""
-    import detrkit.engine as engine
+    import detrkit.run as run
 
-    real = engine.build_criterion
+    real = run.build_criterion
     seen: list[list[int]] = []
 
     def build(*args, **kwargs):
@@ -371,14 +371,15 @@ def _poison_losses(monkeypatch, bad_steps):
         criterion.forward = poisoned
         return criterion
 
-    monkeypatch.setattr(engine, "build_criterion", build)
+    monkeypatch.setattr(run, "build_criterion", build)
     return seen
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run_with_a_checkpoint(shapes, tmp_path, monkeypatch, capsys):
     """Epoch 1 (6 batches): batches 2 and 4 give NaN and are skipped with a warning. Epoch 2: every
     batch gives NaN, and the K-th in a row stops the run with a checkpoint and names the batch."""
-    from detrkit.engine import MAX_BAD_STEPS, load_train_state
+    from detrkit.checkpoint import load_train_state
+    from detrkit.engine import MAX_BAD_STEPS
 
     seen = _poison_losses(monkeypatch, bad_steps={1, 3, *range(6, 100)})
     run = tmp_path / "run"

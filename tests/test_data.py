@@ -373,7 +373,7 @@ def test_unreadable_images(tmp_path, make_file):
 def test_an_image_broken_after_the_check_names_its_file_from_a_loader_process(small_coco):
     """Loader processes re-raise in the main process; the error is still a one-line DataError
     naming the file, with the worker's traceback kept for --debug."""
-    from detrkit.engine import make_eval_loader
+    from detrkit.data.build import make_eval_loader
 
     json_path, root = small_coco
     ds = CocoDetection(json_path, root, check_images=True)  # every file opens now

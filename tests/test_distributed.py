@@ -24,6 +24,8 @@ from detrkit.checkpoint import load_model
 from detrkit.cli import main
 from detrkit.config import resolve
 from detrkit.data.synthetic import make_synthetic
+from detrkit.evaluate import METRIC_KEYS
+from detrkit.run import initial_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +66,7 @@ def test_one_step_on_two_processes_equals_one_process_on_the_same_global_batch(r
     # The step moved the weights away from the (seeded) initial ones ...
     torch.manual_seed(42)
     model_cfg, _, _, train_cfg = resolve(None, {"train": {"model": "detr_r18_tiny"}, "model": {"dropout": 0.0}})
-    init = engine.initial_model(model_cfg, train_cfg, [{"id": i, "name": str(i)} for i in (1, 2, 3, 5)]).state_dict()
+    init = initial_model(model_cfg, train_cfg, [{"id": i, "name": str(i)} for i in (1, 2, 3, 5)]).state_dict()
     assert sum(not torch.equal(one[k], init[k]) for k in one) > 20
     # ... in the same way on two processes as on one.
     for k in one:
@@ -83,12 +85,12 @@ def test_evaluation_gathers_every_rank_and_equals_one_process(runs):
     # The same weights evaluated by one process, in batches of 2 as each rank made them.
     with _one_thread():
         metrics, detections = engine.evaluate_model(load_model(folder), runs["val"], batch_size=2, device="cpu")
-    assert {k: metrics[k] for k in engine.METRIC_KEYS} == {k: reported[k] for k in engine.METRIC_KEYS}
+    assert {k: metrics[k] for k in METRIC_KEYS} == {k: reported[k] for k in METRIC_KEYS}
     assert detections == json.loads((folder / "detections.json").read_text())
     assert len({d["image_id"] for d in detections}) == 4  # both ranks' images
     # And the single-process run, whose weights are within 1e-6, reports the same numbers.
     one = json.loads(_first_metrics(runs["one"]))
-    assert {k: one[k] for k in engine.METRIC_KEYS} == pytest.approx({k: reported[k] for k in engine.METRIC_KEYS},
+    assert {k: one[k] for k in METRIC_KEYS} == pytest.approx({k: reported[k] for k in METRIC_KEYS},
                                                                      abs=1e-6)
 
 
@@ -143,7 +145,7 @@ def test_the_multi_node_form_trains_as_one_process_and_only_rank_0_writes(runs, 
 
 
 def test_a_run_on_channels_last_activations_prints_no_ddp_stride_warning(runs):
-    # 1x1 convolutions' weight gradients differ from the weights in size-1 strides only (engine.py).
+    # 1x1 convolutions' weight gradients differ from the weights in size-1 strides only (run.py).
     assert "Grad strides do not match" not in runs["log"]
 
 
@@ -165,4 +167,4 @@ def _rows(run):
 
 def _first_metrics(run) -> str:
     row = _rows(run)[0]
-    return json.dumps({k: float(row[k]) for k in engine.METRIC_KEYS})
+    return json.dumps({k: float(row[k]) for k in METRIC_KEYS})

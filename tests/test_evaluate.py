@@ -14,7 +14,6 @@ import torch
 from detrkit.errors import DataError
 from detrkit.evaluate import METRIC_KEYS, coco_metrics, detections_to_coco, format_metrics, write_metrics
 
-BACKENDS = ["faster_coco_eval", "pycocotools"]
 
 # Non-contiguous ids, as real data sets have; "star" has no ground-truth box at all.
 CATEGORIES = [{"id": 3, "name": "circle"}, {"id": 7, "name": "square"},
@@ -114,14 +113,13 @@ def files(tmp_path):
     return gt, dets, gt_path, dt_path
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gt_as", ["path", "dict"])
-def test_equals_pycocotools(files, backend, gt_as):
+def test_equals_pycocotools(files, gt_as):
     gt, dets, gt_path, dt_path = files
     stats, precision, cat_ids = pycocotools_reference(gt_path, dt_path)
     assert 0.05 < stats[0] < 0.95  # the data really is noisy: neither trivial nor hopeless
 
-    metrics = coco_metrics(gt_path if gt_as == "path" else gt, json.loads(dt_path.read_text()), backend=backend)
+    metrics = coco_metrics(gt_path if gt_as == "path" else gt, json.loads(dt_path.read_text()))
     for key, expected in zip(METRIC_KEYS, stats[:12]):
         assert metrics[key] == pytest.approx(expected, abs=1e-6), key
     assert all(isinstance(metrics[k], float) for k in METRIC_KEYS)
@@ -136,27 +134,18 @@ def test_equals_pycocotools(files, backend, gt_as):
     assert metrics["per_class"][-1]["AP"] == -1.0  # "star" has no ground truth: undefined
 
 
-def test_auto_backend_and_inputs_untouched(files):
+def test_inputs_untouched_and_results_repeatable(files):
     gt, dets, _, _ = files
     gt_before, dets_before = copy.deepcopy(gt), copy.deepcopy(dets)
-    assert coco_metrics(gt, dets) == coco_metrics(gt, dets, backend="faster_coco_eval")
+    assert coco_metrics(gt, dets) == coco_metrics(gt, dets)
     assert gt == gt_before and dets == dets_before  # COCO evaluators write into what they get
 
 
-def test_falls_back_to_pycocotools(files, monkeypatch):
-    pytest.importorskip("pycocotools")
-    gt, dets, _, _ = files
-    expected = coco_metrics(gt, dets, backend="pycocotools")
-    monkeypatch.setitem(sys.modules, "faster_coco_eval", None)  # makes "import faster_coco_eval" fail
-    assert coco_metrics(gt, dets) == expected
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_perfect_detections(backend):
+def test_perfect_detections():
     gt = make_ground_truth()
     dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
             for a in gt["annotations"] if not a["iscrowd"]]
-    metrics = coco_metrics(gt, dets, backend=backend)
+    metrics = coco_metrics(gt, dets)
     for key in METRIC_KEYS:
         if key != "AR1":
             assert metrics[key] == pytest.approx(1.0, abs=1e-9), key
@@ -165,9 +154,8 @@ def test_perfect_detections(backend):
         assert row["AP"] == pytest.approx(1.0 if row["id"] != 20 else -1.0, abs=1e-9)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_no_detections(backend, capsys):
-    metrics = coco_metrics(make_ground_truth(), [], backend=backend)
+def test_no_detections(capsys):
+    metrics = coco_metrics(make_ground_truth(), [])
     for key in METRIC_KEYS:
         assert metrics[key] == 0.0, key  # every area range has ground truth here, so all are defined
     assert [r["AP"] for r in metrics["per_class"]] == [0.0, 0.0, 0.0, -1.0]
@@ -191,8 +179,8 @@ def test_bad_inputs_are_data_errors(tmp_path):
         coco_metrics(gt, [{"image_id": 1, "bbox": [0, 0, 1, 1], "score": 0.5}])
     with pytest.raises(DataError, match="not found"):
         coco_metrics(tmp_path / "missing.json", [])
-    with pytest.raises(ValueError, match="backend"):
-        coco_metrics(gt, [], backend="mine")
+    with pytest.raises(TypeError, match="backend"):  # one evaluator, faster-coco-eval's: nothing to choose
+        coco_metrics(gt, [], backend="pycocotools")
 
 
 def test_detections_to_coco():
@@ -279,7 +267,7 @@ def _hand_made():
 
 
 def test_confusion_matrix_on_a_hand_made_case():
-    from detrkit.evaluate import confusion_matrix
+    from detrkit.analysis import confusion_matrix
 
     gt, dets = _hand_made()
     cm = confusion_matrix(gt, dets, iou_threshold=0.5, score_threshold=0.5)
@@ -298,7 +286,7 @@ def test_confusion_matrix_on_a_hand_made_case():
 
 
 def test_f1_curve_on_a_hand_made_case():
-    from detrkit.evaluate import f1_curve, format_best_threshold
+    from detrkit.analysis import f1_curve, format_best_threshold
 
     gt = {"images": [{"id": 1, "width": 400, "height": 100}],
           "categories": [{"id": 1, "name": "A"}, {"id": 2, "name": "B"}],
@@ -326,7 +314,7 @@ def test_f1_curve_on_a_hand_made_case():
 
 def test_f1_counts_agree_with_cocoeval(files):
     """True positives at IoU 0.5 are those of COCOeval's own matching (crowd, duplicates, classes)."""
-    from detrkit.evaluate import f1_curve
+    from detrkit.analysis import f1_curve
 
     gt, dets, gt_path, dt_path = files
     COCO = pytest.importorskip("pycocotools.coco").COCO
@@ -352,7 +340,7 @@ def test_f1_counts_agree_with_cocoeval(files):
 
 
 def test_write_analysis_files(files, tmp_path):
-    from detrkit.evaluate import write_analysis
+    from detrkit.analysis import write_analysis
 
     gt, dets, gt_path, _ = files
     result = write_analysis(tmp_path / "eval", gt_path, dets, iou_threshold=0.5, score_threshold=0.4)

@@ -15,7 +15,11 @@ from detrkit.cli import main
 from detrkit.config import resolve
 from detrkit.data.sampler import EpochSampler
 from detrkit.data.synthetic import make_synthetic
+from detrkit.data.build import auto_image_size
 from detrkit.ema import ModelEMA
+from detrkit.evaluate import METRIC_KEYS
+from detrkit.run import initial_model, load_run_config
+from detrkit.run import train as train_run
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +28,7 @@ def shapes(tmp_path_factory):
 
 
 def _run(shapes, out, *, val=True, **train):
-    """engine.train on the synthetic set with the tiny preset, dropout off, flip-only augmentation
+    """run.train on the synthetic set with the tiny preset, dropout off, flip-only augmentation
     (every image keeps its 64 x 64 size, so batches need no padding)."""
     data = {"train_json": str(shapes["train_json"]), "train_images": str(shapes["train_images"]),
             "image_size": 64, "workers": 0, "augment": "flip"}
@@ -32,7 +36,7 @@ def _run(shapes, out, *, val=True, **train):
         data |= {"val_json": str(shapes["val_json"]), "val_images": str(shapes["val_images"])}
     cfg = resolve(None, {"train": {"model": "detr_r18_tiny", "epochs": 1, "out": str(out), "device": "cpu", **train},
                          "data": data, "model": {"dropout": 0.0}})
-    return engine.train(*cfg)
+    return train_run(*cfg)
 
 
 def _rows(run):
@@ -59,11 +63,11 @@ def test_ema_is_evaluated_and_saved_beside_the_raw_weights(shapes, tmp_path):
     run = _run(shapes, tmp_path / "ema", batch_size=4, ema=True, ema_decay=0.5, ema_warmup=0)
     ema = load_file(run / "last" / "model.safetensors")
     raw = torch.load(run / "last" / "train_state.pt", weights_only=True)["model"]
-    # The run's first model: the same seed and builder (tiny preset, 4 classes) as engine.train.
+    # The run's first model: the same seed and builder (tiny preset, 4 classes) as run.train.
     torch.manual_seed(42)
     model_cfg, _, _, train_cfg = resolve(None, {"train": {"model": "detr_r18_tiny"}, "model": {"dropout": 0.0}})
     classes = [{"id": i, "name": str(i)} for i in (1, 2, 3, 5)]
-    init = engine.initial_model(model_cfg, train_cfg, classes).state_dict()
+    init = initial_model(model_cfg, train_cfg, classes).state_dict()
     moved = [k for k in raw if not torch.equal(raw[k], init[k])]
     assert len(moved) > 20  # the step changed the raw weights ...
     for k in moved:  # ... and the average is halfway between the first and the new ones (decay 0.5, one step)
@@ -73,7 +77,7 @@ def test_ema_is_evaluated_and_saved_beside_the_raw_weights(shapes, tmp_path):
     reported = json.loads((run / "metrics.json").read_text())
     data = {"val_json": str(shapes["val_json"]), "val_images": str(shapes["val_images"]), "workers": 0}
     metrics, detections = engine.evaluate_model(load_model(run / "last"), data, batch_size=4, device="cpu")
-    assert {k: metrics[k] for k in engine.METRIC_KEYS} == {k: reported[k] for k in engine.METRIC_KEYS}
+    assert {k: metrics[k] for k in METRIC_KEYS} == {k: reported[k] for k in METRIC_KEYS}
     assert detections == json.loads((run / "detections.json").read_text())
     assert torch.equal(load_file(run / "best" / "model.safetensors")["class_embed.weight"], ema["class_embed.weight"])
     raw_model = load_model(run / "last")
@@ -220,10 +224,10 @@ def test_auto_image_size_is_the_median_shorter_side_never_enlarged_at_most_the_c
     from detrkit.config import AUTO_IMAGE_SIZE, DataConfig
 
     small = _coco_set(tmp_path / "small", [(64, 80), (48, 64), (70, 60)])
-    assert engine.auto_image_size(DataConfig(**small)) == 60  # median of 64, 48, 60
+    assert auto_image_size(DataConfig(**small)) == 60  # median of 64, 48, 60
     large = _coco_set(tmp_path / "large", [(300, 400), (600, 500), (290, 280)])
     assert AUTO_IMAGE_SIZE < 300
-    assert engine.auto_image_size(DataConfig(**large)) == AUTO_IMAGE_SIZE
+    assert auto_image_size(DataConfig(**large)) == AUTO_IMAGE_SIZE
     with pytest.raises(ValueError, match="auto"):
         DataConfig(image_size="big")
 
@@ -233,8 +237,8 @@ def test_a_new_model_gets_a_query_for_every_object_and_auto_size_is_recorded(tmp
     cfg = resolve(None, {"train": {"model": "detr_r18_tiny", "epochs": 1, "out": str(tmp_path / "run"),
                                    "device": "cpu", "batch_size": 3},
                          "data": {**data, "image_size": "auto", "workers": 0, "augment": "flip"}})
-    run = engine.train(*cfg)
-    saved = engine.load_run_config(run)
+    folder = train_run(*cfg)
+    saved = load_run_config(folder)
     assert saved[0].num_queries == 20 and saved[2].image_size == 64
-    model = load_model(run / "last")
+    model = load_model(folder / "last")
     assert model.num_queries == 20 and model.inference["image_size"] == 64

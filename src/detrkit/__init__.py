@@ -10,20 +10,20 @@ The public API::
     metrics = detrkit.evaluate(run_dir / "best", data="my_coco_dir")
     seen = detrkit.explain(model, "photo.jpg")   # detections + decoder / encoder attention maps
 """
+import dataclasses
 from pathlib import Path
 from typing import Optional, Union
 
-# The submodule detrkit.evaluate is loaded before the function of the same name is defined
-# below, so that the function, not the module, is the package attribute (likewise explain).
-import detrkit.evaluate  # noqa: F401  isort: skip
 from detrkit.checkpoint import load_model, save_model
-from detrkit.explain import explain
-from detrkit.config import DataConfig, LossConfig, ModelConfig, TrainConfig, preset
+from detrkit.config import DataConfig, LossConfig, ModelConfig, TrainConfig, preset, resolve
 from detrkit.criterion import SetCriterion, build_criterion
+from detrkit.engine import evaluate_model
+from detrkit.explain import explain
 from detrkit.matcher import HungarianMatcher
 from detrkit.model.build import build_model
 from detrkit.model.detr import DETR
 from detrkit.postprocess import postprocess
+from detrkit.run import train as run_training
 
 __all__ = [
     "DETR", "DataConfig", "HungarianMatcher", "LossConfig", "ModelConfig", "SetCriterion", "TrainConfig",
@@ -41,11 +41,6 @@ def train(*, recipe: Optional[str] = None, **options) -> Path:
     ``bbox_loss="smooth_l1"``, ``out="runs/x"``; each goes to the config dataclass that owns it
     (TrainConfig, DataConfig or LossConfig).
     """
-    import dataclasses
-
-    from detrkit.config import resolve
-    from detrkit.engine import train as run_training
-
     sections = {}
     for name, cls in (("train", TrainConfig), ("data", DataConfig), ("loss", LossConfig)):
         fields = {f.name for f in dataclasses.fields(cls)}
@@ -58,7 +53,5 @@ def train(*, recipe: Optional[str] = None, **options) -> Path:
 def evaluate(weights: Union[str, Path, DETR], *, batch_size: int = 8, device: str = "auto", **data) -> dict:
     """COCO metrics of a checkpoint (or model) on the validation split given by ``data``
     (``data="dir"`` or ``val_json=..., val_images=...``): the 12 COCO numbers and ``per_class``."""
-    from detrkit.engine import evaluate_model
-
     model = weights if isinstance(weights, DETR) else load_model(weights)
     return evaluate_model(model, data, batch_size=batch_size, device=device)[0]

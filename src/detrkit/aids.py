@@ -144,8 +144,10 @@ class Denoising(nn.Module):
 
 class AidedModel(nn.Module):
     """A model with its training-only aids: ``forward(images, targets)`` -> the model's outputs,
-    plus ``group_outputs`` (a list of per-group output dicts), ``dn_outputs`` and ``dn_meta``,
-    ``hybrid_outputs`` for :class:`detrkit.criterion.SetCriterion`, for the aids that are on.
+    plus ``group_outputs`` (a list of per-group output dicts), ``dn_outputs`` with ``dn_meta``
+    (``groups``, ``pad``) and ``dn_indices`` (the known ``(query, target)`` pairs of each image,
+    :meth:`Denoising.indices`), ``hybrid_outputs`` for :class:`detrkit.criterion.SetCriterion`,
+    for the aids that are on.
 
     With every aid off it is the model itself: the same call, the same outputs.
     """
@@ -186,8 +188,9 @@ class AidedModel(nn.Module):
                                  boxes=x.new_zeros(x.shape[0], 0, 4), hybrid=self.hybrid)
         out = self.model(images, extra) if extra is not None else self.model(images)
         extra_outputs = out.pop("extra_outputs", None)
-        if meta is not None:
+        if meta is not None:  # with the known assignment, so the criterion never matches them
             out["dn_outputs"], out["dn_meta"] = extra_outputs, meta
+            out["dn_indices"] = Denoising.indices(targets, meta)
         elif self.denoising is not None:
             # No targets in the batch, so no denoising queries. Keep the aid's parameters in the
             # graph: DDP expects a gradient for each of them.

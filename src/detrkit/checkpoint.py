@@ -7,8 +7,10 @@ kept in its metadata) and ``config.json``::
      "model": {...ModelConfig...},
      "classes": [{"index": 0, "id": 3, "name": "circle"}, ...]}
 
-A folder is written as one unit (:func:`checkpoint_folder`: beside it, then two renames), so a
-process killed during a save leaves the previous checkpoint whole, training state included.
+A training run's checkpoint (``last/``) also holds ``train_state.pt``, what is needed to continue
+the run (:func:`save_run_checkpoint`). A folder is written as one unit (:func:`checkpoint_folder`:
+beside it, then two renames), so a process killed during a save leaves the previous checkpoint
+whole, training state included.
 
 ``load_model`` also reads an official DETR checkpoint (``.pth``: a dict whose ``model`` entry
 is the state dict, as published for R50/R101/DC5) and a Hugging Face ``DetrForObjectDetection``
@@ -35,7 +37,7 @@ from torch import Tensor
 
 from detrkit.config import ModelConfig, config_from_dict
 from detrkit.convert import COCO_NAMES, HF_MODEL_TYPES, Loaded, load_huggingface, load_official
-from detrkit.errors import CheckpointError
+from detrkit.errors import CheckpointError, DetrkitError
 from detrkit.files import read_json
 from detrkit.model.build import build_model
 from detrkit.model.detr import DETR
@@ -142,6 +144,25 @@ def checkpoint_folder(path: PathLike) -> Iterator[Path]:
     finally:
         shutil.rmtree(new, ignore_errors=True)  # gone after the rename; a partial folder after an error
     shutil.rmtree(old, ignore_errors=True)
+
+
+def save_run_checkpoint(folder: PathLike, model: DETR, optimizer, state: dict, inference: dict) -> None:
+    """``model`` (detrkit format: the weights for inference) + the training state needed to continue
+    exactly, written as one unit: a kill mid-save leaves the previous weights and state together."""
+    with checkpoint_folder(folder) as tmp:
+        write_model_files(model, tmp, inference=inference)
+        torch.save({"optimizer": optimizer.state_dict(), **state}, tmp / "train_state.pt")
+
+
+def load_train_state(folder: PathLike) -> dict:
+    """``train_state.pt`` of a run checkpoint (:func:`save_run_checkpoint`): tensors and plain values only."""
+    path = readable_folder(folder) / "train_state.pt"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DetrkitError(f"{path}: no training state to resume from") from None
+    except Exception as e:  # noqa: BLE001
+        raise DetrkitError(f"{path}: unreadable training state ({type(e).__name__}: {e})") from None
 
 
 def readable_folder(path: PathLike) -> Path:

@@ -22,6 +22,7 @@ from detrkit.allocator import tune_allocator
 from detrkit.config import (
     AUTO_IMAGE_SIZE, RECIPES, DataConfig, LossConfig, ModelConfig, PRESETS, TrainConfig, config_from_dict, resolve,
 )
+from detrkit.distributed import select_device
 from detrkit.errors import DetrkitError
 
 PRECISION_HELP = ("fp32: exact; bf16: the network under bfloat16 autocast, scores and boxes in float32; faster only "
@@ -40,8 +41,6 @@ def cpu_flags() -> set[str]:
 
 def note_slow_bf16(precision: str, device: str) -> None:
     """Tell the user when bf16 was asked for on a CPU whose bf16 products are not fast (no AMX)."""
-    from detrkit.engine import select_device
-
     if precision != "bf16" or select_device(device).type != "cpu":
         return
     flags = cpu_flags()
@@ -275,7 +274,7 @@ def _yaml_sections(path: Optional[str]) -> dict[str, dict]:
 
 
 def cmd_train(args) -> int:
-    from detrkit.engine import load_run_config, train
+    from detrkit.run import load_run_config, train
 
     if args.resume:
         model_cfg, loss_cfg, data_cfg, train_cfg = load_run_config(Path(args.resume))
@@ -298,8 +297,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_check_data(args) -> int:
+    from detrkit.data.build import data_paths
     from detrkit.data.coco import load_coco
-    from detrkit.engine import data_paths
 
     paths = data_paths(config_from_dict(DataConfig, _given(args, DataConfig)))
     if not any(k in paths for k in ("train_json", "val_json")):
@@ -320,8 +319,10 @@ def cmd_check_data(args) -> int:
 
 def cmd_eval(args) -> int:
     from detrkit import load_model
-    from detrkit.engine import data_paths, evaluate_model
-    from detrkit.evaluate import format_best_threshold, format_metrics, write_analysis, write_metrics
+    from detrkit.analysis import format_best_threshold, write_analysis
+    from detrkit.data.build import data_paths
+    from detrkit.engine import evaluate_model
+    from detrkit.evaluate import format_metrics, write_metrics
 
     for name in ("iou_threshold", "score_threshold"):
         if not 0 <= getattr(args, name) <= 1:
@@ -359,11 +360,8 @@ def _expand(paths: list[str]) -> list[Path]:
 
 
 def cmd_predict(args) -> int:
-    from torchvision.transforms.v2 import functional as TF
-
     from detrkit import load_model
-    from detrkit.data.coco import open_rgb
-    from detrkit.engine import select_device
+    from detrkit.data.images import image_tensor
     from detrkit.visualize import draw_detections, save_image
 
     files = _expand(args.paths)
@@ -379,7 +377,7 @@ def cmd_predict(args) -> int:
     records = []
     for start in range(0, len(files), args.batch_size):
         chunk = files[start:start + args.batch_size]
-        images = [TF.pil_to_tensor(open_rgb(f)) for f in chunk]
+        images = [image_tensor(f) for f in chunk]
         for f, img, det in zip(chunk, images, model.predict(images, threshold=args.threshold)):
             drawn = draw_detections(img, det["boxes"].cpu(), det["names"], det["scores"].cpu())
             save_image(drawn, out / f"{f.stem}.png")
@@ -416,7 +414,6 @@ def cmd_export(args) -> int:
 
 def cmd_explain(args) -> int:
     from detrkit import load_model
-    from detrkit.engine import select_device
 
     if args.matching and args.image:
         raise DetrkitError("give either IMAGE (attention maps) or --matching with data flags, not both")
@@ -459,9 +456,10 @@ def _points(values: list[str]) -> list[tuple[float, float]]:
 
 
 def _explain_matching(args, model, given: dict) -> int:
+    from detrkit.data.build import data_paths
     from detrkit.data.coco import CocoDetection
     from detrkit.data.transforms import val_transforms
-    from detrkit.engine import data_paths, load_run_config
+    from detrkit.run import load_run_config
     from detrkit.explain import match
     from detrkit.matcher import HungarianMatcher
     from detrkit.visualize import draw_matching

@@ -29,7 +29,6 @@ from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
 from detrkit import distributed
-from detrkit.aids import Denoising
 from detrkit.boxes import cxcywh_to_xyxy, elementwise_box_iou, elementwise_generalized_box_iou
 from detrkit.config import LossConfig
 from detrkit.matcher import HungarianMatcher
@@ -187,7 +186,7 @@ class SetCriterion(nn.Module):
             ``loss``, the sum of every key in ``weight_dict`` times its weight.
         """
         if norm is None:
-            norm = self.normalizers([targets], outputs["pred_logits"].shape[1], outputs["pred_logits"].device)
+            norm = self.normalizers([targets], outputs)
         losses = self.layer_losses(outputs, targets, norm, log=True)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             aux_losses = self.layer_losses(aux, targets, norm, log=False)
@@ -202,11 +201,9 @@ class SetCriterion(nn.Module):
         if "hybrid_outputs" in outputs:  # H-DETR's one-to-many branch: every target repeated k times
             hybrid = self.all_layer_losses(outputs["hybrid_outputs"], *_one_to_many(targets, norm, self.hybrid_repeats))
             losses.update({f"{k}_hybrid": hybrid[k] for k in _TRAINED})
-        if "dn_outputs" in outputs:  # denoising queries: known targets, never matched
-            meta = outputs["dn_meta"]
-            indices = Denoising.indices(targets, meta)
-            dn_norm = Normalizers(norm.num_boxes * meta["groups"], norm.dn_ce_weight)
-            dn = self.all_layer_losses(outputs["dn_outputs"], targets, dn_norm, indices)
+        if "dn_outputs" in outputs:  # denoising queries: known targets (dn_indices), never matched
+            dn_norm = Normalizers(norm.num_boxes * outputs["dn_meta"]["groups"], norm.dn_ce_weight)
+            dn = self.all_layer_losses(outputs["dn_outputs"], targets, dn_norm, outputs["dn_indices"])
             losses.update({f"{k}_dn": dn[k] for k in _TRAINED})
         losses["loss"] = self.weighted_total(losses)
         return losses
@@ -224,9 +221,10 @@ class SetCriterion(nn.Module):
     def weighted_total(self, losses: dict) -> Tensor:
         return sum(losses[k] * w for k, w in self.weight_dict.items() if k in losses)
 
-    def normalizers(self, micro_batches: list[list[dict]], num_queries: int, device: torch.device) -> Normalizers:
+    def normalizers(self, micro_batches: list[list[dict]], outputs: dict) -> Normalizers:
         """The loss denominators of a step whose images on this process are ``micro_batches``
-        (one list of targets per micro-batch; a single batch is ``[targets]``).
+        (one list of targets per micro-batch; a single batch is ``[targets]``), given the model's
+        ``outputs`` of one of them (the number of queries Q and the device are read from them).
 
         Box losses are normalised by the number of target boxes across the whole step: every
         process and, with accumulation, every micro-batch. DDP averages gradients over the W
@@ -240,6 +238,7 @@ class SetCriterion(nn.Module):
         queries (``G`` groups of ``2 x T_max`` per image, ``T_max`` the most targets of an image
         in the micro-batch) have ``G x T`` positives per image.
         """
+        num_queries, device = outputs["pred_logits"].shape[1], outputs["pred_logits"].device
         boxes = ce = dn_ce = 0.0
         eos = float(self.empty_weight[-1])
         for targets in micro_batches:

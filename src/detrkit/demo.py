@@ -10,7 +10,13 @@ from typing import Optional
 
 import torch
 
+from detrkit.checkpoint import load_model
 from detrkit.config import DEMO, resolve
+from detrkit.data.images import image_tensor
+from detrkit.data.synthetic import make_synthetic
+from detrkit.evaluate import format_metrics
+from detrkit.run import train
+from detrkit.visualize import draw_detections, side_by_side
 
 
 def run_demo(out: str = "runs/demo", data_dir: str = "data/synthetic", minutes: Optional[float] = None,
@@ -19,11 +25,6 @@ def run_demo(out: str = "runs/demo", data_dir: str = "data/synthetic", minutes: 
 
     Returns ``{"AP": ..., "run_dir": ..., "plot": ..., "pictures": [...]}``.
     """
-    from detrkit.checkpoint import load_model
-    from detrkit.data.synthetic import make_synthetic
-    from detrkit.engine import train
-    from detrkit.evaluate import format_metrics
-
     size = DEMO["image_size"]
     paths = make_synthetic(Path(data_dir) / f"shapes-{size}", num_train=DEMO["num_train"], num_val=DEMO["num_val"],
                            image_size=size)
@@ -45,17 +46,12 @@ def run_demo(out: str = "runs/demo", data_dir: str = "data/synthetic", minutes: 
 def draw_examples(model, json_path: Path, image_root: Path, out: Path, count: int = 6,
                   threshold: float = 0.5) -> list[Path]:
     """Predictions next to the ground truth for the first ``count`` images of a COCO file."""
-    from torchvision.transforms.v2 import functional as TF
-
-    from detrkit.data.coco import open_rgb
-    from detrkit.visualize import draw_detections, side_by_side
-
     coco = json.loads(Path(json_path).read_text())
     names = {c["id"]: c["name"] for c in coco["categories"]}
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for info in coco["images"][:count]:
-        image = TF.pil_to_tensor(open_rgb(Path(image_root) / info["file_name"]))
+        image = image_tensor(Path(image_root) / info["file_name"])
         det = model.predict([image], threshold=threshold)[0]
         anns = [a for a in coco["annotations"] if a["image_id"] == info["id"]]
         gt_boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]

@@ -41,17 +41,23 @@ def restart_count() -> int:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
+def select_device(name: str) -> torch.device:
+    """``"auto"`` is CUDA when there is a GPU, else the CPU; any other name is taken as it is."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def setup(device_name: str) -> torch.device:
     """Join the process group that ``torchrun`` describes in the environment; return this process's device.
 
     ``device_name`` is ``auto``, ``cpu`` or ``cuda[:i]``. Under ``torchrun`` a CUDA device means
     ``cuda:LOCAL_RANK`` (one GPU per process); the index in ``cuda:i`` is ignored.
     """
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    wants_cuda = device_name.startswith("cuda")
+    device = select_device(device_name)
+    wants_cuda = device.type == "cuda"
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return torch.device(device_name)
+        return device
     if is_distributed():  # already joined (the Python API called twice in one process)
         return torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if wants_cuda else "cpu")
     if wants_cuda:
@@ -70,11 +76,7 @@ def cleanup() -> None:
 
 def all_mean(values: torch.Tensor) -> torch.Tensor:
     """The element-wise mean of ``values`` over all processes (every process gets the same result)."""
-    if not is_distributed():
-        return values
-    values = values.clone()
-    dist.all_reduce(values)
-    return values / world_size()
+    return all_sum(values) / world_size()
 
 
 def all_sum(values: torch.Tensor) -> torch.Tensor:

@@ -2,9 +2,9 @@
 
 The numbers are COCO's own: the matching, the 101-point interpolation and the
 small/medium/large area ranges all come from a COCOeval implementation, never from a
-re-implementation here. ``faster-coco-eval`` (a C++ COCOeval, a dependency of detrkit)
-is used when it can be imported; otherwise ``pycocotools``. Both give the same numbers
-(tests/test_evaluate.py checks them against pycocotools to 1e-6).
+re-implementation here: ``faster-coco-eval``'s C++ COCOeval (a dependency of detrkit),
+whose numbers equal pycocotools' (tests/test_evaluate.py checks them to 1e-6). The F1 curve,
+the confusion matrix and the other evaluation extras are :mod:`detrkit.analysis`'s.
 
 Detections are in the COCO results format throughout: one dict per box with
 ``image_id``, ``category_id`` (the dataset's own id, not a contiguous index),
@@ -12,17 +12,16 @@ Detections are in the COCO results format throughout: one dict per box with
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import numpy as np
 import torch
+from faster_coco_eval import COCO, COCOeval_faster
 
 from detrkit.errors import DataError
 from detrkit.files import read_json
@@ -45,13 +44,11 @@ SUMMARY = (
 )
 METRIC_KEYS = tuple(row[0] for row in SUMMARY)
 
-BACKENDS = ("auto", "faster_coco_eval", "pycocotools")
-
 GroundTruth = Union[str, os.PathLike, dict]
 
 
 def coco_metrics(gt_json_path_or_dict: GroundTruth, detections: Sequence[dict], *, per_class: bool = True,
-                 verbose: bool = False, backend: str = "auto") -> dict:
+                 verbose: bool = False) -> dict:
     """COCO bbox evaluation of ``detections`` against a COCO annotation file or dict.
 
     Args:
@@ -65,8 +62,6 @@ def coco_metrics(gt_json_path_or_dict: GroundTruth, detections: Sequence[dict], 
             Neither argument is modified.
         per_class: also compute AP and AP50 of each category (key ``per_class``; absent if False).
         verbose: let COCOeval print its progress and its summary table.
-        backend: ``"auto"`` (faster-coco-eval, else pycocotools), ``"faster_coco_eval"`` or
-            ``"pycocotools"``.
 
     Returns:
         ``{"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm",
@@ -79,7 +74,7 @@ def coco_metrics(gt_json_path_or_dict: GroundTruth, detections: Sequence[dict], 
         DataError: the ground truth is not a usable COCO dict, or a detection is malformed or
             names an image the ground truth does not have (usually the wrong annotation file).
     """
-    evaluation = coco_evaluation(gt_json_path_or_dict, detections, verbose=verbose, backend=backend)
+    evaluation = coco_evaluation(gt_json_path_or_dict, detections, verbose=verbose)
     metrics = dict(evaluation.metrics)
     if not per_class:
         del metrics["per_class"]
@@ -103,20 +98,15 @@ class CocoEvaluation:
     categories: list  # [{"id", "name"}] in the order of K (ascending id)
 
 
-def coco_evaluation(gt_json_path_or_dict: GroundTruth, detections: Sequence[dict], *, verbose: bool = False,
-                    backend: str = "auto") -> CocoEvaluation:
+def coco_evaluation(gt_json_path_or_dict: GroundTruth, detections: Sequence[dict], *,
+                    verbose: bool = False) -> CocoEvaluation:
     """Run COCOeval once and keep its precision array (for precision-recall curves).
 
     Arguments and errors as :func:`coco_metrics`.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    gt = _load_ground_truth(gt_json_path_or_dict)
-    dets = _checked_detections(detections, {img["id"] for img in gt["images"]})
-    if backend == "auto":
-        backend = "faster_coco_eval" if _faster_coco_eval_available() else "pycocotools"
-    run = _run_faster_coco_eval if backend == "faster_coco_eval" else _run_pycocotools
-    stats, precision, params = run(gt, dets, verbose)
+    gt = load_ground_truth(gt_json_path_or_dict)
+    dets = checked_detections(detections, {img["id"] for img in gt["images"]})
+    stats, precision, params = _run_cocoeval(gt, dets, verbose)
 
     metrics = {key: float(value) for key, value in zip(METRIC_KEYS, stats[:12])}
     names = {cat["id"]: cat.get("name", str(cat["id"])) for cat in gt["categories"]}
@@ -180,17 +170,6 @@ def format_metrics(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def format_best_threshold(best: dict, iou_threshold: float) -> str:
-    """One line for the console: the score threshold with the best F1 (``f1_curve(...)["best"]``)."""
-    if best["f1"] is None:
-        return "best F1: undefined (no ground-truth boxes)"
-    def cell(v: Optional[float]) -> str:
-        return "n/a" if v is None else f"{v:.3f}"
-
-    return (f"best F1 {best['f1']:.3f} (precision {cell(best['precision'])}, recall {cell(best['recall'])}) at score > "
-            f"{best['threshold']:.2f}, IoU >= {iou_threshold:g}: use detrkit predict --threshold {best['threshold']:.2f}")
-
-
 def write_metrics(out_dir: Union[str, os.PathLike], metrics: dict, detections: Sequence[dict]) -> tuple[Path, Path]:
     """Write ``metrics.json`` and ``detections.json`` (COCO results format) into ``out_dir``.
 
@@ -206,226 +185,9 @@ def write_metrics(out_dir: Union[str, os.PathLike], metrics: dict, detections: S
 
 
 # ---------------------------------------------------------------------------------------------
-# Beyond the 12 numbers: what threshold to use and which classes get confused. Detections are
-# matched to targets as COCOeval matches them (per image and class, highest score first, each
-# taking the unmatched target it overlaps most with IoU >= the threshold; detections on crowd
-# regions are ignored; at most 100 detections per image), so a detection that is a true
-# positive here is one at that IoU threshold in the AP computation too.
-# ---------------------------------------------------------------------------------------------
-def f1_curve(gt_json_path_or_dict: GroundTruth, detections: Sequence[dict], *, iou_threshold: float = 0.5,
-             thresholds: Optional[Sequence[float]] = None) -> dict:
-    """Precision, recall and F1 when only detections scoring above a threshold are kept.
-
-    ``thresholds`` default to 0.00, 0.01, ..., 0.99; a detection is kept when its score is
-    ``> threshold``, as ``detrkit predict --threshold`` keeps it. F1 ``= 2TP / (2TP + FP + FN)``.
-
-    Returns ``{"iou_threshold", "thresholds" [N], "precision" [N], "recall" [N], "f1" [N] (all
-    classes pooled), "per_class": [{"id", "name", "gt", "precision", "recall", "f1"}], "best":
-    {"threshold", "f1", "precision", "recall"}}``: ``best`` is the lowest threshold with the highest
-    pooled F1. Undefined values (no detection kept: precision; no target: recall) are None.
-    """
-    thresholds = np.round(np.arange(100) * 0.01, 2) if thresholds is None else np.asarray(thresholds, dtype=float)
-    gt, dets = _load_ground_truth(gt_json_path_or_dict), list(detections)
-    categories, images = _per_image(gt, _checked_detections(dets, {img["id"] for img in gt["images"]}))
-    scores, cats, correct = [], [], []
-    for img in images.values():
-        matched, ignored = _match_same_class(img, iou_threshold)
-        keep = ~ignored
-        scores.append(img["det_scores"][keep])
-        cats.append(img["det_cats"][keep])
-        correct.append(matched[keep] >= 0)
-    scores, cats, correct = (np.concatenate(a) for a in (scores, cats, correct))
-    num_gt = np.bincount(np.concatenate([img["gt_cats"] for img in images.values()] + [np.zeros(0, int)]),
-                         minlength=len(categories))
-
-    def counts(select: np.ndarray, n_gt: int) -> dict:
-        # Kept detections at each threshold: those with score > t (a suffix of the sorted scores).
-        order = np.argsort(scores[select], kind="stable")
-        s, c = scores[select][order], correct[select][order]
-        tp_at_or_above = np.concatenate([np.cumsum(c[::-1])[::-1], [0]])  # TP among s[i:], per i
-        first_kept = np.searchsorted(s, thresholds, side="right")  # index of the first score > t
-        kept = len(s) - first_kept
-        tp = tp_at_or_above[first_kept]
-        fp, fn = kept - tp, n_gt - tp
-        return {"precision": _ratio(tp, tp + fp), "recall": _ratio(tp, tp + fn), "f1": _ratio(2 * tp, 2 * tp + fp + fn)}
-
-    overall = counts(np.ones(len(scores), dtype=bool), int(num_gt.sum()))
-    f1 = np.array([-1.0 if v is None else v for v in overall["f1"]])
-    best = int(np.argmax(f1))  # the first (lowest) threshold reaching the maximum
-    return {
-        "iou_threshold": iou_threshold, "thresholds": thresholds.tolist(), **overall,
-        "per_class": [{"id": c["id"], "name": c["name"], "gt": int(num_gt[k]), **counts(cats == k, int(num_gt[k]))}
-                      for k, c in enumerate(categories)],
-        "best": {"threshold": float(thresholds[best]), "f1": overall["f1"][best],
-                 "precision": overall["precision"][best], "recall": overall["recall"][best]},
-    }
-
-
-def confusion_matrix(gt_json_path_or_dict: GroundTruth, detections: Sequence[dict], *, iou_threshold: float = 0.5,
-                     score_threshold: float = 0.5) -> dict:
-    """Which class each target was detected as, with "background" for missed and false detections.
-
-    Detections scoring ``> score_threshold`` are matched in three steps: (1) as COCOeval
-    matches them (same class, IoU >= ``iou_threshold``): the diagonal; (2) the detections left
-    over, highest score first, take the left-over target of another class they overlap most
-    (IoU >= ``iou_threshold``): a confusion; (3) left-over detections are false detections (row
-    "background"), left-over targets missed (column "background"). Detections on crowd regions
-    are not counted.
-
-    Returns ``{"iou_threshold", "score_threshold", "labels": [K class names..., "background"],
-    "ids": [K category ids], "matrix": (K+1) x (K+1) ints}``: rows are the ground truth, columns
-    the prediction; the background/background cell is 0.
-    """
-    gt = _load_ground_truth(gt_json_path_or_dict)
-    categories, images = _per_image(gt, _checked_detections(detections, {img["id"] for img in gt["images"]}))
-    k = len(categories)
-    matrix = np.zeros((k + 1, k + 1), dtype=np.int64)
-    for img in images.values():
-        matched, ignored = _match_same_class(img, iou_threshold)
-        kept = (img["det_scores"] > score_threshold) & ~ignored
-        # Step 1 on the kept detections: greedy matching in score order means the matches of a
-        # higher-scoring prefix of the detections do not depend on the rest.
-        free_gt = np.ones(len(img["gt_cats"]), dtype=bool)
-        free_det = kept.copy()
-        for d in np.flatnonzero(kept & (matched >= 0)):
-            matrix[img["gt_cats"][matched[d]], img["det_cats"][d]] += 1
-            free_gt[matched[d]] = False
-            free_det[d] = False
-        ious = _iou(img["det_boxes"], img["gt_boxes"])  # (D, G)
-        for d in np.flatnonzero(free_det & (ious >= iou_threshold).any(1)):  # step 2, in descending score order
-            candidates = free_gt & (ious[d] >= iou_threshold)
-            if candidates.any():
-                g = int(np.argmax(np.where(candidates, ious[d], -1.0)))
-                matrix[img["gt_cats"][g], img["det_cats"][d]] += 1
-                free_gt[g] = False
-                free_det[d] = False
-        for d in np.flatnonzero(free_det):  # step 3
-            matrix[k, img["det_cats"][d]] += 1
-        for g in np.flatnonzero(free_gt):
-            matrix[img["gt_cats"][g], k] += 1
-    return {"iou_threshold": iou_threshold, "score_threshold": score_threshold,
-            "labels": [c["name"] for c in categories] + ["background"], "ids": [c["id"] for c in categories],
-            "matrix": matrix.tolist()}
-
-
-def write_analysis(out_dir: Union[str, os.PathLike], gt_json_path_or_dict: GroundTruth, detections: Sequence[dict], *,
-                   iou_threshold: float = 0.5, score_threshold: float = 0.5) -> dict:
-    """Write the evaluation extras into ``out_dir`` and return what they found.
-
-    Files: ``per_class.csv`` (AP, AP50, target count and best F1 of each class),
-    ``pr_curves.png`` (precision-recall per class at IoU 0.5, and of all classes at each IoU
-    threshold), ``confusion_matrix.png`` / ``.json`` (at ``iou_threshold`` and
-    ``score_threshold``) and ``f1_curve.png`` / ``.json`` (F1 against the score threshold, at
-    ``iou_threshold``). Returns ``{"best": f1_curve's best, "files": [paths]}``.
-    """
-    from detrkit.visualize import plot_confusion_matrix, plot_f1_curve, plot_pr_curves
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    gt = _load_ground_truth(gt_json_path_or_dict)  # read the file once for the three passes
-    evaluation = coco_evaluation(gt, detections)
-    f1 = f1_curve(gt, detections, iou_threshold=iou_threshold)
-    confusion = confusion_matrix(gt, detections, iou_threshold=iou_threshold, score_threshold=score_threshold)
-
-    files = [out / "per_class.csv"]
-    lines = ["id,name,gt_boxes,AP,AP50,best_F1"]
-    for row, f in zip(evaluation.metrics["per_class"], f1["per_class"]):
-        best_f1 = max((v for v in f["f1"] if v is not None), default=None)
-        name = str(row["name"]).replace('"', '""')
-        lines.append(f'{row["id"]},"{name}",{f["gt"]},{row["AP"]:.4f},{row["AP50"]:.4f},'
-                     f'{"" if best_f1 is None else f"{best_f1:.4f}"}')
-    files[0].write_text("\n".join(lines) + "\n")
-    files.append(plot_pr_curves(evaluation, out / "pr_curves.png"))
-    (out / "confusion_matrix.json").write_text(json.dumps(confusion, indent=1) + "\n")
-    files += [out / "confusion_matrix.json", plot_confusion_matrix(confusion, out / "confusion_matrix.png")]
-    (out / "f1_curve.json").write_text(json.dumps(f1) + "\n")
-    files += [out / "f1_curve.json", plot_f1_curve(f1, out / "f1_curve.png")]
-    return {"best": f1["best"], "files": files}
-
-
-def _per_image(gt: dict, dets: list[dict], max_dets: int = 100) -> tuple[list[dict], dict]:
-    """Ground truth and detections grouped by image, as numpy arrays.
-
-    Returns the categories ``[{"id", "name"}]`` by ascending id (index = position) and
-    ``{image_id: {"gt_boxes" (G, 4) xyxy, "gt_cats" (G,), "crowd_boxes", "crowd_cats",
-    "det_boxes" (D, 4) xyxy, "det_cats" (D,), "det_scores" (D,)}}`` with the detections sorted
-    by descending score and cut at ``max_dets`` (COCOeval's maxDets); detections of a
-    category the ground truth does not list are dropped, as COCOeval drops them.
-    """
-    categories = sorted(({"id": c["id"], "name": c.get("name", str(c["id"]))} for c in gt["categories"]),
-                        key=lambda c: c["id"])
-    index = {c["id"]: k for k, c in enumerate(categories)}
-    raw = {img["id"]: {"gt": [], "crowd": [], "det": []} for img in gt["images"]}
-    for ann in gt["annotations"]:
-        if ann["category_id"] in index and ann["image_id"] in raw:
-            raw[ann["image_id"]]["crowd" if ann.get("iscrowd", 0) else "gt"].append(ann)
-    for det in dets:
-        if det["category_id"] in index:
-            raw[det["image_id"]]["det"].append(det)
-
-    def arrays(records: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-        xywh = np.asarray([r["bbox"] for r in records], dtype=np.float64).reshape(-1, 4)
-        boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)  # (N, 4) xyxy
-        return boxes, np.asarray([index[r["category_id"]] for r in records], dtype=np.int64)
-
-    images = {}
-    for image_id, r in raw.items():
-        # Stable, like COCOeval's mergesort: equal scores keep the detections' file order.
-        dets_sorted = sorted(r["det"], key=lambda d: -float(d["score"]))[:max_dets]
-        gt_boxes, gt_cats = arrays(r["gt"])
-        crowd_boxes, crowd_cats = arrays(r["crowd"])
-        det_boxes, det_cats = arrays(dets_sorted)
-        images[image_id] = {"gt_boxes": gt_boxes, "gt_cats": gt_cats, "crowd_boxes": crowd_boxes,
-                            "crowd_cats": crowd_cats, "det_boxes": det_boxes, "det_cats": det_cats,
-                            "det_scores": np.asarray([float(d["score"]) for d in dets_sorted], dtype=np.float64)}
-    return categories, images
-
-
-def _match_same_class(img: dict, iou_threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """COCOeval's greedy matching in one image: ``(matched (D,) target index or -1, ignored (D,))``.
-
-    Detections in descending score order each take the unmatched target of their class with
-    the highest IoU >= ``iou_threshold``; an unmatched detection covering a crowd region of its
-    class (intersection / detection area >= the threshold, COCO's crowd IoU) is ignored.
-    """
-    matched = np.full(len(img["det_cats"]), -1, dtype=np.int64)
-    ious = _iou(img["det_boxes"], img["gt_boxes"])  # (D, G)
-    candidates = (img["gt_cats"][None, :] == img["det_cats"][:, None]) & (ious >= iou_threshold)  # (D, G)
-    free = np.ones(len(img["gt_cats"]), dtype=bool)
-    # Only detections with some candidate can match; in score order, as the greedy matching needs.
-    for i in np.flatnonzero(candidates.any(1)):
-        left = candidates[i] & free
-        if left.any():
-            g = int(np.argmax(np.where(left, ious[i], -1.0)))
-            matched[i] = g
-            free[g] = False
-    crowd = _iou(img["det_boxes"], img["crowd_boxes"], crowd=True)  # (D, C)
-    on_crowd = ((img["crowd_cats"][None, :] == img["det_cats"][:, None]) & (crowd >= iou_threshold)).any(1)
-    return matched, (matched < 0) & on_crowd
-
-
-def _iou(a: np.ndarray, b: np.ndarray, crowd: bool = False) -> np.ndarray:
-    """IoU of xyxy boxes ``a (N, 4)`` and ``b (M, 4)`` -> ``(N, M)``; with ``crowd``, intersection
-    over the area of ``a`` (COCO's IoU against a crowd region)."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(-1)  # (N, M)
-    area_a = (a[:, 2:] - a[:, :2]).prod(-1)[:, None]
-    area_b = (b[:, 2:] - b[:, :2]).prod(-1)[None, :]
-    union = area_a if crowd else area_a + area_b - inter
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(union > 0, inter / union, 0.0)
-
-
-def _ratio(num: np.ndarray, den: np.ndarray) -> list:
-    """``num / den`` as a list of floats, None where ``den`` is 0."""
-    return [float(n) / float(m) if m > 0 else None for n, m in zip(np.atleast_1d(num), np.atleast_1d(den))]
-
-
-# ---------------------------------------------------------------------------------------------
 # Inputs
 # ---------------------------------------------------------------------------------------------
-def _load_ground_truth(source: GroundTruth) -> dict:
+def load_ground_truth(source: GroundTruth) -> dict:
     """A private, normalised copy of the ground truth dict (COCO evaluators write into it)."""
     if isinstance(source, dict):
         gt, where = copy.deepcopy(source), "the ground truth dict"
@@ -444,7 +206,7 @@ def _load_ground_truth(source: GroundTruth) -> dict:
     return gt
 
 
-def _checked_detections(detections: Sequence[dict], image_ids: set) -> list[dict]:
+def checked_detections(detections: Sequence[dict], image_ids: set) -> list[dict]:
     """Shallow copies of the detections (loadRes adds keys to each dict), checked."""
     out = []
     for i, det in enumerate(detections):
@@ -463,20 +225,10 @@ def _checked_detections(detections: Sequence[dict], image_ids: set) -> list[dict
 
 
 # ---------------------------------------------------------------------------------------------
-# Backends. Each returns (stats, precision, params): COCOeval's summary numbers, its
-# precision array (T, R, K, A, M) and the params it was computed with.
+# COCOeval (faster-coco-eval's C++ implementation, a dependency of detrkit)
 # ---------------------------------------------------------------------------------------------
-def _faster_coco_eval_available() -> bool:
-    try:
-        import faster_coco_eval  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _run_faster_coco_eval(gt: dict, dets: list[dict], verbose: bool):
-    from faster_coco_eval import COCO, COCOeval_faster
-
+def _run_cocoeval(gt: dict, dets: list[dict], verbose: bool):
+    """COCOeval on ``gt`` and ``dets``: ``(stats, precision (T, R, K, A, M), params)``."""
     say = print if verbose else _silent
     coco_gt = COCO(gt, print_function=say)
     coco_dt = coco_gt.loadRes(dets)  # an empty list gives an empty, evaluable result set
@@ -485,38 +237,6 @@ def _run_faster_coco_eval(gt: dict, dets: list[dict], verbose: bool):
     coco_eval.accumulate()
     coco_eval.summarize()
     return coco_eval.stats, coco_eval.eval["precision"], coco_eval.params
-
-
-def _run_pycocotools(gt: dict, dets: list[dict], verbose: bool):
-    try:
-        from pycocotools.coco import COCO
-        from pycocotools.cocoeval import COCOeval
-    except ImportError:
-        raise ImportError("COCO evaluation needs faster-coco-eval (pip install faster-coco-eval) "
-                          "or pycocotools; neither can be imported") from None
-
-    # pycocotools prints its progress with print(); there is no switch for it.
-    quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
-    with quiet:
-        coco_gt = _pycocotools_index(COCO(), gt)
-        if dets:
-            coco_dt = coco_gt.loadRes(dets)
-        else:
-            # loadRes([]) fails on anns[0]; an index without annotations is what it would build.
-            coco_dt = _pycocotools_index(COCO(), {"images": gt["images"], "categories": gt["categories"],
-                                                  "annotations": []})
-        coco_eval = COCOeval(coco_gt, coco_dt, iouType="bbox")
-        coco_eval.evaluate()
-        coco_eval.accumulate()
-        coco_eval.summarize()
-    return coco_eval.stats, coco_eval.eval["precision"], coco_eval.params
-
-
-def _pycocotools_index(coco, dataset: dict):
-    # pycocotools' COCO() only reads files; this is what its constructor does after json.load.
-    coco.dataset = dataset
-    coco.createIndex()
-    return coco
 
 
 def _per_class_ap(precision: np.ndarray, params, names: dict) -> list[dict]:

@@ -35,6 +35,7 @@ class DETR(nn.Module):
     """
 
     sigmoid_class = False
+    shared_heads = True  # one class head and one box head for every decoder layer (official)
 
     def __init__(self, backbone: Backbone, position: nn.Module, transformer: Transformer,
                  num_classes: int, num_queries: int, aux_loss: bool = True) -> None:

@@ -57,6 +57,7 @@ class TwoStageDETR(DETR):
     """
 
     sigmoid_class = True
+    shared_heads = False  # a class head and a box head per decoder layer (Deformable DETR's refinement)
 
     def __init__(self, backbone: Backbone, position: nn.Module, transformer: Transformer,
                  num_classes: int, num_queries: int, aux_loss: bool = True) -> None:

@@ -1,0 +1,499 @@
+"""A training run and its folder: plan -> build -> restore -> fit.
+
+A run folder holds::
+
+    config.yaml        the resolved configuration (model, loss, data, train) and the run's id
+    last/              the latest checkpoint: model.safetensors + config.json + train_state.pt
+    best/              the checkpoint with the best validation AP, with its metrics.json and detections.json
+    results.csv        one row per epoch: losses, lr, the 12 COCO numbers, seconds
+    results.png        loss and mAP curves
+    metrics.json, detections.json   the latest evaluation
+
+``model.safetensors`` holds the weights for inference: with ``--ema`` the moving average (which
+is also what is evaluated), and ``last/train_state.pt`` then keeps the raw weights next to the
+optimiser, the EMA's update count, the position in the epoch and the random states.
+
+:func:`train` runs four steps. :func:`plan` settles the final configuration once (resuming
+after a torchrun restart, the automatic image size, the classes, the number of queries, a
+fine-tuned model's architecture) before anything is built; :func:`build` makes the model,
+its aids, the loss, the optimiser; :func:`restore` continues a run from ``last/``; :func:`fit`
+runs the epochs, evaluating, keeping ``last/`` and ``best/`` and the results log. Under
+``torchrun`` every process runs them (docs/distributed.md); rank 0 writes the files.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import random
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from tqdm import tqdm
+
+from detrkit import distributed
+from detrkit.aids import AidedModel
+from detrkit.analysis import format_best_threshold, write_analysis
+from detrkit.checkpoint import (
+    check_and_load, checkpoint_folder, load_state, load_train_state, save_model, save_run_checkpoint, set_classes,
+    write_model_files,
+)
+from detrkit.config import AUTO_IMAGE_SIZE, DataConfig, LossConfig, ModelConfig, TrainConfig, config_from_dict
+from detrkit.convert import Loaded
+from detrkit.criterion import build_criterion
+from detrkit.data.build import auto_image_size, build_datasets, make_train_loader
+from detrkit.data.coco import CocoDetection
+from detrkit.ema import ModelEMA
+from detrkit.engine import (
+    Clock, Interrupted, NonFiniteLoss, StopRequest, Trainer, TrainState, evaluate_dataset, make_optimizer,
+    train_one_epoch,
+)
+from detrkit.errors import DetrkitError
+from detrkit.evaluate import METRIC_KEYS, write_metrics
+from detrkit.files import atomic_write_text
+from detrkit.model.build import build_model
+from detrkit.model.detr import DETR
+from detrkit.visualize import plot_training_curves
+
+
+def train(model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig, train_cfg: TrainConfig) -> Path:
+    """Train, evaluating and checkpointing every ``eval_every`` epochs. Returns the run folder.
+
+    With ``train_cfg.resume`` the run in ``train_cfg.out`` continues from ``last/``: model,
+    optimiser, EMA, loss scaler, epoch and position in it, step, training time, random states
+    and the results log. After ``torchrun`` restarted the processes (``--max-restarts``), a run
+    resumes from its own ``last/`` by itself.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) each process trains on its share of every batch
+    (DistributedDataParallel); rank 0 writes the files.
+    """
+    joined_here = not distributed.is_distributed()  # a caller's own process group is left to the caller
+    device = distributed.setup(train_cfg.device)
+    try:
+        run = build(plan(model_cfg, loss_cfg, data_cfg, train_cfg, device), device)
+        restore(run)
+        return fit(run)
+    finally:
+        if joined_here:
+            distributed.cleanup()
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan: the final configuration, settled once
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    """What a run is made of; nothing in it changes once planned."""
+
+    model: ModelConfig  # final: the classes of the data, the queries it needs, a fine-tuned model's architecture
+    loss: LossConfig
+    data: DataConfig  # final: image_size is a number
+    train: TrainConfig  # final: resume is True after a torchrun restart
+    run_dir: Path
+    train_set: CocoDetection
+    val_set: Optional[CocoDetection]
+    classes: list[dict]  # [{"id", "name"}] in index order: the training set's categories
+    start: Optional[Loaded]  # the checkpoint a fine-tuned model starts from (train.weights)
+
+    @property
+    def inference(self) -> dict:
+        """How the trained model sizes images (recorded in its checkpoints)."""
+        return {"image_size": self.data.image_size, "max_size": self.data.max_size}
+
+
+def plan(model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig, train_cfg: TrainConfig,
+         device: torch.device) -> Plan:
+    """Read the data (and the checkpoint to start from) and settle every setting that depends on them."""
+    main, run_dir = distributed.is_main(), Path(train_cfg.out)
+    if train_cfg.precision == "fp16" and device.type != "cuda":
+        raise DetrkitError("--precision fp16 needs a CUDA GPU (its loss scaling is for GPUs); on a CPU use bf16")
+    if not train_cfg.resume and distributed.restart_count() > 0:
+        if distributed.broadcast_from_main(main and _restartable(run_dir)):
+            train_cfg = dataclasses.replace(train_cfg, resume=True)
+    if data_cfg.image_size == "auto":
+        data_cfg = dataclasses.replace(data_cfg, image_size=auto_image_size(data_cfg))
+        _log(f"image size: {data_cfg.image_size} px (auto: the training images' median shorter side, "
+             f"at most {AUTO_IMAGE_SIZE})")
+    # Only rank 0 opens every image; a broken file stops it, and torchrun then stops the others.
+    train_set, val_set = build_datasets(dataclasses.replace(data_cfg, check_images=data_cfg.check_images and main))
+    if main:
+        print(train_set.report.summary())
+    classes = [{"id": c["id"], "name": c["name"]} for c in train_set.categories]
+    most = int(np.diff(train_set.data.offsets).max(initial=0))  # objects in the fullest training image
+    start = load_state(train_cfg.weights) if train_cfg.weights is not None else None
+    model_cfg = _model_config(model_cfg, train_cfg, len(classes), most, start)
+    return Plan(model_cfg, loss_cfg, data_cfg, train_cfg, run_dir, train_set, val_set, classes, start)
+
+
+def _model_config(model_cfg: ModelConfig, train_cfg: TrainConfig, num_classes: int, most: int,
+                  start: Optional[Loaded]) -> ModelConfig:
+    """The model to train: ``model_cfg`` for the data's classes, with a query for every object of the
+    fullest image; or, fine-tuning, the checkpoint's architecture with the run's training settings."""
+    if start is not None:
+        model_cfg = dataclasses.replace(start.config, aux_loss=model_cfg.aux_loss, dropout=model_cfg.dropout,
+                                        frozen_stages=model_cfg.frozen_stages)
+    model_cfg = dataclasses.replace(model_cfg, num_classes=num_classes)
+    if most > model_cfg.num_queries and not train_cfg.resume and start is None:
+        # DETR predicts at most one object per query: a new model gets enough of them.
+        queries = 10 * math.ceil(most / 10)
+        _log(f"training images hold up to {most} objects, more than the {model_cfg.num_queries} queries of "
+             f"{train_cfg.model}: the model gets {queries} queries")
+        model_cfg = dataclasses.replace(model_cfg, num_queries=queries)
+    if most > model_cfg.num_queries:
+        _log(f"warning: training images hold up to {most} objects, but the model predicts at most "
+             f"{model_cfg.num_queries} per image")
+    return model_cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Build: the model, its aids, the loss, the optimiser
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """A planned run with what it trains and where it is."""
+
+    plan: Plan
+    device: torch.device
+    model: DETR  # the raw weights
+    aided: AidedModel  # the model plus its training-only aids: the optimiser's parameters
+    trainer: Trainer
+    state: TrainState
+    run_id: Optional[str] = None
+    rows: Optional[list] = None  # results.csv so far (rank 0)
+    saved: Optional[dict] = None  # last/ of a resumed run, between build and restore: "train_state", "model", "weights"
+
+    @property
+    def weights(self) -> DETR:
+        """What is evaluated and saved for inference: the EMA when there is one."""
+        return self.trainer.ema.module if self.trainer.ema is not None else self.model
+
+
+def build(p: Plan, device: torch.device) -> Run:
+    """The model (new, or started from ``p.start``), its aids, the loss, the optimiser, DDP and EMA."""
+    cfg = p.train
+    _seed_everything(cfg.seed + distributed.rank())  # each process its own dropout masks (official: seed + rank)
+    model = initial_model(p.model, cfg, p.classes, p.start)
+    if distributed.world_size() > 1 and device.type == "cuda" and p.model.backbone_norm == "batch":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over all GPUs
+    model.to(device)
+    aided = AidedModel(model, p.loss).to(device)  # the model plus its training-only aids (if any)
+    criterion = build_criterion(model.num_classes, p.loss, num_aux=p.model.dec_layers - 1 if p.model.aux_loss else 0,
+                                sigmoid=model.sigmoid_class).to(device)
+    optimizer = make_optimizer(aided, cfg)
+    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+    saved = None
+    if cfg.resume:  # the weights and optimiser state before DDP and the EMA copy them
+        # Rank 0 reads the checkpoint and sends it to the others (no shared file system needed).
+        saved = distributed.broadcast_from_main(_read_last(p.run_dir) if distributed.is_main() else None)
+        check_and_load(model, saved["model"], str(p.run_dir / "last"))
+        aided.load_state_dict({**aided.state_dict(), **saved["train_state"].get("aids", {})})
+        optimizer.load_state_dict(saved["train_state"]["optimizer"])
+        if scaler is not None and saved["train_state"].get("scaler"):
+            scaler.load_state_dict(saved["train_state"]["scaler"])
+    net = _parallel(aided, model, device)  # under DDP every process now holds rank 0's weights
+    ema = ModelEMA(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema else None
+    if ema is not None and saved is not None:
+        check_and_load(ema.module, saved["weights"], str(p.run_dir / "last"))
+        ema.updates = saved["train_state"].get("ema_updates") or 0
+    trainer = Trainer(model, aided, net, criterion, optimizer, cfg, device, scaler, ema)
+    return Run(p, device, model, aided, trainer, TrainState(), saved=saved)
+
+
+def initial_model(model_cfg: ModelConfig, train_cfg: TrainConfig, classes: list[dict],
+                  start: Optional[Loaded] = None) -> DETR:
+    """A new model for ``classes``, or one started from the checkpoint ``start`` (fine-tuning; then
+    ``model_cfg`` is its architecture, :func:`plan`). When the checkpoint's classes differ from the
+    data set's, the class heads are re-initialised and everything else kept."""
+    train_backbone = train_cfg.lr_backbone > 0
+    cfg = dataclasses.replace(model_cfg, num_classes=len(classes))
+    if start is None:
+        model = build_model(cfg, train_backbone=train_backbone, backbone_weights=train_cfg.backbone_weights)
+    else:
+        model = build_model(cfg, train_backbone=train_backbone)
+        state = start.state
+        same = start.classes is not None and [c["id"] for c in start.classes] == [c["id"] for c in classes]
+        if not same:  # every class head (two-stage models also score encoder tokens) starts afresh
+            fresh = {k: v for k, v in model.state_dict().items() if k.startswith(("class_embed.", "enc_class."))}
+            state = {**state, **fresh}
+            _log(f"fine-tuning: new class head for {len(classes)} classes (checkpoint had {start.config.num_classes})")
+        check_and_load(model, state, str(train_cfg.weights))
+    set_classes(model, classes)
+    return model
+
+
+def _parallel(aided: AidedModel, model: DETR, device: torch.device) -> nn.Module:
+    """What computes the forward pass: ``aided`` itself, or under torchrun its DistributedDataParallel wrapper."""
+    if distributed.world_size() == 1:
+        return aided
+    # On channels-last activations a 1x1 convolution's weight gradient comes back with
+    # other strides in its size-1 dimensions than the weight's ((C, 1, C, C) vs (C, 1, 1, 1)):
+    # the same memory order, so DDP's copy into its bucket is a plain copy, but it warns
+    # "may impair performance" on every run. Nothing to act on; silenced.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    return nn.parallel.DistributedDataParallel(
+        aided, device_ids=[device.index] if device.type == "cuda" else None,
+        # Models with a head per decoder layer: the earlier layers' heads only get gradients
+        # from the auxiliary losses.
+        find_unused_parameters=not model.shared_heads and not model.aux_loss)
+
+
+# ---------------------------------------------------------------------------------------------
+# Restore: where a resumed run was; the run's id and config.yaml; the random states last
+# ---------------------------------------------------------------------------------------------
+def restore(run: Run) -> None:
+    """Continue from ``last/`` (with ``resume``): position, results log and random states; write config.yaml."""
+    p, main, world, rank = run.plan, distributed.is_main(), distributed.world_size(), distributed.rank()
+    rng = None
+    if run.saved is not None:
+        saved = run.saved.pop("train_state")
+        run.saved = None  # the weights are loaded (build); what is left is read here
+        run.state = TrainState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainState) if f.name in saved})
+        rng, run.run_id = saved["rng"], saved.get("run_id")
+        if main:
+            state = run.state
+            restarted = f"torchrun restart {distributed.restart_count()}: " if distributed.restart_count() else ""
+            print(f"{restarted}resuming {p.run_dir} at epoch {state.epoch + 1}"
+                  f"{f', sample {state.position}' if state.position else ''} (step {state.step}, "
+                  f"{state.elapsed / 60:.1f} min trained)")
+    run.run_id = run.run_id or distributed.broadcast_from_main(uuid.uuid4().hex if main else None)
+    if main:
+        p.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(p.run_dir / "config.yaml", p.model, p.loss, p.data, p.train, run.run_id)
+    run.rows = read_results(p.run_dir)[:run.state.epoch] if main and p.train.resume else []
+    if rng is not None:  # last, so that nothing above draws from the restored streams
+        rng = rng if isinstance(rng, list) else [rng]  # checkpoints of single-process runs before DDP
+        if len(rng) == world:
+            _set_rng_state(rng[rank], run.device)
+        else:  # another number of processes: the same samples follow, the random streams start afresh
+            _seed_everything(p.train.seed + rank + 1000 * run.state.step)
+            if main:
+                print(f"note: the checkpoint was written by {len(rng)} processes, this run has {world}: "
+                      f"same data order, new random streams")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fit: the epochs, evaluation, last/ and best/, the results log
+# ---------------------------------------------------------------------------------------------
+def fit(run: Run) -> Path:
+    """Train epoch after epoch until the epochs or the time budget end, patience runs out or a stop is requested."""
+    p, state = run.plan, run.state
+    clock = Clock(p.train, state.elapsed)
+    try:
+        with StopRequest() as stop:
+            while state.epoch < p.train.epochs and not clock.out_of_time():
+                loader = make_train_loader(p.train_set, p.train.batch_size, p.data.workers, seed=p.train.seed,
+                                           epoch=state.epoch, position=state.position)
+                status = train_one_epoch(run.trainer, loader, state, clock, stop, len(p.train_set))
+                if status == "stop":
+                    save_last(run, clock)
+                    raise Interrupted(_stopped(p.run_dir, state))
+                last = status == "time" or state.epoch + (status == "done") >= p.train.epochs
+                early_stop = end_epoch(run, clock, status, last)
+                if early_stop or last:
+                    break
+                if distributed.any_process(stop.signal is not None, run.device):  # a request during the evaluation
+                    raise Interrupted(_stopped(p.run_dir, state))
+    except NonFiniteLoss:
+        save_last(run, clock)
+        raise
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now, the state may be mid-step
+        if distributed.is_main():
+            print(f"\nstopped without saving; the last checkpoint is in {p.run_dir / 'last'}")
+        raise
+    _finish(run)
+    distributed.barrier()  # every process leaves with the files written
+    return p.run_dir
+
+
+def end_epoch(run: Run, clock: Clock, status: str, last: bool) -> bool:
+    """After an epoch (or the end of the time budget): its results row, the evaluation, ``best/``
+    and ``last/``. Returns True when patience has run out."""
+    p, state, main = run.plan, run.state, distributed.is_main()
+    row = {"epoch": state.epoch + 1, "seconds": round(clock.elapsed, 1), "steps": state.step,
+           "lr": run.trainer.optimizer.param_groups[0]["lr"]}
+    row.update({f"train_{k}": round(v / max(state.count, 1), 5) for k, v in state.sums.items() if not k[-1].isdigit()})
+    if status == "done":  # a time budget can end an epoch early: then it stays open
+        state.epoch, state.position, state.sums, state.count = state.epoch + 1, 0, {}, 0
+    early_stop = False
+    summary = f"epoch {row['epoch']}: loss {row.get('train_loss', float('nan')):.4f}  "
+    if p.val_set is not None and (row["epoch"] % p.train.eval_every == 0 or last):
+        metrics, detections = evaluate_dataset(run.weights, p.val_set, batch_size=p.train.batch_size,
+                                               workers=p.data.workers, device=run.device)
+        row.update({k: metrics[k] for k in METRIC_KEYS})
+        if main:
+            write_metrics(p.run_dir, metrics, detections)
+        if metrics["AP"] > state.best_ap:
+            state.best_ap, state.best_epoch = metrics["AP"], row["epoch"]
+            if main:
+                with checkpoint_folder(p.run_dir / "best") as tmp:  # with the best checkpoint's own numbers
+                    write_model_files(run.weights, tmp, inference=p.inference)
+                    write_metrics(tmp, metrics, detections)
+        elif p.train.patience is not None and not last and row["epoch"] - state.best_epoch >= p.train.patience:
+            early_stop = True
+        summary += f"AP {metrics['AP']:.4f}  AP50 {metrics['AP50']:.4f}  "
+    _log(summary + f"({clock.elapsed / 60:.1f} min)")
+    if main:
+        run.rows.append(row)
+        write_results(p.run_dir, run.rows)
+    save_last(run, clock)
+    if early_stop:
+        _log(f"early stop: no AP improvement for {p.train.patience} epochs "
+             f"(best AP {state.best_ap:.4f} at epoch {state.best_epoch})")
+    return early_stop
+
+
+def save_last(run: Run, clock: Clock) -> None:
+    """``last/``: the weights for inference, and the state to continue from (all processes call it)."""
+    rngs = distributed.gather_to_main(_rng_state(run.device))
+    run.state.elapsed = clock.elapsed
+    if not distributed.is_main():
+        return
+    trainer = run.trainer
+    extra = {"scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None, "rng": rngs,
+             "run_id": run.run_id,
+             # the training-only aids' parameters, which the model's own checkpoint never holds
+             "aids": {k: v for k, v in run.aided.state_dict().items() if not k.startswith("model.")},
+             **dataclasses.asdict(run.state)}
+    if trainer.ema is not None:  # model.safetensors holds the EMA; the raw weights continue training
+        extra |= {"ema_updates": trainer.ema.updates,
+                  "model": {k: v.detach().cpu().clone() for k, v in run.model.state_dict().items()}}
+    save_run_checkpoint(run.plan.run_dir / "last", run.weights, trainer.optimizer, extra, run.plan.inference)
+
+
+def _finish(run: Run) -> None:
+    """``best/`` without validation data: the last weights; with it: the extras of the best checkpoint."""
+    p = run.plan
+    if not distributed.is_main():
+        return
+    if p.val_set is None:
+        save_model(run.weights, p.run_dir / "best", inference=p.inference)
+    elif (p.run_dir / "best" / "detections.json").is_file():
+        # The extras of the best checkpoint from its saved detections: no second pass of the model.
+        detections = json.loads((p.run_dir / "best" / "detections.json").read_text())
+        extras = write_analysis(p.run_dir / "best", p.val_set.json_path, detections)
+        print(format_best_threshold(extras["best"], 0.5))
+
+
+def _stopped(run_dir: Path, state: TrainState) -> str:
+    where = f"epoch {state.epoch + 1}, sample {state.position}" if state.position else f"the end of epoch {state.epoch}"
+    message = (f"stopped at {where}: checkpoint saved in {run_dir / 'last'}; "
+               f"continue with: detrkit train --resume {run_dir}")
+    _log("\n" + message)
+    return message
+
+
+def _log(line: str) -> None:
+    if distributed.is_main():
+        tqdm.write(line)
+
+
+# ---------------------------------------------------------------------------------------------
+# The files of a run: last/ to resume from, config.yaml, results
+# ---------------------------------------------------------------------------------------------
+def _read_last(run_dir: Path) -> dict:
+    """The checkpoint in ``run_dir/last`` to continue from: the training state, the raw weights
+    (``model``) and the weights for inference (``weights``, the EMA when there is one)."""
+    saved = load_train_state(run_dir / "last")
+    weights = load_state(run_dir / "last").state
+    # With an EMA, model.safetensors holds the average and train_state.pt the raw weights.
+    return {"train_state": saved, "weights": weights, "model": saved.pop("model", weights)}
+
+
+def save_config(path: Path, model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig,
+                train_cfg: TrainConfig, run_id: Optional[str] = None) -> None:
+    """``config.yaml``: the four config sections, and the run's id (which checkpoints belong to this run)."""
+    text = yaml.safe_dump({"model": dataclasses.asdict(model_cfg), "loss": dataclasses.asdict(loss_cfg),
+                           "data": dataclasses.asdict(data_cfg), "train": dataclasses.asdict(train_cfg),
+                           "run": {"id": run_id}}, sort_keys=False)
+    atomic_write_text(path, text)
+
+
+def load_run_config(run_dir: Path) -> tuple[ModelConfig, LossConfig, DataConfig, TrainConfig]:
+    """The four config sections of a run folder's ``config.yaml``."""
+    path = Path(run_dir) / "config.yaml"
+    try:
+        raw = yaml.safe_load(path.read_text())
+        return (config_from_dict(ModelConfig, raw["model"]), config_from_dict(LossConfig, raw["loss"]),
+                config_from_dict(DataConfig, raw["data"]), config_from_dict(TrainConfig, raw["train"]))
+    except FileNotFoundError:
+        raise DetrkitError(f"{path}: not a run folder (no config.yaml)") from None
+    except (yaml.YAMLError, KeyError, TypeError, ValueError) as e:
+        raise DetrkitError(f"{path}: invalid run configuration ({e})") from None
+
+
+def _restartable(run_dir: Path) -> bool:
+    """After ``torchrun`` restarted the processes: does ``last/`` hold a checkpoint of this very run?
+
+    A fresh run writes a new id into config.yaml before its first step and into each
+    checkpoint, so a ``last/`` left by an earlier run in the same folder is not resumed.
+    """
+    try:
+        run_id = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("run", {}).get("id")
+        return run_id is not None and load_train_state(run_dir / "last").get("run_id") == run_id
+    except (OSError, yaml.YAMLError, AttributeError, DetrkitError):
+        return False
+
+
+def write_results(run_dir: Path, rows: list[dict]) -> None:
+    """``results.csv`` (one row per epoch) and its plot ``results.png``."""
+    first = ["epoch", "seconds", "steps", "lr"]
+    keys = first + sorted({k for r in rows for k in r} - set(first) - set(METRIC_KEYS)) + list(METRIC_KEYS)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(run_dir / "results.csv", buf.getvalue())
+    try:
+        plot_training_curves(run_dir / "results.csv", run_dir / "results.png")
+    except Exception as e:  # noqa: BLE001 - a plot must never stop training
+        warnings.warn(f"could not draw results.png: {e}")
+
+
+def read_results(run_dir: Path) -> list[dict]:
+    path = run_dir / "results.csv"
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [{k: v for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Random states
+# ---------------------------------------------------------------------------------------------
+def _rng_state(device: torch.device) -> dict:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_to_tuple(state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _to_tuple(x):
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
