@@ -30,7 +30,7 @@ def main() -> None:
     overrides = {"num_classes": 4} | ({"dropout": args.dropout} if args.dropout is not None else {})
     cfg = preset(args.preset, **overrides)
     model = build_model(cfg).train()
-    criterion = build_criterion(4, LossConfig(), cfg.dec_layers - 1, sigmoid=cfg.two_stage)
+    criterion = build_criterion(4, LossConfig(), cfg.dec_layers - 1, sigmoid_class=model.sigmoid_class)
     optimizer = make_optimizer(model, TrainConfig())  # detrkit train's AdamW (fused)
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=gen)

@@ -18,7 +18,7 @@ TINY = dict(num_classes=3, dropout=0.0)
 
 def _model(two_stage=False, seed=0):
     torch.manual_seed(seed)
-    return build_model(preset("detr_r18_tiny", two_stage=two_stage, **TINY)).eval()
+    return build_model(preset("detr_r18_tiny", arch="two_stage" if two_stage else "detr", **TINY)).eval()
 
 
 def _batch(seed=0):
@@ -33,7 +33,7 @@ def _batch(seed=0):
 
 def _criterion(model, loss):
     return build_criterion(model.num_classes, loss, num_aux=len(model.transformer.decoder.layers) - 1,
-                           sigmoid=model.sigmoid_class)
+                           sigmoid_class=model.sigmoid_class)
 
 
 def test_options_off_give_the_plain_losses_exactly():
@@ -224,7 +224,7 @@ def test_hybrid_queries_refuse_plain_detr_and_bad_counts():
 
 
 @pytest.mark.parametrize("option", [dict(denoising=2), dict(query_groups=2),
-                                    dict(denoising=2, hybrid_queries=8, two_stage=True)])
+                                    dict(denoising=2, hybrid_queries=8, arch="two_stage")])
 def test_trained_with_aids_saves_the_plain_model(option, tmp_path):
     """A run with an aid on: its checkpoint has the plain model's parameter names and the same outputs."""
     from detrkit.config import DataConfig, TrainConfig
@@ -233,7 +233,7 @@ def test_trained_with_aids_saves_the_plain_model(option, tmp_path):
     paths = make_synthetic(tmp_path / "data", num_train=8, num_val=4, image_size=64)
     data = DataConfig(**{k: str(v) for k, v in paths.items()}, image_size=64, workers=0, augment="flip")
     option = dict(option)
-    model_cfg = preset("detr_r18_tiny", dropout=0.0, two_stage=option.pop("two_stage", False))
+    model_cfg = preset("detr_r18_tiny", dropout=0.0, arch=option.pop("arch", "detr"))
     run = train(model_cfg, LossConfig(**option), data,
                 TrainConfig(model="detr_r18_tiny", epochs=1, batch_size=4, out=str(tmp_path / "run"), lr=1e-3))
     loaded = load_model(run / "last")

@@ -49,6 +49,25 @@ def test_detrkit_round_trip(model, tmp_path):
     _same_outputs(model, load_model(tmp_path / "ckpt" / "model.safetensors"))
 
 
+def test_a_checkpoint_written_before_arch_still_loads(tmp_path):
+    """Checkpoints saved before ModelConfig.arch say ``two_stage: true/false``, in config.json and
+    in the weights' metadata: they load as the same model."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(TINY, arch="two_stage", backbone_stages=3)).eval()
+    save_model(model, tmp_path / "ckpt")
+    meta = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    meta["model"] = {**{k: v for k, v in meta["model"].items() if k != "arch"}, "two_stage": True}
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(meta))
+    loaded = load_model(tmp_path / "ckpt")
+    assert loaded.config == model.config and type(loaded) is type(model)
+    _same_outputs(model, loaded)
+    alone = tmp_path / "alone.safetensors"
+    save_file(load_file(tmp_path / "ckpt" / "model.safetensors"), str(alone), metadata={"detrkit": json.dumps(meta)})
+    _same_outputs(model, load_model(alone))
+
+
 def _to_official_names(state):
     out = {}
     for k, v in state.items():

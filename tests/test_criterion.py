@@ -96,7 +96,7 @@ def test_varifocal_targets_are_the_iou_of_the_matched_box():
     logits = torch.tensor([[[0.3, -1.0], [-0.5, 0.2]]])  # (1, 2 queries, 2 classes), sigmoid
     boxes = torch.tensor([[[0.5, 0.5, 0.4, 0.2], [0.1, 0.1, 0.05, 0.05]]])  # query 0 half-overlaps the target
     targets = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
-    criterion = build_criterion(2, LossConfig(class_loss="varifocal"), num_aux=0, sigmoid=True)
+    criterion = build_criterion(2, LossConfig(class_loss="varifocal"), num_aux=0, sigmoid_class=True)
     loss = criterion.loss_labels({"pred_logits": logits, "pred_boxes": boxes}, targets,
                                  [(torch.tensor([0]), torch.tensor([0]))], log=False, num_boxes=1.0)["loss_ce"]
     iou = 0.5  # the target (0.4..0.6 square) covers half of query 0's (0.3..0.7 x 0.4..0.6) box
@@ -106,7 +106,7 @@ def test_varifocal_targets_are_the_iou_of_the_matched_box():
     weight = 0.75 * p ** 2 * (score == 0) + score
     expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, score, weight=weight, reduction="sum")
     torch.testing.assert_close(loss, expected)
-    focal = build_criterion(2, LossConfig(), num_aux=0, sigmoid=True).loss_labels(
+    focal = build_criterion(2, LossConfig(), num_aux=0, sigmoid_class=True).loss_labels(
         {"pred_logits": logits, "pred_boxes": boxes}, targets, [(torch.tensor([0]), torch.tensor([0]))],
         log=False, num_boxes=1.0)["loss_ce"]
     assert not torch.isclose(loss, focal)  # the option changes the loss

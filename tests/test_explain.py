@@ -38,7 +38,7 @@ def _flat(out: dict) -> list:
 @pytest.mark.parametrize("two_stage", [False, True], ids=["detr", "two_stage"])
 def test_capture_changes_no_output_and_maps_sum_to_one(two_stage):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(**TINY, two_stage=two_stage)).eval()
+    model = build_model(ModelConfig(**TINY, arch="two_stage" if two_stage else "detr")).eval()
     images = _images()
     with torch.no_grad():
         plain = model(images)
@@ -97,7 +97,7 @@ def test_captured_weights_are_the_attention_applied():
 
 def test_explain_api_on_a_tiny_model():
     torch.manual_seed(0)
-    model = build_model(ModelConfig(**TINY, two_stage=True)).eval()
+    model = build_model(ModelConfig(**TINY, arch="two_stage")).eval()
     model.inference = {"image_size": 64, "max_size": None}
     image = torch.randint(0, 256, (3, 40, 60), dtype=torch.uint8)  # resized to 64 x 96: 4 x 6 cells
     result = explain(model, image, threshold=0.0, max_objects=3, points=[(10, 5), (59, 39)])

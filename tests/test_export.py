@@ -138,13 +138,13 @@ def test_onnx_detector_equals_predict(model, dynamic_onnx, tmp_path):
 
 def test_two_stage_model_exports(tmp_path):
     torch.manual_seed(0)
-    m = build_model(dataclasses.replace(TINY, two_stage=True)).eval()
+    m = build_model(dataclasses.replace(TINY, arch="two_stage")).eval()
     path = export_onnx(m, tmp_path / "two.onnx", image_size=(64, 64), dynamic_batch=True, with_postprocess=True)
     images, mask = padded((64, 96), (70, 50))
     assert check_onnx(m, path, images=images, mask=mask) < 1e-3
     got = run(path, images, mask, orig_sizes=torch.tensor([[64, 96], [70, 50]]))
     with torch.no_grad():
-        want = postprocess(m((images, mask)), [[64, 96], [70, 50]], sigmoid=True)
+        want = postprocess(m((images, mask)), [[64, 96], [70, 50]], sigmoid_class=True)
     assert torch.equal(got["labels"][0], want[0]["labels"])
     torch.testing.assert_close(got["scores"][1], want[1]["scores"], rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="too small"):  # 2 x 2 feature cells < 10 queries

@@ -65,12 +65,12 @@ def test_full_matrix_method_gives_the_same_assignment():
         assert rows.tolist() == r.tolist() and cols.tolist() == c.tolist()
 
 
-@pytest.mark.parametrize("class_cost", ["neg_prob", "one_minus_prob"])
-def test_block_costs_equal_the_full_matrix_reference_at_benchmark_size(class_cost):
+@pytest.mark.parametrize("formula", ["neg_prob", "one_minus_prob"])
+def test_block_costs_equal_the_full_matrix_reference_at_benchmark_size(formula):
     """benchmarks/bench.py's matcher problem (B=8, Q=300, T=50, 91 classes), and uneven counts:
     the official full-matrix method finds the same assignments."""
     gen = torch.Generator().manual_seed(9)
-    matcher = HungarianMatcher(class_cost=class_cost)
+    matcher = HungarianMatcher(class_cost_formula=formula)
     for counts in ([50] * 8, [50, 0, 3, 17, 1, 50, 9, 0]):
         outputs, targets = _random_problem(gen, 8, 300, counts, classes=91)
         ours, ref = matcher(outputs, targets), full_matrix_match(matcher, outputs, targets)
@@ -80,7 +80,7 @@ def test_block_costs_equal_the_full_matrix_reference_at_benchmark_size(class_cos
 
 def test_batched_cost_equals_one_image_at_a_time_with_sigmoid_classes():
     gen = torch.Generator().manual_seed(10)
-    matcher = HungarianMatcher(sigmoid=True)
+    matcher = HungarianMatcher(sigmoid_class=True)
     outputs, targets = _random_problem(gen, 3, 40, [6, 6, 6], classes=7)
     labels = torch.stack([t["labels"] for t in targets])
     batched = matcher.cost_matrix(outputs["pred_logits"], outputs["pred_boxes"], labels,
@@ -94,8 +94,8 @@ def test_batched_cost_equals_one_image_at_a_time_with_sigmoid_classes():
 def test_neg_prob_and_one_minus_prob_give_the_same_assignment():
     gen = torch.Generator().manual_seed(4)
     outputs, targets = _random_problem(gen, 4, 12, [5, 2, 9, 12])
-    a = HungarianMatcher(class_cost="neg_prob")(outputs, targets)
-    b = HungarianMatcher(class_cost="one_minus_prob")(outputs, targets)
+    a = HungarianMatcher(class_cost_formula="neg_prob")(outputs, targets)
+    b = HungarianMatcher(class_cost_formula="one_minus_prob")(outputs, targets)
     for (ra, ca), (rb, cb) in zip(a, b):
         assert torch.equal(ra, rb) and torch.equal(ca, cb)
 
@@ -109,7 +109,7 @@ def test_square_formulation_with_dummy_background_targets():
     gen = torch.Generator().manual_seed(5)
     for trial in range(5):
         outputs, targets = _random_problem(gen, 1, 8, [int(torch.randint(1, 8, (1,), generator=gen))])
-        matcher = HungarianMatcher(class_cost="one_minus_prob")
+        matcher = HungarianMatcher(class_cost_formula="one_minus_prob")
         (rows, cols), = matcher(outputs, targets)
         cost = matcher.cost_matrix(outputs["pred_logits"][0], outputs["pred_boxes"][0],
                                    targets[0]["labels"], targets[0]["boxes"])

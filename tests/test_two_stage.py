@@ -12,7 +12,7 @@ from detrkit.model.transformer import MultiheadAttention
 from detrkit.model.two_stage import ConditionalAttention, TwoStageDETR, inverse_sigmoid
 
 CFG = ModelConfig(backbone="resnet18", backbone_stages=3, d_model=32, nheads=4, enc_layers=1, dec_layers=2,
-                  dim_feedforward=64, num_queries=6, num_classes=3, frozen_stages=0, two_stage=True)
+                  dim_feedforward=64, num_queries=6, num_classes=3, frozen_stages=0, arch="two_stage")
 TARGETS = [
     {"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])},
     {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])},
@@ -37,7 +37,7 @@ def test_outputs_and_losses():
     # Padding tokens (image 2 is 64 wide: columns 4..7 of the 8x8 map) are never proposed.
     padded = enc["pred_logits"][1].view(8, 8, 3)[:, 4:]
     assert (padded <= -1e3).all()
-    losses = build_criterion(3, LossConfig(), num_aux=1, sigmoid=True)(out, TARGETS)
+    losses = build_criterion(3, LossConfig(), num_aux=1, sigmoid_class=True)(out, TARGETS)
     for key in ("loss_ce", "loss_bbox", "loss_giou", "loss_ce_0", "loss_ce_enc", "loss_giou_enc"):
         assert torch.isfinite(losses[key]), key
     assert "loss_ce_enc" in losses and torch.isfinite(losses["loss"])
@@ -48,7 +48,7 @@ def test_every_parameter_learns_after_one_step(conditional):
     """The box heads start at a zero correction (their inner layers get gradient from step 2)."""
     torch.manual_seed(0)
     model = build_model(dataclasses.replace(CFG, conditional_attention=conditional))
-    crit = build_criterion(3, LossConfig(), num_aux=1, sigmoid=True)
+    crit = build_criterion(3, LossConfig(), num_aux=1, sigmoid_class=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for _ in range(2):
         opt.zero_grad()
@@ -85,7 +85,7 @@ def test_save_load_round_trip(tmp_path, conditional):
 def test_sigmoid_postprocess_keeps_best_query_class_pairs():
     logits = torch.tensor([[[4.0, 3.0], [-5.0, -5.0], [0.0, 5.0]]])  # query 0 is confident in both classes
     boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.1, 0.1, 0.1, 0.1], [0.3, 0.3, 0.2, 0.2]]])
-    res = postprocess({"pred_logits": logits, "pred_boxes": boxes}, [[100, 100]], sigmoid=True, top_k=3,
+    res = postprocess({"pred_logits": logits, "pred_boxes": boxes}, [[100, 100]], sigmoid_class=True, top_k=3,
                       index_to_category=[10, 20])[0]
     assert res["labels"].tolist() == [20, 10, 20]
     torch.testing.assert_close(res["scores"], torch.sigmoid(torch.tensor([5.0, 4.0, 3.0])))
@@ -100,7 +100,7 @@ def test_focal_matching_is_optimal():
     gen = torch.Generator().manual_seed(1)
     out = {"pred_logits": torch.randn(1, 5, 3, generator=gen), "pred_boxes": torch.rand(1, 5, 4, generator=gen) * 0.5 + 0.1}
     tgt = [{"labels": torch.tensor([0, 2, 1]), "boxes": torch.rand(3, 4, generator=gen) * 0.4 + 0.1}]
-    m = HungarianMatcher(2, 5, 2, sigmoid=True)
+    m = HungarianMatcher(2, 5, 2, sigmoid_class=True)
     (rows, cols), = m(out, tgt)
     cost = m.cost_matrix(out["pred_logits"][0], out["pred_boxes"][0], tgt[0]["labels"], tgt[0]["boxes"])
     best = min(sum(float(cost[q, t]) for t, q in enumerate(p)) for p in itertools.permutations(range(5), 3))
@@ -108,7 +108,7 @@ def test_focal_matching_is_optimal():
 
 
 def test_fast_preset_is_two_stage():
-    assert preset("detr_r18_fast").two_stage and not preset("detr_r50").two_stage
+    assert preset("detr_r18_fast").arch == "two_stage" and preset("detr_r50").arch == "detr"
 
 
 def test_encoder_one_to_many_matching_trains_more_proposals():
@@ -116,8 +116,8 @@ def test_encoder_one_to_many_matching_trains_more_proposals():
     torch.manual_seed(0)
     model = build_model(CFG)
     out = model(_images())
-    one = build_criterion(3, LossConfig(), num_aux=1, sigmoid=True)
-    many = build_criterion(3, LossConfig(encoder_repeats=3), num_aux=1, sigmoid=True)
+    one = build_criterion(3, LossConfig(), num_aux=1, sigmoid_class=True)
+    many = build_criterion(3, LossConfig(encoder_repeats=3), num_aux=1, sigmoid_class=True)
     a, b = one(out, TARGETS), many(out, TARGETS)
     for key in ("loss_ce", "loss_bbox", "loss_giou", "loss_ce_0"):  # decoder losses unchanged
         assert torch.equal(a[key], b[key]), key

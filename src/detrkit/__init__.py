@@ -10,12 +10,11 @@ The public API::
     metrics = detrkit.evaluate(run_dir / "best", data="my_coco_dir")
     seen = detrkit.explain(model, "photo.jpg")   # detections + decoder / encoder attention maps
 """
-import dataclasses
 from pathlib import Path
 from typing import Optional, Union
 
 from detrkit.checkpoint import load_model, save_model
-from detrkit.config import DataConfig, LossConfig, ModelConfig, TrainConfig, preset, resolve
+from detrkit.config import DataConfig, LossConfig, ModelConfig, TrainConfig, preset, resolve, route
 from detrkit.criterion import SetCriterion, build_criterion
 from detrkit.engine import evaluate_model
 from detrkit.explain import explain
@@ -39,14 +38,12 @@ def train(*, recipe: Optional[str] = None, **options) -> Path:
     flags as Python names, e.g. ``data="dir"``, ``train_json=..., train_images=..., val_json=...,
     val_images=...``, ``model="detr_r18_small"``, ``epochs=50``, ``minutes=10``, ``lr=1e-4``,
     ``bbox_loss="smooth_l1"``, ``out="runs/x"``; each goes to the config dataclass that owns it
-    (TrainConfig, DataConfig or LossConfig).
+    (:func:`detrkit.config.route`: TrainConfig, DataConfig, LossConfig, or ModelConfig fields
+    overriding the preset's).
     """
-    sections = {}
-    for name, cls in (("train", TrainConfig), ("data", DataConfig), ("loss", LossConfig)):
-        fields = {f.name for f in dataclasses.fields(cls)}
-        sections[name] = {k: options.pop(k) for k in list(options) if k in fields}
-    if options:
-        raise TypeError(f"unknown training options: {', '.join(sorted(options))}")
+    sections, unknown = route(options)
+    if unknown:
+        raise TypeError(f"unknown training options: {', '.join(unknown)}")
     return run_training(*resolve(recipe, sections))
 
 

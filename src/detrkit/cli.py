@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
 import json
 import os
 import sys
@@ -16,18 +15,16 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
-import yaml
-
 from detrkit.allocator import tune_allocator
 from detrkit.config import (
-    AUTO_IMAGE_SIZE, RECIPES, DataConfig, LossConfig, ModelConfig, PRESETS, TrainConfig, config_from_dict, resolve,
+    AUTO_IMAGE_SIZE, CLASS_COST_FORMULAS, PRESETS, RECIPES, DataConfig, LossConfig, TrainConfig, config_from_dict,
+    read_config_file, resolve, route,
 )
 from detrkit.distributed import select_device
 from detrkit.errors import DetrkitError
 
 PRECISION_HELP = ("fp32: exact; bf16: the network under bfloat16 autocast, scores and boxes in float32; faster only "
                   "where bf16 matrix products are (GPUs, CPUs with AMX; docs/benchmarks.md) (default: fp32)")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 def cpu_flags() -> set[str]:
@@ -56,9 +53,8 @@ def _default(cls, name: str):
 
 def _flag(parser, cls, name: str, help: str, **kw) -> None:
     """A flag for dataclass field ``name``; argparse's default None means "not given"."""
-    d = _default(cls, name)
     parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
-                        help=f"{help} (default: {d})", **kw)
+                        help=f"{help} (default: {_default(cls, name)})", **kw)
 
 
 def _image_size(value: str):
@@ -95,29 +91,86 @@ def _common(p) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="detrkit", description="DETR: train, evaluate and run object detectors.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_demo_parser, _synth_parser, _check_data_parser, _train_parser, _eval_parser, _predict_parser,
+                _export_parser, _explain_parser):
+        _common(add(sub))
+    return parser
 
+
+def _demo_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="make the synthetic shapes set, train on it, evaluate and draw predictions")
     p.add_argument("--minutes", type=float, default=None, help="training time budget (default: the demo recipe's)")
     p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
     p.add_argument("--data-dir", default="data/synthetic", help="where the synthetic set is cached (default: data/synthetic)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")
-    _common(p)
+    return p
 
+
+def _synth_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("synth", help="write the synthetic shapes data set (COCO format)")
     p.add_argument("out", help="output folder")
     p.add_argument("--num-train", type=int, default=2000, help="training images (default: 2000)")
     p.add_argument("--num-val", type=int, default=200, help="validation images (default: 200)")
     p.add_argument("--image-size", type=int, default=128, help="image side in pixels (default: 128)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    _common(p)
+    return p
 
+
+def _check_data_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("check-data", help="check a data set and print a summary with every problem found")
     _data_flags(p)
-    _common(p)
+    return p
 
+
+# The flags of `detrkit train` for TrainConfig and LossConfig fields: (name, help, type or choices).
+# Every field is a flag (tests/test_cli.py checks it); defaults come from the dataclasses.
+OPTIMISATION_FLAGS = [
+    ("epochs", "number of epochs", int), ("minutes", "time budget in minutes (stops early)", float),
+    ("batch_size", "images per process and micro-batch", int), ("lr", "learning rate of transformer and heads", float),
+    ("lr_backbone", "learning rate of the backbone (0 freezes it)", float),
+    ("weight_decay", "AdamW weight decay", float), ("clip", "gradient norm clipping (0 = off)", float),
+    ("schedule", "learning-rate schedule", ["step", "cosine"]),
+    ("lr_drop", "epoch of the x0.1 learning-rate drop (None: at 2/3 of training)", float),
+    ("warmup", "linear warm-up as a fraction of training", float),
+    ("eval_every", "evaluate every N epochs", int), ("seed", "random seed", int),
+    ("precision", "fp32; bf16 autocast; fp16 autocast with loss scaling (CUDA only). Matching and losses stay fp32",
+     ["fp32", "bf16", "fp16"]),
+    ("accumulate", "micro-batches per optimiser step (a step sees batch-size x accumulate x processes images, "
+     "exactly as one larger batch)", int),
+    ("ema_decay", "EMA decay", float),
+    ("ema_warmup", "EMA warm-up: the decay ramps up as decay x (1 - exp(-steps / N)); 0 = constant", int),
+    ("patience", "stop when validation AP has not improved for this many epochs (None: never)", int),
+]
+LOSS_FLAGS = [
+    ("cost_class", "matching weight of the class term", float),
+    ("cost_bbox", "matching weight of the L1 box term", float),
+    ("cost_giou", "matching weight of the GIoU term", float),
+    ("class_cost_formula", "the class term of the matching cost: -p (official) or 1-p", list(CLASS_COST_FORMULAS)),
+    ("loss_ce", "weight of the classification loss", float), ("loss_bbox", "weight of the L1 box loss", float),
+    ("loss_giou", "weight of the GIoU loss", float),
+    ("eos_coef", "relative weight of the 'no object' class in the cross-entropy (softmax models)", float),
+    ("bbox_loss", "box regression loss", ["l1", "smooth_l1"]),
+    ("smooth_l1_beta", "Smooth L1 switch point, in normalised box units", float),
+    ("class_loss", "sigmoid (two-stage) classification loss: focal, or varifocal (IoU-aware targets)",
+     ["focal", "varifocal"]),
+    ("focal_alpha", "focal loss alpha (sigmoid models)", float), ("focal_gamma", "focal loss gamma", float),
+    ("vfl_alpha", "varifocal weight of the negatives", float),
+    ("encoder_repeats", "two-stage presets: match the encoder proposals against every target repeated K times "
+     "(one-to-many, H-DETR); 1 = off", int),
+    ("hybrid_queries", "two-stage presets: M more encoder-chosen queries trained as a separate one-to-many "
+     "branch (H-DETR hybrid matching; training only); 0 = off", int),
+    ("hybrid_repeats", "how often each target is repeated for the hybrid queries (H-DETR's k)", int),
+    ("query_groups", "training-only groups of learned queries (Group DETR, plain DETR presets); 1 = off", int),
+    ("denoising", "training-only denoising query groups (DN-DETR/DINO); 0 = off", int),
+    ("dn_box_noise", "denoising box noise, in half box sizes", float),
+    ("dn_label_noise", "denoising label noise ratio", float),
+]
+
+
+def _train_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a detector on COCO-format data")
     p.add_argument("--config", metavar="FILE", help="YAML file with any of the flags below as flat keys "
-                   "(lr: 0.0002) or in sections loss/data/train; a section model: {preset: NAME, field: value} "
+                   "(lr: 0.0002) or in sections model/loss/data/train; a section model: {preset: NAME, field: value} "
                    "overrides preset fields; flags given here win")
     p.add_argument("--recipe", choices=list(RECIPES), default=None,
                    help="defaults for every setting: 'paper' (DETR-R50, the paper's optimisation) or 'fast' "
@@ -131,52 +184,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Conditional DETR's cross-attention in a two-stage preset: the reference point as a "
                         "separate spatial part of each head's query (default: off)")
     g = p.add_argument_group("optimisation")
-    for name, help, typ in [
-        ("epochs", "number of epochs", int), ("minutes", "time budget in minutes (stops early)", float),
-        ("batch_size", "images per process and micro-batch", int), ("lr", "learning rate of transformer and heads", float),
-        ("lr_backbone", "learning rate of the backbone (0 freezes it)", float),
-        ("weight_decay", "AdamW weight decay", float), ("clip", "gradient norm clipping (0 = off)", float),
-        ("lr_drop", "epoch of the x0.1 learning-rate drop (None: at 2/3 of training)", float),
-        ("warmup", "linear warm-up as a fraction of training", float),
-        ("eval_every", "evaluate every N epochs", int), ("seed", "random seed", int),
-    ]:
-        _flag(g, TrainConfig, name, help, type=typ)
-    _flag(g, TrainConfig, "schedule", "learning-rate schedule", choices=["step", "cosine"])
-    _flag(g, TrainConfig, "precision", "fp32; bf16 autocast; fp16 autocast with loss scaling (CUDA only). "
-          "Matching and losses stay fp32", choices=["fp32", "bf16", "fp16"])
-    _flag(g, TrainConfig, "accumulate", "micro-batches per optimiser step (a step sees batch-size x accumulate x "
-          "processes images, exactly as one larger batch)", type=int)
+    for name, help, kind in OPTIMISATION_FLAGS:
+        _flag(g, TrainConfig, name, help, **({"choices": kind} if isinstance(kind, list) else {"type": kind}))
     g.add_argument("--ema", action="store_const", const=True, default=None,
                    help="keep an exponential moving average of the weights; it is evaluated and saved in "
                         "best/ and last/ (the raw weights stay in last/train_state.pt) (default: off)")
-    _flag(g, TrainConfig, "ema_decay", "EMA decay", type=float)
-    _flag(g, TrainConfig, "ema_warmup", "EMA warm-up: the decay ramps up as decay x (1 - exp(-steps / N)); 0 = constant",
-          type=int)
-    _flag(g, TrainConfig, "patience", "stop when validation AP has not improved for this many epochs (None: never)",
-          type=int)
-    _flag(g, LossConfig, "bbox_loss", "box regression loss", choices=["l1", "smooth_l1"])
-    _flag(g, LossConfig, "class_cost", "class term of the matching cost: -p (official) or 1-p",
-          choices=["neg_prob", "one_minus_prob"])
-    _flag(g, LossConfig, "class_loss", "sigmoid (two-stage) classification loss: focal, or varifocal "
-          "(IoU-aware targets)", choices=["focal", "varifocal"])
-    _flag(g, LossConfig, "denoising", "training-only denoising query groups (DN-DETR/DINO); 0 = off", type=int)
-    _flag(g, LossConfig, "query_groups", "training-only groups of learned queries (Group DETR, plain DETR "
-          "presets); 1 = off", type=int)
-    _flag(g, LossConfig, "encoder_repeats", "two-stage presets: match the encoder proposals against every target "
-          "repeated K times (one-to-many, H-DETR); 1 = off", type=int)
-    _flag(g, LossConfig, "hybrid_queries", "two-stage presets: M more encoder-chosen queries trained as a separate "
-          "one-to-many branch (H-DETR hybrid matching; training only); 0 = off", type=int)
-    _flag(g, LossConfig, "hybrid_repeats", "how often each target is repeated for the hybrid queries (H-DETR's k)",
-          type=int)
+    g = p.add_argument_group("matching and losses")
+    for name, help, kind in LOSS_FLAGS:
+        _flag(g, LossConfig, name, help, **({"choices": kind} if isinstance(kind, list) else {"type": kind}))
     _data_flags(p)
     g = p.add_argument_group("run")
     _flag(g, TrainConfig, "out", "run folder", metavar="RUN_DIR")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint, with "
+    g.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint, with "
                    "its saved settings (--epochs, --minutes, --device, --patience, --eval-every may change; so may the "
                    "number of processes)")
     _flag(g, TrainConfig, "device", "cpu, cuda, cuda:1 ... or auto")
-    _common(p)
+    return p
 
+
+def _eval_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="COCO metrics of a checkpoint on a data set")
     p.add_argument("--weights", required=True, metavar="PATH", help="checkpoint (detrkit, official or Hugging Face)")
     _data_flags(p)
@@ -189,8 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="IoU at which a detection hits a target, for the confusion matrix and the F1 curve (default: 0.5)")
     p.add_argument("--score-threshold", type=float, default=0.5,
                    help="minimum score of the detections counted in the confusion matrix (default: 0.5, as predict)")
-    _common(p)
+    return p
 
+
+def _predict_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="detect objects in images and draw them")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
     p.add_argument("--weights", required=True, metavar="PATH",
@@ -200,13 +228,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="images per batch (default: 8)")
     p.add_argument("--device", default="auto", help="cpu, cuda ... (default: auto)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help=PRECISION_HELP)
-    _common(p)
+    return p
+
+
+def _export_parser(sub) -> argparse.ArgumentParser:
     from detrkit.export import add_export_arguments
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX and check it against onnxruntime")
     add_export_arguments(p)
-    _common(p)
+    return p
 
+
+def _explain_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("explain", help="draw what a model attends to, or how the matcher assigned its predictions",
                        description="Without --matching: one PNG with the detections of IMAGE, the decoder "
                        "cross-attention of each detection and the encoder self-attention of a few reference points. "
@@ -237,40 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--" + name.replace("_", "-"), dest=name, type=float, default=None,
                        help=f"matching weight of the {what} term (default: the run's config.yaml beside the "
                             f"weights, else {_default(LossConfig, name)})")
-    _common(p)
-    return parser
+    return p
 
 
 # ---------------------------------------------------------------------------------------------
 # Commands
 # ---------------------------------------------------------------------------------------------
-def _given(args, cls) -> dict:
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in vars(args).items() if k in names and v is not None}
-
-
-def _yaml_sections(path: Optional[str]) -> dict[str, dict]:
-    """Read a --config YAML: sections model/loss/data/train, or flat flag-named keys."""
-    if not path:
-        return {}
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise DetrkitError(f"{path}: cannot read the YAML config ({e})") from None
-    if not isinstance(raw, dict):
-        raise DetrkitError(f"{path}: the YAML config must be a mapping")
-    sections = {s: dict(raw.pop(s) or {}) for s in ("model", "loss", "data", "train") if isinstance(raw.get(s), dict)}
-    if "preset" in sections.get("model", {}):  # `model: {preset: NAME, <field overrides>}`
-        raw["model"] = sections["model"].pop("preset")
-    flat = {k.replace("-", "_"): v for k, v in raw.items()}
-    for name, cls in (("loss", LossConfig), ("data", DataConfig), ("train", TrainConfig)):
-        fields = {f.name for f in dataclasses.fields(cls)}
-        sections.setdefault(name, {}).update({k: v for k, v in flat.items() if k in fields})
-    known = set().union(*({f.name for f in dataclasses.fields(c)} for c in (LossConfig, DataConfig, TrainConfig)))
-    unknown = sorted(set(flat) - known)
-    if unknown:
-        raise DetrkitError(f"{path}: unknown keys {', '.join(unknown)}")
-    return sections
+def _given(args) -> dict[str, dict]:
+    """The config sections of the flags given (argparse's None means "not given")."""
+    return route({k: v for k, v in vars(args).items() if v is not None})[0]
 
 
 def cmd_train(args) -> int:
@@ -278,13 +286,12 @@ def cmd_train(args) -> int:
 
     if args.resume:
         model_cfg, loss_cfg, data_cfg, train_cfg = load_run_config(Path(args.resume))
-        overrides = {k: v for k, v in _given(args, TrainConfig).items()
+        overrides = {k: v for k, v in _given(args).get("train", {}).items()
                      if k in ("epochs", "minutes", "device", "patience", "eval_every")}
         train_cfg = dataclasses.replace(train_cfg, **overrides, out=args.resume, resume=True)
     else:
-        flags = {"train": _given(args, TrainConfig), "loss": _given(args, LossConfig), "data": _given(args, DataConfig),
-                 "model": _given(args, ModelConfig)}
-        model_cfg, loss_cfg, data_cfg, train_cfg = resolve(args.recipe, _yaml_sections(args.config), flags)
+        from_file = read_config_file(args.config) if args.config else {}
+        model_cfg, loss_cfg, data_cfg, train_cfg = resolve(args.recipe, from_file, _given(args))
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 speaks for all
     if main_process:
         note_slow_bf16(train_cfg.precision, train_cfg.device)
@@ -300,7 +307,7 @@ def cmd_check_data(args) -> int:
     from detrkit.data.build import data_paths
     from detrkit.data.coco import load_coco
 
-    paths = data_paths(config_from_dict(DataConfig, _given(args, DataConfig)))
+    paths = data_paths(config_from_dict(DataConfig, _given(args).get("data", {})))
     if not any(k in paths for k in ("train_json", "val_json")):
         raise DetrkitError("no data given: use --data DIR or --train-json/--train-images (and/or --val-json/--val-images)")
     failed = False
@@ -329,9 +336,9 @@ def cmd_eval(args) -> int:
             raise DetrkitError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
     note_slow_bf16(args.precision, args.device)
     model = load_model(args.weights, precision=args.precision)
-    metrics, detections = evaluate_model(model, _given(args, DataConfig), batch_size=args.batch_size,
-                                         device=args.device)
-    gt_json = data_paths(config_from_dict(DataConfig, _given(args, DataConfig)))["val_json"]
+    data = _given(args).get("data", {})
+    metrics, detections = evaluate_model(model, data, batch_size=args.batch_size, device=args.device)
+    gt_json = data_paths(config_from_dict(DataConfig, data))["val_json"]
     out = Path(args.out) if args.out else Path(args.weights).resolve().parent / "eval"
     write_metrics(out, metrics, detections)
     extras = write_analysis(out, gt_json, detections, iou_threshold=args.iou_threshold,
@@ -343,28 +350,13 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _expand(paths: list[str]) -> list[Path]:
-    files: list[Path] = []
-    for p in paths:
-        matches = [Path(m) for m in sorted(glob.glob(p))] or [Path(p)]
-        for m in matches:
-            if m.is_dir():
-                files += sorted(f for f in m.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
-            elif m.exists():
-                files.append(m)
-            else:
-                raise DetrkitError(f"{m}: no such file, folder or matching pattern")
-    if not files:
-        raise DetrkitError(f"no images found in {' '.join(paths)}")
-    return files
-
-
 def cmd_predict(args) -> int:
     from detrkit import load_model
-    from detrkit.data.images import image_tensor
+    from detrkit.data.images import image_files, image_tensor
+    from detrkit.predict import detection_records
     from detrkit.visualize import draw_detections, save_image
 
-    files = _expand(args.paths)
+    files = image_files(args.paths)
     if str(args.weights).endswith(".onnx"):  # an exported model runs through onnxruntime
         from detrkit.export import OnnxDetector
 
@@ -381,9 +373,7 @@ def cmd_predict(args) -> int:
         for f, img, det in zip(chunk, images, model.predict(images, threshold=args.threshold)):
             drawn = draw_detections(img, det["boxes"].cpu(), det["names"], det["scores"].cpu())
             save_image(drawn, out / f"{f.stem}.png")
-            records.append({"file": str(f), "detections": [
-                {"box": [round(float(v), 2) for v in b], "score": float(s), "category_id": int(l), "name": n}
-                for b, s, l, n in zip(det["boxes"], det["scores"], det["labels"], det["names"])]})
+            records.append({"file": str(f), "detections": detection_records(det)})
     (out / "detections.json").write_text(json.dumps(records, indent=1))
     print(f"{len(files)} images, {sum(len(r['detections']) for r in records)} detections -> {out}")
     return 0
@@ -421,16 +411,16 @@ def cmd_explain(args) -> int:
         raise DetrkitError("give an IMAGE to explain, or --matching with --data DIR (or --train-json/--train-images)")
     if args.max_objects < 0:
         raise DetrkitError("--max-objects must be >= 0")
+    data = _given(args).get("data", {})  # the data flags of the matching view
     if args.matching:
-        given = {k: getattr(args, k) for k in ("data", "train_json", "train_images", "val_json", "val_images")}
-        if not any(given.values()):
+        if not data:
             raise DetrkitError("--matching needs data: --data DIR, or --train-json FILE --train-images DIR")
     elif not Path(args.image).is_file():
         raise DetrkitError(f"{args.image}: no such image file")
     points = _points(args.points) if args.points else None
     model = load_model(args.weights, device=select_device(args.device))
     if args.matching:
-        return _explain_matching(args, model, given)
+        return _explain_matching(args, model, data)
 
     from detrkit.explain import explain
     from detrkit.visualize import draw_explanation
@@ -455,16 +445,16 @@ def _points(values: list[str]) -> list[tuple[float, float]]:
     return points
 
 
-def _explain_matching(args, model, given: dict) -> int:
+def _explain_matching(args, model, data: dict) -> int:
     from detrkit.data.build import data_paths
     from detrkit.data.coco import CocoDetection
     from detrkit.data.transforms import val_transforms
-    from detrkit.run import load_run_config
     from detrkit.explain import match
-    from detrkit.matcher import HungarianMatcher
+    from detrkit.matcher import build_matcher
+    from detrkit.run import load_run_config
     from detrkit.visualize import draw_matching
 
-    paths = data_paths(config_from_dict(DataConfig, {k: v for k, v in given.items() if v}))
+    paths = data_paths(config_from_dict(DataConfig, data))
     if f"{args.split}_json" not in paths:
         raise DetrkitError(f"no {args.split} split in the data given (use --split, or give --{args.split}-json and "
                            f"--{args.split}-images)")
@@ -473,8 +463,7 @@ def _explain_matching(args, model, given: dict) -> int:
     loss = load_run_config(run_config.parent)[1] if run_config.is_file() else LossConfig()
     loss = dataclasses.replace(loss, **{k: getattr(args, k) for k in ("cost_class", "cost_bbox", "cost_giou")
                                         if getattr(args, k) is not None})
-    matcher = HungarianMatcher(loss.cost_class, loss.cost_bbox, loss.cost_giou, loss.class_cost,
-                               sigmoid=model.sigmoid_class, focal_alpha=loss.focal_alpha, focal_gamma=loss.focal_gamma)
+    matcher = build_matcher(loss, model.sigmoid_class)
     dataset = CocoDetection(paths[f"{args.split}_json"], paths[f"{args.split}_images"],
                             transforms=val_transforms(model.inference["image_size"], model.inference.get("max_size")),
                             categories=[{"id": c["id"], "name": c["name"]} for c in model.classes])
@@ -486,8 +475,8 @@ def _explain_matching(args, model, given: dict) -> int:
     return 0
 
 
-COMMANDS = {"explain": cmd_explain, "export": cmd_export, "train": cmd_train, "check-data": cmd_check_data, "eval": cmd_eval, "predict": cmd_predict,
-            "synth": cmd_synth, "demo": cmd_demo}
+COMMANDS = {"explain": cmd_explain, "export": cmd_export, "train": cmd_train, "check-data": cmd_check_data,
+            "eval": cmd_eval, "predict": cmd_predict, "synth": cmd_synth, "demo": cmd_demo}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -10,8 +10,13 @@ place where numbers are chosen.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
+
+import yaml
+
+from detrkit.errors import DetrkitError
 
 
 @dataclass
@@ -37,15 +42,18 @@ class ModelConfig:
     pre_norm: bool = False  # LayerNorm before (True) or after (False, official) each sub-layer
     position_embedding: str = "sine"  # "sine" (official) or "learned"
     aux_loss: bool = True  # return every decoder layer's predictions (official: on)
-    # Fast-convergence architecture (docs/training.md): queries chosen from the encoder with box
-    # references refined layer by layer, sigmoid classification. False is the paper's DETR.
-    two_stage: bool = False
+    # The architecture, one of ARCHS: "detr" is the paper's; "two_stage" the fast-convergence model
+    # (docs/training.md): queries chosen from the encoder with box references refined layer by
+    # layer, sigmoid classification.
+    arch: str = "detr"
     # Conditional DETR's cross-attention (two-stage models): each query's reference point enters
     # cross-attention as a separate spatial part of the query, concatenated with the content part
     # per head, instead of being added to it. False = DETR's addition.
     conditional_attention: bool = False
 
     def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
         if self.backbone not in BACKBONE_CHANNELS:
             raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {sorted(BACKBONE_CHANNELS)}")
         if self.dilation and self.backbone in ("resnet18", "resnet34"):
@@ -58,11 +66,14 @@ class ModelConfig:
             raise ValueError(f"position_embedding must be 'sine' or 'learned', got {self.position_embedding!r}")
         if self.d_model % self.nheads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by nheads ({self.nheads})")
-        if self.conditional_attention and not self.two_stage:
-            raise ValueError("conditional_attention needs the reference boxes of a two-stage model (two_stage=True)")
+        if self.conditional_attention and self.arch != "two_stage":
+            raise ValueError("conditional_attention needs the reference boxes of a two-stage model (arch='two_stage')")
         if self.d_model % 2:
             raise ValueError("d_model must be even: half the channels encode y, half x")
 
+
+# The architectures build_model makes (detrkit.model.build), by ModelConfig.arch.
+ARCHS = ("detr", "two_stage")
 
 # Output channels of each ResNet stage (layer1..layer4).
 BACKBONE_CHANNELS = {
@@ -80,9 +91,10 @@ class LossConfig:
     cost_class: float = 1.0  # matcher weight of the class term (official set_cost_class)
     cost_bbox: float = 5.0  # matcher weight of the L1 box term (official set_cost_bbox)
     cost_giou: float = 2.0  # matcher weight of the -GIoU term (official set_cost_giou)
-    # The class cost: "neg_prob" is -p (official code); "one_minus_prob" is 1 - p (the paper's
-    # explanation). They differ by a constant per target column, so the assignment is the same.
-    class_cost: str = "neg_prob"
+    # The formula of the class cost (whose weight is cost_class), one of CLASS_COST_FORMULAS:
+    # "neg_prob" is -p (official code); "one_minus_prob" is 1 - p (the paper's explanation). They
+    # differ by a constant per target column, so the assignment is the same.
+    class_cost_formula: str = "neg_prob"
     loss_ce: float = 1.0  # weight of the classification loss (official)
     loss_bbox: float = 5.0  # weight of the box regression loss (official bbox_loss_coef)
     loss_giou: float = 2.0  # weight of the 1 - GIoU loss (official giou_loss_coef)
@@ -114,8 +126,9 @@ class LossConfig:
     dn_label_noise: float = 0.5  # label noise ratio; half of it is the share of flipped labels (DINO: 0.5)
 
     def __post_init__(self) -> None:
-        if self.class_cost not in ("neg_prob", "one_minus_prob"):
-            raise ValueError(f"class_cost must be 'neg_prob' or 'one_minus_prob', got {self.class_cost!r}")
+        if self.class_cost_formula not in CLASS_COST_FORMULAS:
+            raise ValueError(f"class_cost_formula must be one of {', '.join(CLASS_COST_FORMULAS)}, "
+                             f"got {self.class_cost_formula!r}")
         if self.bbox_loss not in ("l1", "smooth_l1"):
             raise ValueError(f"bbox_loss must be 'l1' or 'smooth_l1', got {self.bbox_loss!r}")
         if self.class_loss not in ("focal", "varifocal"):
@@ -126,6 +139,9 @@ class LossConfig:
             raise ValueError("encoder_repeats and hybrid_repeats must be >= 1")
         if self.smooth_l1_beta <= 0:
             raise ValueError("smooth_l1_beta must be > 0")
+
+
+CLASS_COST_FORMULAS = ("neg_prob", "one_minus_prob")
 
 
 @dataclass
@@ -228,7 +244,7 @@ PRESETS: dict[str, dict] = {
     # from the encoder with refined box references (docs/training.md).
     "detr_r18_fast": dict(
         backbone="resnet18", d_model=128, nheads=8, enc_layers=3, dec_layers=3,
-        dim_feedforward=512, num_queries=30, frozen_stages=0, two_stage=True,
+        dim_feedforward=512, num_queries=30, frozen_stages=0, arch="two_stage",
         backbone_stages=2,  # stride 8: at 128 px, stride 16 puts two small objects in one cell (AP 0.15 vs 0.32 at 4 min)
         dropout=0.0,  # with 0.1 a CPU step takes 586 ms, not 339 (benchmarks/profile_step.py)
         backbone_norm="batch",  # trained from random weights: frozen identity BN would not normalise
@@ -248,13 +264,74 @@ def preset(name: str, **overrides) -> ModelConfig:
     return ModelConfig(**{**PRESETS[name], **overrides})
 
 
+# ---------------------------------------------------------------------------------------------
+# Reading settings: from dicts (checkpoints' config.json, runs' config.yaml, --config files) and
+# from flat options (command-line flags, flat YAML keys, detrkit.train's keywords).
+# ---------------------------------------------------------------------------------------------
+SECTIONS = {"model": ModelConfig, "loss": LossConfig, "data": DataConfig, "train": TrainConfig}
+
+# Fields renamed since checkpoints and run configs were first written: the old name, still read,
+# -> the field it became (translated by config_from_dict, the one place config dicts are read).
+RENAMED = {
+    ModelConfig: {"two_stage": "arch"},  # two_stage: true/false became arch: "two_stage"/"detr"
+    LossConfig: {"class_cost": "class_cost_formula"},  # beside the weight cost_class, easily taken for it
+}
+
+
 def config_from_dict(cls, values: dict):
-    """Build a config dataclass from a dict, refusing unknown keys by name."""
+    """Build a config dataclass from a dict, refusing unknown keys by name; old field names
+    (:data:`RENAMED`) are read as the fields they became."""
+    values = dict(values)
+    for old, new in RENAMED.get(cls, {}).items():
+        if old in values:
+            value = values.pop(old)
+            if old == "two_stage":
+                value = "two_stage" if value else "detr"
+            values.setdefault(new, value)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
         raise ValueError(f"unknown {cls.__name__} keys: {', '.join(unknown)}")
     return cls(**values)
+
+
+def route(flat: dict) -> tuple[dict[str, dict], list[str]]:
+    """Flat options (field names, ``-`` or ``_``) -> ``({"model"|"loss"|"data"|"train": {name: value}},
+    unknown names)``. Every field name belongs to one section (old names, :data:`RENAMED`, to theirs)."""
+    owner = {}
+    for section, cls in SECTIONS.items():
+        owner.update({f.name: section for f in dataclasses.fields(cls)})
+        owner.update({old: section for old in RENAMED.get(cls, {})})
+    sections: dict[str, dict] = {}
+    unknown = []
+    for key, value in flat.items():
+        name = key.replace("-", "_")
+        if name in owner:
+            sections.setdefault(owner[name], {})[name] = value
+        else:
+            unknown.append(key)
+    return sections, sorted(unknown)
+
+
+def read_config_file(path: str) -> dict[str, dict]:
+    """A ``--config`` YAML file -> config sections: sections ``model``/``loss``/``data``/``train``
+    and flat option names (:func:`route`); ``model: {preset: NAME, field: value}`` names the
+    preset and overrides its fields."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise DetrkitError(f"{path}: cannot read the YAML config ({e})") from None
+    if not isinstance(raw, dict):
+        raise DetrkitError(f"{path}: the YAML config must be a mapping")
+    sections = {s: dict(raw.pop(s) or {}) for s in SECTIONS if isinstance(raw.get(s), dict)}
+    if "preset" in sections.get("model", {}):  # `model: {preset: NAME, <field overrides>}`
+        raw["model"] = sections["model"].pop("preset")
+    flat, unknown = route(raw)
+    if unknown:
+        raise DetrkitError(f"{path}: unknown keys {', '.join(unknown)}")
+    for section, values in flat.items():
+        sections.setdefault(section, {}).update(values)
+    return sections
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from torchvision.ops import sigmoid_focal_loss
 from detrkit import distributed
 from detrkit.boxes import cxcywh_to_xyxy, elementwise_box_iou, elementwise_generalized_box_iou
 from detrkit.config import LossConfig
-from detrkit.matcher import HungarianMatcher
+from detrkit.matcher import HungarianMatcher, build_matcher
 
 Indices = list[tuple[Tensor, Tensor]]
 
@@ -49,7 +49,7 @@ class SetCriterion(nn.Module):
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: dict[str, float],
                  eos_coef: float = 0.1, bbox_loss: str = "l1", smooth_l1_beta: float = 0.1, *,
-                 sigmoid: bool = False, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
+                 sigmoid_class: bool = False, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
                  encoder_repeats: int = 1, class_loss: str = "focal", vfl_alpha: float = 0.75,
                  denoising: int = 0, hybrid_repeats: int = LossConfig.hybrid_repeats) -> None:
         super().__init__()
@@ -59,7 +59,7 @@ class SetCriterion(nn.Module):
         self.eos_coef = eos_coef
         self.bbox_loss = bbox_loss
         self.smooth_l1_beta = smooth_l1_beta
-        self.sigmoid = sigmoid  # sigmoid focal classification (two-stage models) instead of softmax CE
+        self.sigmoid_class = sigmoid_class  # sigmoid focal classification (two-stage models) instead of softmax CE
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
         self.encoder_repeats = encoder_repeats
@@ -79,21 +79,21 @@ class SetCriterion(nn.Module):
         The weighted sum divided by ``ce_weight``; by default the weight sum of this batch, which
         makes it ``F.cross_entropy``'s weighted mean (official).
 
-        With ``sigmoid``: focal loss over all queries and classes (a matched query's target is
+        With ``sigmoid_class``: focal loss over all queries and classes (a matched query's target is
         its class, every other entry 0), summed and divided by ``num_boxes`` (Deformable DETR).
         With ``class_loss="varifocal"`` the matched entry's target is the IoU of the predicted
         box with its object's (detached), positives weighted by that IoU and negatives by
         ``vfl_alpha * p^gamma`` (VarifocalNet; RT-DETR): a high score then means a good box.
         """
-        logits = outputs["pred_logits"]  # (B, Q, K+1), or (B, Q, K) with sigmoid
+        logits = outputs["pred_logits"]  # (B, Q, K+1), or (B, Q, K) with sigmoid_class
         batch_idx, src_idx = _permutation(indices)
         matched_labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
         target_classes[batch_idx, src_idx] = matched_labels
-        if self.sigmoid and self.class_loss == "varifocal":
+        if self.sigmoid_class and self.class_loss == "varifocal":
             quality = self._matched_iou(outputs, targets, indices, batch_idx, src_idx)
             losses = {"loss_ce": self._varifocal(logits.float(), target_classes, quality) / num_boxes}
-        elif self.sigmoid:
+        elif self.sigmoid_class:
             onehot = F.one_hot(target_classes, self.num_classes + 1)[..., :-1].float()  # (B, Q, K)
             focal = sigmoid_focal_loss(logits.float(), onehot, self.focal_alpha, self.focal_gamma, reduction="sum")
             losses = {"loss_ce": focal / num_boxes}
@@ -137,7 +137,7 @@ class SetCriterion(nn.Module):
     def loss_cardinality(self, outputs: dict, targets: list[dict], indices: Indices) -> dict:
         """L1 between the number of predicted objects (argmax is not "no object") and of targets. Logged only."""
         logits = outputs["pred_logits"]
-        if self.sigmoid:  # an object is a query with some class above probability 0.5
+        if self.sigmoid_class:  # an object is a query with some class above probability 0.5
             predicted = (logits.max(-1).values > 0).sum(1).float()
         else:
             predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1).float()  # (B,)
@@ -285,16 +285,14 @@ def weight_dict(loss: LossConfig, num_aux: int, encoder: bool = False) -> dict[s
     return weights
 
 
-def build_criterion(num_classes: int, loss: LossConfig, num_aux: int, *, sigmoid: bool = False) -> SetCriterion:
+def build_criterion(num_classes: int, loss: LossConfig, num_aux: int, *, sigmoid_class: bool = False) -> SetCriterion:
     """The one function that turns a :class:`LossConfig` into matcher + criterion.
 
-    ``sigmoid=True`` for two-stage models: focal classification and matching cost, and a
-    loss on the encoder proposals.
+    ``sigmoid_class`` is the model's (``model.sigmoid_class``): True for two-stage models, with
+    focal classification and matching cost, and a loss on the encoder proposals.
     """
-    matcher = HungarianMatcher(loss.cost_class, loss.cost_bbox, loss.cost_giou, loss.class_cost, sigmoid=sigmoid,
-                               focal_alpha=loss.focal_alpha, focal_gamma=loss.focal_gamma)
-    return SetCriterion(num_classes, matcher, weight_dict(loss, num_aux, encoder=sigmoid), eos_coef=loss.eos_coef,
-                        bbox_loss=loss.bbox_loss, smooth_l1_beta=loss.smooth_l1_beta, sigmoid=sigmoid,
-                        focal_alpha=loss.focal_alpha, focal_gamma=loss.focal_gamma,
+    return SetCriterion(num_classes, build_matcher(loss, sigmoid_class), weight_dict(loss, num_aux, encoder=sigmoid_class),
+                        eos_coef=loss.eos_coef, bbox_loss=loss.bbox_loss, smooth_l1_beta=loss.smooth_l1_beta,
+                        sigmoid_class=sigmoid_class, focal_alpha=loss.focal_alpha, focal_gamma=loss.focal_gamma,
                         encoder_repeats=loss.encoder_repeats, class_loss=loss.class_loss, vfl_alpha=loss.vfl_alpha,
                         denoising=loss.denoising, hybrid_repeats=loss.hybrid_repeats)

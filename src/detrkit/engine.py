@@ -330,7 +330,7 @@ def predict_batches(model: DETR, loader: DataLoader, device: torch.device) -> li
                                       disable=not distributed.is_main()):
         outputs = model((images.to(device), mask.to(device)))
         sizes = torch.stack([t["orig_size"] for t in targets])
-        results = postprocess(outputs, sizes, index_to_category=lut, sigmoid=model.sigmoid_class)
+        results = postprocess(outputs, sizes, index_to_category=lut, sigmoid_class=model.sigmoid_class)
         batches.append(detections_to_coco(results, [t["image_id"] for t in targets]))
     return batches
 

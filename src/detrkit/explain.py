@@ -170,7 +170,7 @@ class Matching:
     pairs: list[tuple[int, int]]  # (query, target)
     costs: dict[str, Tensor]  # "class", "bbox", "giou", "total": (len(pairs),) each
     weights: dict[str, float]  # the matcher's weights of "class", "bbox", "giou"
-    class_cost: str  # how the class term is computed: "-p", "1 - p" or "focal"
+    class_cost_formula: str  # how the class term is computed: "-p", "1 - p" or "focal"
 
 
 @torch.no_grad()
@@ -179,7 +179,7 @@ def match(model: DETR, dataset, index: int, matcher: HungarianMatcher) -> Matchi
 
     ``dataset`` is a :class:`detrkit.data.coco.CocoDetection` with evaluation transforms (the
     image is sized as the model was trained, without augmentation); ``matcher`` is the one
-    training used (its cost weights; ``sigmoid`` for two-stage models).
+    training used (:func:`detrkit.matcher.build_matcher`: its cost weights; ``sigmoid_class`` for two-stage models).
     """
     if not 0 <= index < len(dataset):
         raise ValueError(f"--index {index} is out of range: the data set has {len(dataset)} images")
@@ -211,5 +211,5 @@ def match(model: DETR, dataset, index: int, matcher: HungarianMatcher) -> Matchi
         pred_names=[model.classes[int(c)]["name"] for c in classes],
         pairs=list(zip(rows.tolist(), cols.tolist())), costs=costs,
         weights={"class": matcher.cost_class, "bbox": matcher.cost_bbox, "giou": matcher.cost_giou},
-        class_cost="focal" if matcher.sigmoid else ("1 - p" if matcher.class_cost == "one_minus_prob" else "-p"),
+        class_cost_formula="focal" if matcher.sigmoid_class else ("1 - p" if matcher.class_cost_formula == "one_minus_prob" else "-p"),
     )

@@ -86,7 +86,7 @@ class ExportWrapper(nn.Module):
         super().__init__()
         self.model = model
         self.with_postprocess = with_postprocess
-        self.sigmoid = bool(getattr(model, "sigmoid_class", False))
+        self.sigmoid_class = bool(getattr(model, "sigmoid_class", False))
         self.top_k = top_k  # sigmoid models: pairs kept per image (postprocess's default)
 
     def forward(self, images: Tensor, mask: Tensor, orig_sizes: Optional[Tensor] = None) -> tuple[Tensor, ...]:
@@ -94,7 +94,7 @@ class ExportWrapper(nn.Module):
         logits, boxes = out["pred_logits"], out["pred_boxes"]  # (B, Q, K+1), (B, Q, 4)
         if not self.with_postprocess:
             return logits, boxes
-        scores, labels, abs_boxes = score_boxes(logits, boxes, orig_sizes.to(torch.float32), sigmoid=self.sigmoid,
+        scores, labels, abs_boxes = score_boxes(logits, boxes, orig_sizes.to(torch.float32), sigmoid_class=self.sigmoid_class,
                                                 top_k=self.top_k)
         return logits, boxes, scores, labels, abs_boxes
 

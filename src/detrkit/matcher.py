@@ -6,7 +6,7 @@ targets through a one-to-one assignment that minimises the total matching cost
     C[q, t] = w_class * class_cost(q, t) + w_l1 * ||b_q - b_t||_1 + w_giou * (-GIoU(b_q, b_t)),
 
 where ``class_cost`` is ``-p_q(c_t)`` (official code) or ``1 - p_q(c_t)`` (as the method is
-usually explained). The two differ by the constant ``w_class`` in every entry, which changes
+usually explained; ``LossConfig.class_cost_formula``). The two differ by the constant ``w_class`` in every entry, which changes
 the total cost of every complete assignment by the same ``w_class * T``: the optimum is the same.
 Unmatched predictions are trained towards "no object".
 """
@@ -19,6 +19,7 @@ from torch.nn.utils.rnn import pad_sequence
 from torchvision.ops import generalized_box_iou
 
 from detrkit.boxes import cxcywh_to_xyxy, pairwise_generalized_box_iou
+from detrkit.config import LossConfig
 
 
 class HungarianMatcher(nn.Module):
@@ -32,27 +33,28 @@ class HungarianMatcher(nn.Module):
     """
 
     def __init__(self, cost_class: float = 1.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
-                 class_cost: str = "neg_prob", *, sigmoid: bool = False, focal_alpha: float = 0.25,
+                 class_cost_formula: str = "neg_prob", *, sigmoid_class: bool = False, focal_alpha: float = 0.25,
                  focal_gamma: float = 2.0) -> None:
+        """Weights of the three cost terms; ``class_cost_formula`` ``"neg_prob"`` (-p) or
+        ``"one_minus_prob"`` (1 - p) for softmax models (checked by :class:`~detrkit.config.LossConfig`);
+        ``sigmoid_class``: the model's classes are per-class sigmoids (``model.sigmoid_class``)."""
         super().__init__()
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
             raise ValueError("all matching costs are 0")
-        if class_cost not in ("neg_prob", "one_minus_prob"):
-            raise ValueError(f"class_cost must be 'neg_prob' or 'one_minus_prob', got {class_cost!r}")
         self.cost_class = cost_class
         self.cost_bbox = cost_bbox
         self.cost_giou = cost_giou
-        self.class_cost = class_cost
+        self.class_cost_formula = class_cost_formula
         # Sigmoid-classified models (two-stage) are matched with the focal terms they are trained
         # with (Deformable DETR): the class cost is focal(p, positive) - focal(p, negative).
-        self.sigmoid = sigmoid
+        self.sigmoid_class = sigmoid_class
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
 
     def cost_matrix(self, logits: Tensor, boxes: Tensor, labels: Tensor, tgt_boxes: Tensor) -> Tensor:
         """The matching cost of one image, or of a batch of images.
 
-        ``logits (..., Q, K+1)`` (``(..., Q, K)`` with sigmoid), ``boxes (..., Q, 4)`` cxcywh;
+        ``logits (..., Q, K+1)`` (``(..., Q, K)`` with ``sigmoid_class``), ``boxes (..., Q, 4)`` cxcywh;
         ``labels (..., T)``, ``tgt_boxes (..., T, 4)`` cxcywh -> ``C (..., Q, T)``, where ``...``
         is nothing (one image) or ``B`` (a batch, every image with T targets). Always computed
         in float32: half-precision costs round distinct candidates to the same value and can
@@ -69,7 +71,7 @@ class HungarianMatcher(nn.Module):
         tgt_boxes = tgt_boxes.float()
         q = logits.shape[-2]
         index = labels.unsqueeze(-2).expand(*labels.shape[:-1], q, labels.shape[-1])  # (..., Q, T)
-        if self.sigmoid:
+        if self.sigmoid_class:
             p = logits.float().sigmoid().gather(-1, index)  # (..., Q, T)
             a, g = self.focal_alpha, self.focal_gamma
             pos = a * (1 - p) ** g * -(p + 1e-8).log()
@@ -77,7 +79,7 @@ class HungarianMatcher(nn.Module):
             cost_class = pos - neg
         else:
             p = logits.float().softmax(-1).gather(-1, index)  # (..., Q, T): probability of each target's class
-            cost_class = 1 - p if self.class_cost == "one_minus_prob" else -p
+            cost_class = 1 - p if self.class_cost_formula == "one_minus_prob" else -p
         cost_bbox = torch.cdist(boxes, tgt_boxes, p=1)  # (..., Q, T)
         cost_giou = -pairwise_generalized_box_iou(cxcywh_to_xyxy(boxes), cxcywh_to_xyxy(tgt_boxes))  # (..., Q, T)
         return {"class": cost_class, "bbox": cost_bbox, "giou": cost_giou}
@@ -121,6 +123,13 @@ class HungarianMatcher(nn.Module):
         return indices
 
 
+def build_matcher(loss: LossConfig, sigmoid_class: bool = False) -> HungarianMatcher:
+    """The matcher of a :class:`~detrkit.config.LossConfig`, for a model whose ``sigmoid_class`` is given
+    (the one place the loss settings become a matcher: training, and ``detrkit explain --matching``)."""
+    return HungarianMatcher(loss.cost_class, loss.cost_bbox, loss.cost_giou, loss.class_cost_formula,
+                            sigmoid_class=sigmoid_class, focal_alpha=loss.focal_alpha, focal_gamma=loss.focal_gamma)
+
+
 @torch.no_grad()
 def full_matrix_match(matcher: HungarianMatcher, outputs: dict, targets: list[dict]) -> list[tuple[Tensor, Tensor]]:
     """The official DETR matcher, kept as the reference for :class:`HungarianMatcher` (tests and
@@ -134,7 +143,7 @@ def full_matrix_match(matcher: HungarianMatcher, outputs: dict, targets: list[di
     out_boxes = outputs["pred_boxes"].flatten(0, 1).float()  # (B*Q, 4)
     labels = torch.cat([t["labels"] for t in targets])  # (sum T,)
     tgt_boxes = torch.cat([t["boxes"] for t in targets]).float()  # (sum T, 4)
-    cost_class = -prob[:, labels] if matcher.class_cost == "neg_prob" else 1 - prob[:, labels]
+    cost_class = -prob[:, labels] if matcher.class_cost_formula == "neg_prob" else 1 - prob[:, labels]
     cost_bbox = torch.cdist(out_boxes, tgt_boxes, p=1)
     cost_giou = -generalized_box_iou(cxcywh_to_xyxy(out_boxes), cxcywh_to_xyxy(tgt_boxes))
     cost = matcher.cost_bbox * cost_bbox + matcher.cost_class * cost_class + matcher.cost_giou * cost_giou

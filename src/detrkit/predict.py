@@ -59,11 +59,19 @@ def predict_images(forward: Forward, images: Union[ImageInput, Sequence[ImageInp
             tensors, sizes = zip(*(prepare_image(img, transform) for img in images[start:start + batch_size]))
             batch, mask = pad_images([t.to(device) for t in tensors])  # (B, 3, H, W), (B, H, W)
             detections = postprocess(forward((batch, mask)), sizes, threshold=threshold, index_to_category=lut,
-                                     sigmoid=sigmoid_class)
+                                     sigmoid_class=sigmoid_class)
             for d in detections:
                 d["names"] = [names[int(i)] for i in d["labels"]]
             results += detections
     return results
+
+
+def detection_records(detections: dict) -> list[dict]:
+    """One image's detections (as :func:`predict_images` returns them) as JSON-ready records:
+    ``box`` ``[x0, y0, x1, y1]`` in pixels (2 decimals), ``score``, ``category_id``, ``name``."""
+    return [{"box": [round(v, 2) for v in box], "score": score, "category_id": label, "name": name}
+            for box, score, label, name in zip(detections["boxes"].tolist(), detections["scores"].tolist(),
+                                               detections["labels"].tolist(), detections["names"])]
 
 
 @contextlib.contextmanager

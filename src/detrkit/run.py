@@ -187,7 +187,7 @@ def build(p: Plan, device: torch.device) -> Run:
     model.to(device)
     aided = AidedModel(model, p.loss).to(device)  # the model plus its training-only aids (if any)
     criterion = build_criterion(model.num_classes, p.loss, num_aux=p.model.dec_layers - 1 if p.model.aux_loss else 0,
-                                sigmoid=model.sigmoid_class).to(device)
+                                sigmoid_class=model.sigmoid_class).to(device)
     optimizer = make_optimizer(aided, cfg)
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     saved = None

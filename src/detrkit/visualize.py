@@ -240,7 +240,7 @@ def draw_matching(matching, path: PathLike, *, dpi: int = 100) -> Path:
                  f"(dashed), {len(unmatched)} trained as \"no object\" (faded)", fontsize=9)
 
     w = m.weights
-    cls = {"-p": "-p(class)", "1 - p": "1 - p(class)", "focal": "focal(p) - focal(1-p)"}[m.class_cost]
+    cls = {"-p": "-p(class)", "1 - p": "1 - p(class)", "focal": "focal(p) - focal(1-p)"}[m.class_cost_formula]
     lines = [f"cost = {w['class']:g} * class + {w['bbox']:g} * L1 + {w['giou']:g} * (-GIoU)",
              f"class term: {cls}", "",
              f"{'target':<14}{'query (its best class)':<26}{'class':>7}{'L1':>7}{'-GIoU':>7}{'total':>8}"]

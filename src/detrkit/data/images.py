@@ -5,6 +5,7 @@ Nothing here knows about annotation formats: a caller says which file listed an 
 """
 from __future__ import annotations
 
+import glob
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,6 +21,8 @@ PathLike = Union[str, "os.PathLike[str]"]
 # An image given to inference: a file, a decoded PIL image, or a uint8 (3, H, W) tensor.
 ImageInput = Union[str, Path, Image.Image, Tensor]
 
+# The file name endings taken for images when a folder is searched.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # EXIF orientations 5..8 rotate by 90 degrees, so the displayed image has width and height swapped.
 _EXIF_ORIENTATION_TAG = 0x0112
 _ROTATING_ORIENTATIONS = (5, 6, 7, 8)
@@ -69,6 +72,24 @@ def image_tensor(image: ImageInput) -> Tensor:
     if isinstance(image, Image.Image):
         image = F.pil_to_tensor(image.convert("RGB"))
     return image
+
+
+def image_files(patterns: Sequence[str]) -> list[Path]:
+    """The image files named by ``patterns``: files, folders (searched recursively for
+    :data:`IMAGE_EXTENSIONS`) and glob patterns, in order. Raises DataError for a name that
+    matches nothing, or when no image is found at all."""
+    files: list[Path] = []
+    for pattern in patterns:
+        for m in [Path(m) for m in sorted(glob.glob(pattern))] or [Path(pattern)]:
+            if m.is_dir():
+                files += sorted(f for f in m.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
+            elif m.exists():
+                files.append(m)
+            else:
+                raise DataError(f"{m}: no such file, folder or matching pattern")
+    if not files:
+        raise DataError(f"no images found in {' '.join(patterns)}")
+    return files
 
 
 def check_image(path: PathLike, size: tuple[int, int], listed_in: Optional[PathLike] = None) -> Optional[str]:

@@ -25,10 +25,9 @@ from typing import Any, Optional, Union
 import yaml
 from PIL import Image
 
-from detrkit.data.images import exif_size
+from detrkit.data.images import IMAGE_EXTENSIONS, exif_size
 from detrkit.errors import DataError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 CACHE_DIR = ".detrkit"  # inside the data folder: converted annotation files
 ROBOFLOW_JSON = "_annotations.coco.json"
 _LAYOUTS_LOOKED_FOR = (

@@ -32,7 +32,7 @@ def build_model(config: ModelConfig, *, train_backbone: bool = True,
         pre_norm=config.pre_norm,
         decoder_layer=ConditionalDecoderLayer if config.conditional_attention else DecoderLayer,
     )
-    cls = TwoStageDETR if config.two_stage else DETR
+    cls = {"detr": DETR, "two_stage": TwoStageDETR}[config.arch]
     model = cls(backbone, position, transformer, config.num_classes, config.num_queries, config.aux_loss)
     model.config = config
     return model

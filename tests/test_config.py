@@ -1,0 +1,55 @@
+"""Settings: validation, old field names still read, the one flat -> sections router."""
+import dataclasses
+
+import pytest
+
+from detrkit.config import (
+    ARCHS, CLASS_COST_FORMULAS, RENAMED, SECTIONS, LossConfig, ModelConfig, config_from_dict, read_config_file, resolve,
+    route,
+)
+from detrkit.errors import DetrkitError
+
+
+def test_arch_and_class_cost_formula_are_validated_naming_the_choices():
+    for arch in ARCHS:
+        assert ModelConfig(arch=arch).arch == arch
+    with pytest.raises(ValueError, match="detr, two_stage"):
+        ModelConfig(arch="yolo")
+    for formula in CLASS_COST_FORMULAS:
+        assert LossConfig(class_cost_formula=formula).class_cost_formula == formula
+    with pytest.raises(ValueError, match="class_cost_formula"):
+        LossConfig(class_cost_formula="p")
+
+
+def test_old_field_names_are_read_as_the_fields_they_became():
+    """config.json of older checkpoints and config.yaml of older runs say two_stage / class_cost."""
+    assert config_from_dict(ModelConfig, {"two_stage": True}).arch == "two_stage"
+    assert config_from_dict(ModelConfig, {"two_stage": False}).arch == "detr"
+    assert config_from_dict(LossConfig, {"class_cost": "one_minus_prob"}).class_cost_formula == "one_minus_prob"
+    assert config_from_dict(LossConfig, {"cost_class": 2.0}).cost_class == 2.0  # the weight keeps its name
+    with pytest.raises(ValueError, match="unknown ModelConfig keys: two_stages"):
+        config_from_dict(ModelConfig, {"two_stages": True})
+
+
+def test_every_field_is_routed_to_its_own_section():
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert route({f.name: 1}) == ({section: {f.name: 1}}, []), f.name
+        for old in RENAMED.get(cls, {}):
+            assert route({old: 1}) == ({section: {old: 1}}, [])
+    sections, unknown = route({"lr-drop": 5, "bbox_loss": "l1", "dropout": 0.0, "lrr": 1, "preset": "x"})
+    assert sections == {"train": {"lr_drop": 5}, "loss": {"bbox_loss": "l1"}, "model": {"dropout": 0.0}}
+    assert unknown == ["lrr", "preset"]
+
+
+def test_yaml_config_file_flat_keys_and_sections(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {preset: detr_r18_tiny, d_model: 32}\nlr: 0.0003\nclass_cost: one_minus_prob\n"
+                    "loss: {bbox_loss: smooth_l1}\ndata: {image_size: 64}\n")
+    sections = read_config_file(str(path))
+    model, loss, data, train = resolve(None, sections)
+    assert (train.model, model.d_model, model.nheads, train.lr) == ("detr_r18_tiny", 32, 4, 0.0003)
+    assert (loss.bbox_loss, loss.class_cost_formula, data.image_size) == ("smooth_l1", "one_minus_prob", 64)
+    path.write_text("lrr: 1\n")
+    with pytest.raises(DetrkitError, match="unknown keys lrr"):
+        read_config_file(str(path))
