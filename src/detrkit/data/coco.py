@@ -262,14 +262,8 @@ def _check_bbox(bbox: Any) -> Union[tuple[float, float, float, float], str]:
     return tuple(nums)  # type: ignore[return-value]
 
 
-def load_coco(
-    json_path: PathLike,
-    image_root: PathLike,
-    *,
-    categories: Optional[Sequence[dict]] = None,
-    check_images: bool = False,
-    strict: bool = True,
-) -> CocoData:
+def load_coco(json_path: PathLike, image_root: PathLike, *, categories: Optional[Sequence[dict]] = None,
+              check_images: bool = False, strict: bool = True) -> CocoData:
     """Read and validate a COCO detection file.
 
     ``categories`` (``[{"id", "name"}]`` in index order) fixes the class mapping, e.g. to a
@@ -286,36 +280,47 @@ def load_coco(
     json_path, image_root = Path(json_path), Path(image_root)
     raw = read_json(json_path, DataError, "COCO annotation file")
     if not isinstance(raw, dict):
-        raise DataError(
-            f"{json_path}: expected a COCO object with {', '.join(REQUIRED_KEYS)}, got a {type(raw).__name__}"
-        )
+        raise DataError(f"{json_path}: expected a COCO object with {', '.join(REQUIRED_KEYS)}, got a {type(raw).__name__}")
     missing = [k for k in REQUIRED_KEYS if not isinstance(raw.get(k), list)]
     if missing:
-        raise DataError(
-            f"{json_path}: missing or not a list: {', '.join(missing)}; a COCO detection file needs "
-            f"'images', 'annotations' and 'categories' lists"
-        )
+        raise DataError(f"{json_path}: missing or not a list: {', '.join(missing)}; a COCO detection file needs "
+                        f"'images', 'annotations' and 'categories' lists")
     problems: list[str] = []
     if not image_root.is_dir():
-        problems.append(
-            f"{json_path}: the image folder {image_root} does not exist; fix: pass the folder holding the images"
-        )
+        problems.append(f"{json_path}: the image folder {image_root} does not exist; fix: pass the folder holding "
+                        f"the images")
     if categories is None:
         cats = _categories_from_json(raw["categories"], json_path, problems)
     else:
         cats = normalize_categories(categories, "the given categories")
-    cat_index = {c["id"]: i for i, c in enumerate(cats)}
     images, all_image_ids = _parse_images(raw["images"], json_path, problems)
-
     report = CocoReport(json_path=json_path, images=len(raw["images"]), annotations=len(raw["annotations"]))
     report.category_names = {c["id"]: c["name"] for c in cats}
+    per_image = _parse_annotations(raw["annotations"], json_path, images, all_image_ids,
+                                   {c["id"]: i for i, c in enumerate(cats)}, report, problems)
+    if check_images and image_root.is_dir():  # a missing root is one problem, not one per image
+        problems.extend(_check_image_files(images, image_root, json_path))
+    report.problems = problems
+    if problems and strict:
+        shown = problems[:MAX_PROBLEMS_IN_MESSAGE]
+        more = len(problems) - len(shown)
+        tail = f"\n  ... and {more} more (`detrkit check-data` lists them all)" if more else ""
+        raise DataError(f"{json_path}: {len(problems)} problem(s) to fix before this data can be used:\n"
+                        + "\n".join(f"  - {p}" for p in shown) + tail)
+    return _pack(json_path, image_root, cats, images, per_image, report)
+
+
+def _parse_annotations(raw: list, json_path: Path, images: dict, all_image_ids: Counter, cat_index: dict[int, int],
+                       report: CocoReport, problems: list[str]) -> dict[int, list]:
+    """The training boxes of each valid image, ``{image id: [(x0, y0, x1, y1, class index)]}``, clamped
+    to the image; repairs are counted in ``report``, unfixable records added to ``problems``."""
     per_image: dict[int, list[tuple[float, float, float, float, int]]] = {iid: [] for iid in images}
     ann_ids: Counter = Counter()
-    for k, ann in enumerate(raw["annotations"]):
+    for k, ann in enumerate(raw):
         if not isinstance(ann, dict):
             problems.append(f"{json_path}: annotations[{k}] is {_short(ann)}, expected an object; fix: remove it")
             continue
-        aid = ann.get("id")
+        aid, iid, cid, crowd = ann.get("id"), ann.get("image_id"), ann.get("category_id"), ann.get("iscrowd", 0)
         name = f"annotation id {aid}" if _is_int(aid) else f"annotations[{k}]"
         errs = []
         if not _is_int(aid):
@@ -324,17 +329,12 @@ def load_coco(
             ann_ids[aid] += 1
             if ann_ids[aid] == 2:
                 errs.append("the id appears more than once; fix: give each annotation its own id")
-        iid = ann.get("image_id")
         if not _is_int(iid) or iid not in all_image_ids:
             errs.append(f"image_id {_short(iid)} is not in 'images'; fix: add the image or remove the annotation")
-        cid = ann.get("category_id")
         if not _is_int(cid) or cid not in cat_index:
             known = ", ".join(str(c) for c in list(cat_index)[:20])
-            errs.append(
-                f"category_id {_short(cid)} is not a known category (ids: {known}); "
-                "fix: correct the id or add the category"
-            )
-        crowd = ann.get("iscrowd", 0)
+            errs.append(f"category_id {_short(cid)} is not a known category (ids: {known}); "
+                        "fix: correct the id or add the category")
         if crowd not in (0, 1, None):  # True/False compare equal to 1/0
             errs.append(f"iscrowd is {_short(crowd)}, expected 0 or 1")
         box = _check_bbox(ann.get("bbox"))
@@ -342,42 +342,35 @@ def load_coco(
             errs.append(box + "; fix: write 4 finite numbers or remove the annotation")
         if errs:
             problems.extend(f"{json_path}: {name}: {e}" for e in errs)
-            continue
-        if iid not in images:  # the image record itself is broken (already reported)
-            continue
-        if crowd:
-            report.crowd += 1  # kept in the JSON for evaluation, never a training target
-            continue
-        x, y, bw, bh = box
-        if bw <= 0 or bh <= 0:
-            report.dropped_degenerate += 1
-            report._repaired("degenerate", aid)
-            continue
-        _, h, w = images[iid]
-        x0, y0, x1, y1 = min(max(x, 0.0), w), min(max(y, 0.0), h), min(max(x + bw, 0.0), w), min(max(y + bh, 0.0), h)
-        if x1 <= x0 or y1 <= y0:
-            report.dropped_outside += 1
-            report._repaired("outside", aid)
-            continue
-        if max(abs(x0 - x), abs(y0 - y), abs(x1 - x - bw), abs(y1 - y - bh)) > CLAMP_REPORT_TOLERANCE:
-            report.clamped += 1
-            report._repaired("clamped", aid)
-        per_image[iid].append((x0, y0, x1, y1, cat_index[cid]))
+        elif iid in images:  # else the image record itself is broken (already reported)
+            if crowd:
+                report.crowd += 1  # kept in the JSON for evaluation, never a training target
+                continue
+            xyxy = _repaired_box(box, images[iid][1:], aid, report)
+            if xyxy is not None:
+                per_image[iid].append((*xyxy, cat_index[cid]))
+    return per_image
 
-    if check_images and image_root.is_dir():  # a missing root is one problem, not one per image
-        problems.extend(_check_image_files(images, image_root, json_path))
 
-    report.problems = problems
-    if problems and strict:
-        shown = problems[:MAX_PROBLEMS_IN_MESSAGE]
-        more = len(problems) - len(shown)
-        tail = f"\n  ... and {more} more (`detrkit check-data` lists them all)" if more else ""
-        raise DataError(
-            f"{json_path}: {len(problems)} problem(s) to fix before this data can be used:\n"
-            + "\n".join(f"  - {p}" for p in shown)
-            + tail
-        )
-    return _pack(json_path, image_root, cats, images, per_image, report)
+def _repaired_box(box: tuple[float, float, float, float], size: tuple[int, int], aid: int,
+                  report: CocoReport) -> Optional[tuple[float, float, float, float]]:
+    """COCO ``[x, y, w, h]`` -> ``(x0, y0, x1, y1)`` clamped to the image of ``size`` ``(h, w)``, or None
+    when nothing of it is left; each repair is counted in ``report``."""
+    x, y, bw, bh = box
+    if bw <= 0 or bh <= 0:
+        report.dropped_degenerate += 1
+        report._repaired("degenerate", aid)
+        return None
+    h, w = size
+    x0, y0, x1, y1 = min(max(x, 0.0), w), min(max(y, 0.0), h), min(max(x + bw, 0.0), w), min(max(y + bh, 0.0), h)
+    if x1 <= x0 or y1 <= y0:
+        report.dropped_outside += 1
+        report._repaired("outside", aid)
+        return None
+    if max(abs(x0 - x), abs(y0 - y), abs(x1 - x - bw), abs(y1 - y - bh)) > CLAMP_REPORT_TOLERANCE:
+        report.clamped += 1
+        report._repaired("clamped", aid)
+    return x0, y0, x1, y1
 
 
 def _pack(json_path, image_root, cats, images, per_image, report) -> CocoData:
@@ -393,16 +386,10 @@ def _pack(json_path, image_root, cats, images, per_image, report) -> CocoData:
     per_cat = np.bincount(labels, minlength=len(cats))
     report.boxes_per_category = {c["id"]: int(n) for c, n in zip(cats, per_cat)}
     return CocoData(
-        json_path=json_path,
-        image_root=image_root,
-        categories=cats,
-        image_ids=np.asarray(ids, dtype=np.int64),
+        json_path=json_path, image_root=image_root, categories=cats, image_ids=np.asarray(ids, dtype=np.int64),
         file_names=[images[i][0] for i in ids],
         sizes=np.asarray([images[i][1:] for i in ids], dtype=np.int64).reshape(-1, 2),
-        boxes=arr[:, :4].astype(np.float32),
-        labels=labels,
-        offsets=offsets,
-        report=report,
+        boxes=arr[:, :4].astype(np.float32), labels=labels, offsets=offsets, report=report,
     )
 
 
@@ -444,14 +431,8 @@ class CocoDetection(Dataset):
     ``BoundingBoxes`` (or is None), the dataset clamps, sanitises and normalises them itself.
     """
 
-    def __init__(
-        self,
-        json_path: PathLike,
-        image_root: PathLike,
-        transforms: Optional[Transform] = None,
-        categories: Optional[Sequence[dict]] = None,
-        check_images: bool = False,
-    ) -> None:
+    def __init__(self, json_path: PathLike, image_root: PathLike, transforms: Optional[Transform] = None,
+                 categories: Optional[Sequence[dict]] = None, check_images: bool = False) -> None:
         self.data = load_coco(json_path, image_root, categories=categories, check_images=check_images)
         self.transforms = transforms
         self._finish = finish_targets()
@@ -502,10 +483,8 @@ class CocoDetection(Dataset):
             )
         boxes, labels = self.data.targets(k)
         image = tv_tensors.Image(F.pil_to_tensor(pil))  # uint8 (3, H, W)
-        target = {
-            "boxes": tv_tensors.BoundingBoxes(torch.tensor(boxes), format="XYXY", canvas_size=(h, w)),
-            "labels": torch.tensor(labels),
-        }
+        target = {"boxes": tv_tensors.BoundingBoxes(torch.tensor(boxes), format="XYXY", canvas_size=(h, w)),
+                  "labels": torch.tensor(labels)}
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         if isinstance(target["boxes"], tv_tensors.BoundingBoxes):
