@@ -73,7 +73,9 @@ def test_denoising_leaves_the_model_outputs_and_losses_unchanged(two_stage):
         if k != "loss":
             torch.testing.assert_close(losses[k], v, rtol=0, atol=1e-5, msg=k)
     assert {"loss_ce_dn", "loss_bbox_dn", "loss_giou_dn"} <= set(losses)
-    dn_total = sum(losses[f"{k}_dn"] * w for k, w in (("loss_ce", 1.0), ("loss_bbox", 5.0), ("loss_giou", 2.0)))
+    weights = _criterion(model, loss).weight_dict
+    assert weights["loss_ce_dn"] == weights["loss_ce"] and weights["loss_giou_dn"] == weights["loss_giou"]
+    dn_total = sum(losses[k] * weights[k] for k in ("loss_ce_dn", "loss_bbox_dn", "loss_giou_dn"))
     torch.testing.assert_close(losses["loss"], plain_losses["loss"] + dn_total, rtol=1e-6, atol=1e-5)
 
 

@@ -11,15 +11,15 @@ import sys
 
 import pytest
 import torch
+from conftest import THREE_CLASSES as CLASSES
+from conftest import tiny_config
 
 from detrkit import build_model, load_model, save_model
 from detrkit.checkpoint import detect_format, load_train_state, save_run_checkpoint
 from detrkit.config import ModelConfig
 from detrkit.errors import CheckpointError
 
-TINY = ModelConfig(backbone="resnet18", d_model=32, nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=64,
-                   num_queries=5, num_classes=3)
-CLASSES = [{"id": 3, "name": "circle"}, {"id": 7, "name": "square"}, {"id": 12, "name": "star"}]
+TINY = tiny_config(backbone_stages=4, frozen_stages=1, num_queries=5, num_classes=3)
 
 
 @pytest.fixture

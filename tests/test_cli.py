@@ -14,14 +14,13 @@ from PIL import Image
 from detrkit import cli, load_model
 from detrkit.cli import main
 from detrkit.config import DataConfig, LossConfig, TrainConfig
-from detrkit.data.synthetic import make_synthetic
 
 TRAIN_FLAGS = ["--model", "detr_r18_tiny", "--image-size", "64", "--batch-size", "4", "--workers", "0"]
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    return make_synthetic(tmp_path_factory.mktemp("shapes"), num_train=12, num_val=6, image_size=64)
+def shapes(synthetic):
+    return synthetic(12, 6)
 
 
 def _data_flags(paths):

@@ -1,6 +1,7 @@
 """SetCriterion: keys, weights, empty images, the box losses' normalisation."""
 import pytest
 import torch
+from conftest import make_targets
 
 from detrkit import build_criterion
 from detrkit.config import LossConfig
@@ -16,17 +17,10 @@ def _outputs(gen, b=2, q=6, k=3, aux=2):
     return out
 
 
-def _targets():
-    return [
-        {"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])},
-        {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])},
-    ]
-
-
 def test_keys_and_weighted_total():
     gen = torch.Generator().manual_seed(0)
     crit = build_criterion(3, LossConfig(), num_aux=2)
-    losses = crit(_outputs(gen), _targets())
+    losses = crit(_outputs(gen), make_targets())
     for suffix in ("", "_0", "_1"):
         for k in ("loss_ce", "loss_bbox", "loss_giou", "cardinality_error"):
             assert k + suffix in losses

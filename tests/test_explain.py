@@ -2,19 +2,18 @@
 the matching view run end to end on tiny models."""
 import pytest
 import torch
+from conftest import TINY as TINY_BASE
 from PIL import Image
 from torch import nn
 
 from detrkit import build_model, save_model
 from detrkit.cli import main
 from detrkit.config import ModelConfig
-from detrkit.data.synthetic import make_synthetic
 from detrkit.explain import explain, match
 from detrkit.matcher import HungarianMatcher
 from detrkit.model.transformer import MultiheadAttention, capture_attention
 
-TINY = dict(backbone="resnet18", backbone_stages=3, d_model=32, nheads=4, enc_layers=2, dec_layers=2,
-            dim_feedforward=64, num_queries=6, num_classes=4, frozen_stages=0, dropout=0.0)
+TINY = dict(TINY_BASE, enc_layers=2, num_queries=6, num_classes=4, dropout=0.0)
 # The synthetic shapes set's categories (ids with a gap, as real data sets have).
 CLASSES = [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}, {"id": 3, "name": "triangle"},
            {"id": 5, "name": "star"}]
@@ -144,8 +143,8 @@ def test_explain_cli_writes_a_png(checkpoint, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    return make_synthetic(tmp_path_factory.mktemp("shapes"), num_train=3, num_val=1, image_size=64, seed=1)
+def shapes(synthetic):
+    return synthetic(3, 1, seed=1)
 
 
 def test_match_api_reports_the_matchers_assignment_and_costs(checkpoint, shapes):

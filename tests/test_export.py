@@ -6,20 +6,19 @@ import sys
 
 import pytest
 import torch
+from conftest import THREE_CLASSES as CLASSES
+from conftest import tiny_config
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 from detrkit import build_model, load_model, postprocess, save_model  # noqa: E402
-from detrkit.config import ModelConfig  # noqa: E402
 from detrkit.data.batch import pad_images  # noqa: E402
 from detrkit.export import (  # noqa: E402
     ONNX_EXTRA, OnnxDetector, add_export_arguments, check_onnx, export_onnx, run_export,
 )
 
-TINY = ModelConfig(backbone="resnet18", backbone_stages=3, d_model=64, nheads=4, enc_layers=1, dec_layers=2,
-                   dim_feedforward=128, num_queries=10, num_classes=3)
-CLASSES = [{"id": 3, "name": "circle"}, {"id": 7, "name": "square"}, {"id": 12, "name": "star"}]
+TINY = tiny_config(d_model=64, dim_feedforward=128, frozen_stages=1, num_queries=10, num_classes=3)
 INFERENCE = {"image_size": 64, "max_size": None}
 
 

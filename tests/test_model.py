@@ -3,19 +3,13 @@ import math
 
 import pytest
 import torch
+from conftest import TINY_TRANSFORMER, make_targets
 
 from detrkit import build_criterion, build_model, preset
 from detrkit.config import LossConfig, ModelConfig
 from detrkit.model.position import PositionEmbeddingLearned, PositionEmbeddingSine
 
-TINY = dict(d_model=32, nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=64, num_queries=7, num_classes=3)
-
-
-def _targets():
-    return [
-        {"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])},
-        {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])},
-    ]
+TINY = dict(TINY_TRANSFORMER, num_queries=7, num_classes=3)  # the backbone is each test's
 
 
 @pytest.mark.parametrize("overrides", [
@@ -37,7 +31,7 @@ def test_output_contract_and_every_parameter_gets_a_gradient(overrides):
     for a in out["aux_outputs"]:
         assert a["pred_logits"].shape == (2, 7, 4) and a["pred_boxes"].shape == (2, 7, 4)
     criterion = build_criterion(3, LossConfig(), num_aux=config.dec_layers - 1)
-    losses = criterion(out, _targets())
+    losses = criterion(out, make_targets())
     assert all(torch.isfinite(v).all() for v in losses.values())
     losses["loss"].backward()
     no_grad = {n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)}

@@ -14,7 +14,6 @@ from detrkit.checkpoint import load_model
 from detrkit.cli import main
 from detrkit.config import resolve
 from detrkit.data.sampler import EpochSampler
-from detrkit.data.synthetic import make_synthetic
 from detrkit.data.build import auto_image_size
 from detrkit.ema import ModelEMA
 from detrkit.evaluate import METRIC_KEYS
@@ -23,8 +22,8 @@ from detrkit.run import train as train_run
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    return make_synthetic(tmp_path_factory.mktemp("shapes"), num_train=4, num_val=4, image_size=64)
+def shapes(synthetic):
+    return synthetic(4, 4)
 
 
 def _run(shapes, out, *, val=True, **train):

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import make_targets, tiny_config
 
 from detrkit import build_criterion, build_model, load_model, postprocess, preset, save_model
 from detrkit.config import LossConfig, ModelConfig
@@ -11,12 +12,8 @@ from detrkit.model.position import box_sine_embedding
 from detrkit.model.transformer import MultiheadAttention
 from detrkit.model.two_stage import ConditionalAttention, TwoStageDETR, inverse_sigmoid
 
-CFG = ModelConfig(backbone="resnet18", backbone_stages=3, d_model=32, nheads=4, enc_layers=1, dec_layers=2,
-                  dim_feedforward=64, num_queries=6, num_classes=3, frozen_stages=0, arch="two_stage")
-TARGETS = [
-    {"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])},
-    {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])},
-]
+CFG = tiny_config(num_queries=6, num_classes=3, arch="two_stage")
+TARGETS = make_targets()
 
 
 def _images():

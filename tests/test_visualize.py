@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import sys
 
 import numpy as np
 import pytest
@@ -110,8 +109,15 @@ def test_training_curves_header_only(tmp_path):
 
 
 def test_no_pyplot_state(tmp_path):
+    """Our figures never go through pyplot: none is left open in its figure manager, and its backend
+    and current figure are the caller's."""
+    import matplotlib.pyplot as plt
+
+    backend = plt.get_backend()
+    plt.close("all")
+    mine = plt.figure()  # the caller's own current figure
     write_csv(tmp_path / "results.csv", ["epoch", "train_loss"], [[1, 2.0], [2, 1.0]])
     plot_training_curves(tmp_path / "results.csv", tmp_path / "curves.png")
     side_by_side(gray(), gray(), tmp_path / "pair.png")
-    if "matplotlib.pyplot" in sys.modules:  # another test may have imported it; then no figure may stay open
-        assert sys.modules["matplotlib.pyplot"].get_fignums() == []
+    assert plt.get_fignums() == [mine.number] and plt.gcf() is mine and plt.get_backend() == backend
+    plt.close(mine)

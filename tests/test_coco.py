@@ -1,4 +1,4 @@
-"""Data: COCO loading and validation, transforms, the synthetic set, folder layouts.
+"""COCO files (detrkit.data.coco): reading, repairs, every problem named with its file, the Dataset.
 
 Every test makes its own small data in ``tmp_path``.
 """
@@ -10,78 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import BRUSH, CATEGORIES, DOG, LIGHT, ann, write_image, write_json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from torchvision import tv_tensors
-from torchvision.transforms import v2
 
 from detrkit.data.coco import CocoDetection, load_coco
-from detrkit.data.layouts import find_layout
-from detrkit.data.synthetic import CATEGORIES as SYNTHETIC_CATEGORIES
-from detrkit.data.synthetic import make_synthetic
-from detrkit.data.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    finish_targets,
-    train_transforms,
-    val_transforms,
-)
 from detrkit.errors import DataError
-
-# Non-contiguous ids, out of order in the file, names with spaces: sorted by id they map to 0, 1, 2.
-CATEGORIES = [{"id": 90, "name": "toothbrush"}, {"id": 3, "name": "dog"}, {"id": 7, "name": "traffic light"}]
-DOG, LIGHT, BRUSH = 0, 1, 2  # contiguous indices of ids 3, 7, 90
-
-
-def save_image(path: Path, width: int, height: int, mode: str = "RGB", seed: int = 0) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
-    image = Image.fromarray(pixels, "RGB")
-    if mode == "L":
-        image = image.convert("L")
-    elif mode == "P":
-        image = image.convert("P", palette=Image.Palette.ADAPTIVE)
-    elif mode == "RGBA":
-        image = image.convert("RGBA")
-    image.save(path)
-
-
-def write_json(path: Path, obj) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj))
-    return path
-
-
-def ann(aid, image_id, category_id, bbox, **extra):
-    return {"id": aid, "image_id": image_id, "category_id": category_id, "bbox": bbox, "iscrowd": 0, **extra}
-
-
-@pytest.fixture
-def small_coco(tmp_path):
-    """Four images: RGB JPEG, grayscale PNG in a sub-folder, an empty palette PNG, an RGBA PNG."""
-    root = tmp_path / "images"
-    save_image(root / "a.jpg", 64, 48)
-    save_image(root / "sub" / "b.png", 40, 80, mode="L")
-    save_image(root / "c.png", 30, 20, mode="P")
-    save_image(root / "d.png", 50, 50, mode="RGBA")
-    coco = {
-        "images": [
-            {"id": 10, "file_name": "a.jpg", "width": 64, "height": 48},
-            {"id": 20, "file_name": "sub/b.png", "width": 40, "height": 80},
-            {"id": 30, "file_name": "c.png", "width": 30, "height": 20},
-            {"id": 40, "file_name": "d.png", "width": 50, "height": 50},
-        ],
-        "annotations": [
-            ann(1, 10, 3, [4, 6, 20, 10]),
-            ann(2, 10, 90, [30, 10, 10, 20]),
-            ann(3, 10, 7, [0, 0, 64, 48], iscrowd=1),
-            ann(4, 20, 7, [0, 0, 40, 80]),
-            ann(5, 40, 90, [10, 10, 5, 5]),
-        ],
-        "categories": CATEGORIES,
-    }
-    return write_json(tmp_path / "ann.json", coco), root
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,7 +77,7 @@ def test_category_mapping_round_trip(small_coco):
 
 
 def test_category_ids_starting_at_zero(tmp_path):
-    save_image(tmp_path / "x.png", 10, 10)
+    write_image(tmp_path / "x.png", 10, 10)
     cats = [{"id": 0, "name": "background-ish"}, {"id": 1, "name": "cat"}]
     js = write_json(tmp_path / "a.json", {
         "images": [{"id": 0, "file_name": "x.png", "width": 10, "height": 10}],
@@ -171,7 +107,7 @@ def test_exif_orientation_is_applied(tmp_path):
 
 
 def test_clamping_and_dropping_are_counted(tmp_path):
-    save_image(tmp_path / "x.png", 100, 50)
+    write_image(tmp_path / "x.png", 100, 50)
     js = write_json(tmp_path / "a.json", {
         "images": [{"id": 1, "file_name": "x.png", "width": 100, "height": 50}],
         "annotations": [
@@ -296,7 +232,7 @@ def _nested_parent_file_name(c):
     ],
 )
 def test_bad_records_raise_data_error_naming_the_file(tmp_path, corrupt, record, words):
-    save_image(tmp_path / "x.png", 20, 20)
+    write_image(tmp_path / "x.png", 20, 20)
     coco = _valid_coco()
     corrupt(coco)
     js = tmp_path / "bad.json"
@@ -337,7 +273,7 @@ def test_missing_json_or_image_folder_names_it(tmp_path):
 
 
 def _truncated_jpeg(path: Path):
-    save_image(path, 64, 64)
+    write_image(path, 64, 64)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
 
@@ -387,7 +323,7 @@ def test_an_image_broken_after_the_check_names_its_file_from_a_loader_process(sm
 
 
 def test_size_mismatch_is_a_problem(tmp_path):
-    save_image(tmp_path / "x.png", 30, 20)
+    write_image(tmp_path / "x.png", 30, 20)
     js = write_json(tmp_path / "a.json", {
         "images": [{"id": 1, "file_name": "x.png", "width": 20, "height": 30}],
         "annotations": [], "categories": CATEGORIES,
@@ -401,7 +337,7 @@ def test_size_mismatch_is_a_problem(tmp_path):
 
 
 def test_all_problems_are_listed_together(tmp_path):
-    save_image(tmp_path / "x.png", 20, 20)
+    write_image(tmp_path / "x.png", 20, 20)
     coco = _valid_coco()
     coco["images"].append({"id": 2, "file_name": "../escape.png", "width": 20, "height": 20})
     coco["annotations"] += [
@@ -423,258 +359,6 @@ def test_all_problems_are_listed_together(tmp_path):
     assert len(data.report.problems) == 5 and len(data) == 1
     assert data.report.boxes == 2  # annotations 1 and the first 14
     assert "5 problems to fix" in data.report.summary()
-
-
-# ---------------------------------------------------------------------------------------------
-# Transforms
-# ---------------------------------------------------------------------------------------------
-def _random_sample(rng: np.random.Generator, h: int, w: int, n: int):
-    image = tv_tensors.Image(torch.from_numpy(rng.integers(0, 256, size=(3, h, w), dtype=np.uint8)))
-    x0 = rng.uniform(0, w - 2, n)
-    y0 = rng.uniform(0, h - 2, n)
-    x1 = np.minimum(x0 + rng.uniform(1, w, n), w)
-    y1 = np.minimum(y0 + rng.uniform(1, h, n), h)
-    boxes = torch.tensor(np.stack([x0, y0, x1, y1], 1), dtype=torch.float32)
-    target = {
-        "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w)),
-        "labels": torch.arange(n, dtype=torch.int64),
-    }
-    return image, target
-
-
-def test_horizontal_flip_moves_a_known_box(small_coco):
-    json_path, root = small_coco
-    ds = CocoDetection(json_path, root, transforms=v2.RandomHorizontalFlip(p=1.0))
-    _, target = ds[0]
-    # Dog box x in [4, 24] of a 64 wide image -> [40, 60]; y unchanged.
-    torch.testing.assert_close(target["boxes"][0], torch.tensor([50 / 64, 11 / 48, 20 / 64, 10 / 48]))
-
-
-def test_sanitize_keeps_labels_in_sync():
-    image = tv_tensors.Image(torch.zeros(3, 100, 100, dtype=torch.uint8))
-    target = {
-        "boxes": tv_tensors.BoundingBoxes([[0, 0, 10, 10], [50, 50, 90, 90], [35, 35, 45, 45]],
-                                          format="XYXY", canvas_size=(100, 100)),
-        "labels": torch.tensor([7, 8, 9]),
-    }
-    # The centre crop keeps pixels 30..70: the first box is gone, the second is cut to 50..70.
-    out_image, out = v2.Compose([v2.CenterCrop(40), finish_targets()])(image, target)
-    assert out_image.shape == (3, 40, 40)
-    assert out["labels"].tolist() == [8, 9]
-    torch.testing.assert_close(out["boxes"], torch.tensor([[0.75, 0.75, 0.5, 0.5], [0.25, 0.25, 0.25, 0.25]]))
-    assert type(out["boxes"]) is torch.Tensor
-
-
-def test_train_preset_on_random_inputs():
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    transform = train_transforms(image_size=128)
-    scales = set(range(77, 129))
-    for _ in range(60):
-        h, w = int(rng.integers(20, 400)), int(rng.integers(20, 400))
-        image, target = _random_sample(rng, h, w, int(rng.integers(0, 6)))
-        out_image, out = transform(image, target)
-        assert out_image.dtype == torch.float32 and out_image.shape[0] == 3
-        oh, ow = out_image.shape[-2:]
-        assert min(oh, ow) in scales or max(oh, ow) == 213, (h, w, oh, ow)
-        assert max(oh, ow) <= 213
-        boxes = out["boxes"]
-        assert boxes.dtype == torch.float32 and boxes.shape == (len(out["labels"]), 4)
-        assert torch.isfinite(boxes).all()
-        assert (boxes[:, 2:] > 0).all()
-        xyxy = torch.cat([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], 1)
-        assert (xyxy >= -1e-5).all() and (xyxy <= 1 + 1e-5).all()
-        # Labels are the original box indices, so a dropped box removes exactly its own label.
-        assert out["labels"].tolist() == sorted(out["labels"].tolist())
-
-
-def test_train_preset_scales_with_image_size():
-    # The multi-scale shorter sides at 128 are 77..128 (480..800 times 0.16); longer side <= 213.
-    seen = set()
-    torch.manual_seed(1)
-    image, target = _random_sample(np.random.default_rng(1), 300, 400, 2)
-    transform = train_transforms(image_size=128)
-    for _ in range(200):
-        out_image, _ = transform(image, target)
-        seen.add(min(out_image.shape[-2:]))
-    assert {77, 128} <= seen and max(seen) == 128
-
-
-def test_val_preset_sizes_and_normalisation():
-    image = tv_tensors.Image(torch.full((3, 300, 200), 255, dtype=torch.uint8))
-    target = {"boxes": tv_tensors.BoundingBoxes([[0, 0, 200, 300]], format="XYXY", canvas_size=(300, 200)),
-              "labels": torch.tensor([1])}
-    out_image, out = val_transforms(image_size=128)(image, target)
-    assert out_image.shape == (3, 192, 128)  # shorter side 128, longer 192 <= 213
-    expected = torch.tensor([(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)])
-    torch.testing.assert_close(out_image[:, 0, 0], expected)
-    torch.testing.assert_close(out["boxes"], torch.tensor([[0.5, 0.5, 1.0, 1.0]]))
-    # A long image: the longer side is capped at max_size and the shorter one follows.
-    wide = tv_tensors.Image(torch.zeros((3, 100, 400), dtype=torch.uint8))
-    empty = {"boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(100, 400)),
-             "labels": torch.zeros(0, dtype=torch.int64)}
-    out_image, out = val_transforms(image_size=128)(wide, empty)
-    assert out_image.shape == (3, 53, 213)  # DETR's rule: round(213 * 100 / 400) = 53
-    assert out["boxes"].shape == (0, 4)
-    assert val_transforms()(wide, empty)[0].shape == (3, 333, 1333)
-    with pytest.raises(ValueError, match="max_size"):
-        val_transforms(image_size=800, max_size=800)
-
-
-def test_dataset_with_train_preset(small_coco):
-    json_path, root = small_coco
-    torch.manual_seed(0)
-    ds = CocoDetection(json_path, root, transforms=train_transforms(image_size=64))
-    for k in range(len(ds)):
-        image, target = ds[k]
-        assert image.dtype == torch.float32
-        assert target["size"].tolist() == list(image.shape[-2:])
-        assert len(target["boxes"]) == len(target["labels"])
-
-
-# ---------------------------------------------------------------------------------------------
-# Synthetic set
-# ---------------------------------------------------------------------------------------------
-def test_synthetic_is_deterministic_and_readable(tmp_path):
-    from pycocotools.coco import COCO
-
-    a = make_synthetic(tmp_path / "a", num_train=12, num_val=4, seed=3)
-    b = make_synthetic(tmp_path / "b", num_train=12, num_val=4, seed=3)
-    c = make_synthetic(tmp_path / "c", num_train=12, num_val=4, seed=4)
-    assert json.loads(a["train_json"].read_text()) == json.loads(b["train_json"].read_text())
-    assert (a["train_images"] / "000005.jpg").read_bytes() == (b["train_images"] / "000005.jpg").read_bytes()
-    assert (a["train_images"] / "000005.jpg").read_bytes() != (c["train_images"] / "000005.jpg").read_bytes()
-
-    data = load_coco(a["train_json"], a["train_images"], check_images=True)
-    assert data.categories == [{"id": c["id"], "name": c["name"]} for c in SYNTHETIC_CATEGORIES]
-    assert data.report.boxes > 0 and not data.report.problems
-    ds = CocoDetection(a["val_json"], a["val_images"], transforms=val_transforms(image_size=128))
-    image, target = ds[0]
-    assert image.shape == (3, 128, 128)
-    gt = COCO(str(a["train_json"]))
-    assert len(gt.getImgIds()) == 12 and sorted(gt.getCatIds()) == [1, 2, 3, 5]
-    for a_ in gt.dataset["annotations"]:
-        x, y, w, h = a_["bbox"]
-        assert 0 <= x and 0 <= y and x + w <= 128 and y + h <= 128 and w >= 1 and h >= 1
-
-
-def test_synthetic_content_statistics(tmp_path):
-    paths = make_synthetic(tmp_path, num_train=200, num_val=0, seed=0)
-    coco = json.loads(paths["train_json"].read_text())
-    per_image = np.bincount([a["image_id"] for a in coco["annotations"]], minlength=201)[1:]
-    assert per_image.max() <= 6
-    assert 0.03 <= (per_image == 0).mean() <= 0.2  # about 10% empty
-    sides = np.array([max(a["bbox"][2:]) for a in coco["annotations"]])
-    assert sides.min() >= 3 and sides.max() <= 62  # at most 60 px plus the rasteriser's edge pixels
-    assert {a["category_id"] for a in coco["annotations"]} == {1, 2, 3, 5}
-
-
-def test_synthetic_is_cached(tmp_path):
-    paths = make_synthetic(tmp_path, num_train=3, num_val=2, image_format="png")
-    stamp = paths["train_json"].stat().st_mtime_ns
-    assert make_synthetic(tmp_path, num_train=3, num_val=2, image_format="png") == paths
-    assert paths["train_json"].stat().st_mtime_ns == stamp
-    # Other parameters regenerate and leave no stale images behind.
-    make_synthetic(tmp_path, num_train=2, num_val=2, image_format="png")
-    assert sorted(p.name for p in paths["train_images"].iterdir()) == ["000000.png", "000001.png"]
-
-
-def test_synthetic_refuses_foreign_folders(tmp_path):
-    save_image(tmp_path / "train" / "mine.jpg", 8, 8)
-    with pytest.raises(DataError, match="not written by detrkit"):
-        make_synthetic(tmp_path, num_train=1, num_val=1)
-
-
-# ---------------------------------------------------------------------------------------------
-# Layouts
-# ---------------------------------------------------------------------------------------------
-def test_coco_layout(tmp_path):
-    make_synthetic(tmp_path / "syn", num_train=2, num_val=2)
-    found = find_layout(tmp_path / "syn")
-    assert found["train_json"].name == "instances_train.json" and found["train_images"].name == "train"
-
-    # COCO 2017 names, images under images/.
-    for split in ("train2017", "val2017"):
-        save_image(tmp_path / "coco" / "images" / split / "1.jpg", 8, 8)
-        write_json(tmp_path / "coco" / "annotations" / f"instances_{split}.json", {
-            "images": [{"id": 1, "file_name": "1.jpg", "width": 8, "height": 8}],
-            "annotations": [], "categories": CATEGORIES,
-        })
-    found = find_layout(tmp_path / "coco")
-    assert found["val_images"] == tmp_path / "coco" / "images" / "val2017"
-    assert found["val_json"].name == "instances_val2017.json"
-    assert len(CocoDetection(found["val_json"], found["val_images"])) == 1
-
-
-def test_roboflow_layout(tmp_path):
-    for split in ("train", "valid", "test"):
-        save_image(tmp_path / split / "img_1.jpg", 32, 16)
-        write_json(tmp_path / split / "_annotations.coco.json", {
-            "images": [{"id": 0, "file_name": "img_1.jpg", "width": 32, "height": 16}],
-            "annotations": [ann(0, 0, 1, [2, 2, 8, 8])],
-            "categories": [{"id": 0, "name": "things", "supercategory": "none"},
-                           {"id": 1, "name": "cell", "supercategory": "things"}],
-        })
-    found = find_layout(tmp_path)
-    assert found["val_json"] == tmp_path / "valid" / "_annotations.coco.json"
-    assert found["train_images"] == tmp_path / "train"
-    ds = CocoDetection(found["train_json"], found["train_images"])
-    assert ds[0][1]["labels"].tolist() == [1]
-
-
-def test_yolo_layout(tmp_path):
-    (tmp_path / "data.yaml").write_text(
-        "path: /somewhere/on/the/exporting/machine\ntrain: images/train\nval: images/val\nnames: [cat, dog]\n"
-    )
-    save_image(tmp_path / "images" / "train" / "a.jpg", 40, 20)
-    save_image(tmp_path / "images" / "train" / "b.png", 10, 10)  # no label file: no objects
-    save_image(tmp_path / "images" / "val" / "c.jpg", 16, 16)
-    (tmp_path / "labels" / "train").mkdir(parents=True)
-    (tmp_path / "labels" / "val").mkdir(parents=True)
-    (tmp_path / "labels" / "train" / "a.txt").write_text(
-        "1 0.5 0.5 0.5 0.5\n\n0 0.1 0.1 0.3 0.1 0.3 0.3 0.1 0.3\n"  # a box and a polygon
-    )
-    (tmp_path / "labels" / "val" / "c.txt").write_text("0 0.5 0.5 1 1\n")
-    found = find_layout(tmp_path)
-    assert found["train_json"] == tmp_path / ".detrkit" / "instances_train.json"
-    ds = CocoDetection(found["train_json"], found["train_images"])
-    assert [c["name"] for c in ds.categories] == ["cat", "dog"] and ds.cat_id_to_index == {0: 0, 1: 1}
-    names = [Path(n).name for n in ds.data.file_names]
-    image, target = ds[names.index("a.jpg")]
-    assert image.shape == (3, 20, 40)
-    assert target["labels"].tolist() == [1, 0]
-    torch.testing.assert_close(target["boxes"], torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.2, 0.2, 0.2, 0.2]]))
-    assert ds[names.index("b.png")][1]["boxes"].shape == (0, 4)
-
-    # Converted once; a changed label file triggers a new conversion.
-    stamp = found["train_json"].stat().st_mtime_ns
-    find_layout(tmp_path)
-    assert found["train_json"].stat().st_mtime_ns == stamp
-    (tmp_path / "labels" / "train" / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n")
-    find_layout(tmp_path)
-    assert CocoDetection(found["train_json"], found["train_images"]).report.boxes == 1
-
-
-def test_yolo_bad_label_lines_are_listed(tmp_path):
-    (tmp_path / "data.yaml").write_text("train: images/train\nval: images/train\nnames: {0: cat}\n")
-    save_image(tmp_path / "images" / "train" / "a.jpg", 8, 8)
-    (tmp_path / "labels" / "train").mkdir(parents=True)
-    (tmp_path / "labels" / "train" / "a.txt").write_text("3 0.5 0.5 0.1 0.1\n0 0.5 0.5\n0 nan 0.5 0.1 0.1\n")
-    with pytest.raises(DataError) as err:
-        find_layout(tmp_path)
-    msg = str(err.value)
-    assert "a.txt:1" in msg and "a.txt:2" in msg and "a.txt:3" in msg
-
-
-def test_unknown_layout_says_what_was_looked_for(tmp_path):
-    (tmp_path / "stuff.txt").write_text("hello")
-    with pytest.raises(DataError) as err:
-        find_layout(tmp_path)
-    assert str(tmp_path) in str(err.value)
-    for name in ("COCO", "Roboflow", "YOLO"):
-        assert name in str(err.value)
-    with pytest.raises(DataError, match="not found"):
-        find_layout(tmp_path / "missing")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -716,7 +400,7 @@ _good_images = [{"id": 1, "file_name": "x.png", "width": 20, "height": 10},
     check=st.booleans(),
 )
 def test_loader_raises_only_data_error(tmp_path, annotations, images, check):
-    save_image(tmp_path / "x.png", 20, 10)
+    write_image(tmp_path / "x.png", 20, 10)
     coco = {
         "images": images,
         "annotations": annotations,

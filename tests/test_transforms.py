@@ -1,0 +1,115 @@
+"""Box-aware train / val presets (detrkit.data.transforms) on torchvision.transforms.v2."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from detrkit.data.coco import CocoDetection
+from detrkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, finish_targets, train_transforms, val_transforms
+
+
+def _random_sample(rng: np.random.Generator, h: int, w: int, n: int):
+    image = tv_tensors.Image(torch.from_numpy(rng.integers(0, 256, size=(3, h, w), dtype=np.uint8)))
+    x0 = rng.uniform(0, w - 2, n)
+    y0 = rng.uniform(0, h - 2, n)
+    x1 = np.minimum(x0 + rng.uniform(1, w, n), w)
+    y1 = np.minimum(y0 + rng.uniform(1, h, n), h)
+    boxes = torch.tensor(np.stack([x0, y0, x1, y1], 1), dtype=torch.float32)
+    target = {
+        "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w)),
+        "labels": torch.arange(n, dtype=torch.int64),
+    }
+    return image, target
+
+
+def test_horizontal_flip_moves_a_known_box(small_coco):
+    json_path, root = small_coco
+    ds = CocoDetection(json_path, root, transforms=v2.RandomHorizontalFlip(p=1.0))
+    _, target = ds[0]
+    # Dog box x in [4, 24] of a 64 wide image -> [40, 60]; y unchanged.
+    torch.testing.assert_close(target["boxes"][0], torch.tensor([50 / 64, 11 / 48, 20 / 64, 10 / 48]))
+
+
+def test_sanitize_keeps_labels_in_sync():
+    image = tv_tensors.Image(torch.zeros(3, 100, 100, dtype=torch.uint8))
+    target = {
+        "boxes": tv_tensors.BoundingBoxes([[0, 0, 10, 10], [50, 50, 90, 90], [35, 35, 45, 45]],
+                                          format="XYXY", canvas_size=(100, 100)),
+        "labels": torch.tensor([7, 8, 9]),
+    }
+    # The centre crop keeps pixels 30..70: the first box is gone, the second is cut to 50..70.
+    out_image, out = v2.Compose([v2.CenterCrop(40), finish_targets()])(image, target)
+    assert out_image.shape == (3, 40, 40)
+    assert out["labels"].tolist() == [8, 9]
+    torch.testing.assert_close(out["boxes"], torch.tensor([[0.75, 0.75, 0.5, 0.5], [0.25, 0.25, 0.25, 0.25]]))
+    assert type(out["boxes"]) is torch.Tensor
+
+
+def test_train_preset_on_random_inputs():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    transform = train_transforms(image_size=128)
+    scales = set(range(77, 129))
+    for _ in range(60):
+        h, w = int(rng.integers(20, 400)), int(rng.integers(20, 400))
+        image, target = _random_sample(rng, h, w, int(rng.integers(0, 6)))
+        out_image, out = transform(image, target)
+        assert out_image.dtype == torch.float32 and out_image.shape[0] == 3
+        oh, ow = out_image.shape[-2:]
+        assert min(oh, ow) in scales or max(oh, ow) == 213, (h, w, oh, ow)
+        assert max(oh, ow) <= 213
+        boxes = out["boxes"]
+        assert boxes.dtype == torch.float32 and boxes.shape == (len(out["labels"]), 4)
+        assert torch.isfinite(boxes).all()
+        assert (boxes[:, 2:] > 0).all()
+        xyxy = torch.cat([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], 1)
+        assert (xyxy >= -1e-5).all() and (xyxy <= 1 + 1e-5).all()
+        # Labels are the original box indices, so a dropped box removes exactly its own label.
+        assert out["labels"].tolist() == sorted(out["labels"].tolist())
+
+
+def test_train_preset_scales_with_image_size():
+    # The multi-scale shorter sides at 128 are 77..128 (480..800 times 0.16); longer side <= 213.
+    seen = set()
+    torch.manual_seed(1)
+    image, target = _random_sample(np.random.default_rng(1), 300, 400, 2)
+    transform = train_transforms(image_size=128)
+    for _ in range(200):
+        out_image, _ = transform(image, target)
+        seen.add(min(out_image.shape[-2:]))
+    assert {77, 128} <= seen and max(seen) == 128
+
+
+def test_val_preset_sizes_and_normalisation():
+    image = tv_tensors.Image(torch.full((3, 300, 200), 255, dtype=torch.uint8))
+    target = {"boxes": tv_tensors.BoundingBoxes([[0, 0, 200, 300]], format="XYXY", canvas_size=(300, 200)),
+              "labels": torch.tensor([1])}
+    out_image, out = val_transforms(image_size=128)(image, target)
+    assert out_image.shape == (3, 192, 128)  # shorter side 128, longer 192 <= 213
+    expected = torch.tensor([(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)])
+    torch.testing.assert_close(out_image[:, 0, 0], expected)
+    torch.testing.assert_close(out["boxes"], torch.tensor([[0.5, 0.5, 1.0, 1.0]]))
+    # A long image: the longer side is capped at max_size and the shorter one follows.
+    wide = tv_tensors.Image(torch.zeros((3, 100, 400), dtype=torch.uint8))
+    empty = {"boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(100, 400)),
+             "labels": torch.zeros(0, dtype=torch.int64)}
+    out_image, out = val_transforms(image_size=128)(wide, empty)
+    assert out_image.shape == (3, 53, 213)  # DETR's rule: round(213 * 100 / 400) = 53
+    assert out["boxes"].shape == (0, 4)
+    assert val_transforms()(wide, empty)[0].shape == (3, 333, 1333)
+    with pytest.raises(ValueError, match="max_size"):
+        val_transforms(image_size=800, max_size=800)
+
+
+def test_dataset_with_train_preset(small_coco):
+    json_path, root = small_coco
+    torch.manual_seed(0)
+    ds = CocoDetection(json_path, root, transforms=train_transforms(image_size=64))
+    for k in range(len(ds)):
+        image, target = ds[k]
+        assert image.dtype == torch.float32
+        assert target["size"].tolist() == list(image.shape[-2:])
+        assert len(target["boxes"]) == len(target["labels"])
