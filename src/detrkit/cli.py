@@ -66,14 +66,19 @@ def _image_size(value: str):
         raise argparse.ArgumentTypeError(f"expected a number of pixels or 'auto', got {value!r}") from None
 
 
-def _data_flags(p) -> None:
-    g = p.add_argument_group("data (a folder in a common layout, or explicit COCO files)")
+def _data_sources(g) -> None:
+    """Where the data is: a folder in a common layout, or explicit COCO files."""
     _flag(g, DataConfig, "data", "folder in COCO, Roboflow-COCO or YOLO layout", metavar="DIR")
     _flag(g, DataConfig, "train_json", "COCO annotation file of the training split", metavar="FILE")
     _flag(g, DataConfig, "train_images", "image root of the training split (file_name is relative to it)",
           metavar="DIR")
     _flag(g, DataConfig, "val_json", "COCO annotation file of the validation split", metavar="FILE")
     _flag(g, DataConfig, "val_images", "image root of the validation split", metavar="DIR")
+
+
+def _data_flags(p) -> None:
+    g = p.add_argument_group("data (a folder in a common layout, or explicit COCO files)")
+    _data_sources(g)
     _flag(g, DataConfig, "image_size", "shorter image side at evaluation; training scales follow it; 'auto': "
           f"the training images' median shorter side, at most {AUTO_IMAGE_SIZE}", type=_image_size)
     _flag(g, DataConfig, "max_size", "longer image side limit (None: image-size * 1333 / 800)", type=int)
@@ -259,11 +264,7 @@ def _explain_parser(sub) -> argparse.ArgumentParser:
                    help="at most this many detections, each with its decoder map (default: 6)")
     g = p.add_argument_group("matching view")
     g.add_argument("--matching", action="store_true", help="draw the matching of one annotated image instead")
-    _flag(g, DataConfig, "data", "folder in COCO, Roboflow-COCO or YOLO layout", metavar="DIR")
-    _flag(g, DataConfig, "train_json", "COCO annotation file of the training split", metavar="FILE")
-    _flag(g, DataConfig, "train_images", "image root of the training split", metavar="DIR")
-    _flag(g, DataConfig, "val_json", "COCO annotation file of the validation split", metavar="FILE")
-    _flag(g, DataConfig, "val_images", "image root of the validation split", metavar="DIR")
+    _data_sources(g)
     g.add_argument("--split", default="train", choices=["train", "val"], help="which split's image (default: train)")
     g.add_argument("--index", type=int, default=0, help="image number in the annotation file, from 0 (default: 0)")
     for name, what in (("cost_class", "class"), ("cost_bbox", "L1 box"), ("cost_giou", "GIoU")):
@@ -447,10 +448,7 @@ def _points(values: list[str]) -> list[tuple[float, float]]:
 
 def _explain_matching(args, model, data: dict) -> int:
     from detrkit.data.build import data_paths
-    from detrkit.data.coco import CocoDetection
-    from detrkit.data.transforms import val_transforms
-    from detrkit.explain import match
-    from detrkit.matcher import build_matcher
+    from detrkit.explain import match_annotated
     from detrkit.run import load_run_config
     from detrkit.visualize import draw_matching
 
@@ -463,14 +461,10 @@ def _explain_matching(args, model, data: dict) -> int:
     loss = load_run_config(run_config.parent)[1] if run_config.is_file() else LossConfig()
     loss = dataclasses.replace(loss, **{k: getattr(args, k) for k in ("cost_class", "cost_bbox", "cost_giou")
                                         if getattr(args, k) is not None})
-    matcher = build_matcher(loss, model.sigmoid_class)
-    dataset = CocoDetection(paths[f"{args.split}_json"], paths[f"{args.split}_images"],
-                            transforms=val_transforms(model.inference["image_size"], model.inference.get("max_size")),
-                            categories=[{"id": c["id"], "name": c["name"]} for c in model.classes])
-    result = match(model, dataset, args.index, matcher)
+    result = match_annotated(model, paths[f"{args.split}_json"], paths[f"{args.split}_images"], args.index, loss)
     out = Path(args.out) if args.out else Path("runs/explain") / f"matching-{args.split}-{args.index}.png"
     draw_matching(result, out)
-    print(f"{dataset.data.image_path(args.index)}: {len(result.target_names)} targets matched to queries "
+    print(f"{result.image_path}: {len(result.target_names)} targets matched to queries "
           f"{[q for q, _ in sorted(result.pairs, key=lambda pair: pair[1])]} -> {out}")
     return 0
 

@@ -31,7 +31,9 @@ from torchvision.transforms.v2 import functional as TF
 from detrkit.boxes import cxcywh_to_xyxy, scale_boxes
 from detrkit.data.coco import open_rgb
 from detrkit.data.transforms import prepare_image, val_transforms
-from detrkit.matcher import HungarianMatcher
+from detrkit.config import LossConfig
+from detrkit.data.coco import CocoDetection
+from detrkit.matcher import HungarianMatcher, build_matcher
 from detrkit.model.detr import DETR
 from detrkit.model.transformer import capture_attention
 
@@ -171,6 +173,7 @@ class Matching:
     costs: dict[str, Tensor]  # "class", "bbox", "giou", "total": (len(pairs),) each
     weights: dict[str, float]  # the matcher's weights of "class", "bbox", "giou"
     class_cost_formula: str  # how the class term is computed: "-p", "1 - p" or "focal"
+    image_path: Optional[Path] = None  # the image file
 
 
 @torch.no_grad()
@@ -212,4 +215,14 @@ def match(model: DETR, dataset, index: int, matcher: HungarianMatcher) -> Matchi
         pairs=list(zip(rows.tolist(), cols.tolist())), costs=costs,
         weights={"class": matcher.cost_class, "bbox": matcher.cost_bbox, "giou": matcher.cost_giou},
         class_cost_formula="focal" if matcher.sigmoid_class else ("1 - p" if matcher.class_cost_formula == "one_minus_prob" else "-p"),
+        image_path=dataset.data.image_path(index),
     )
+
+
+def match_annotated(model: DETR, json_path: Path, image_root: Path, index: int, loss: LossConfig) -> Matching:
+    """:func:`match` on image ``index`` of a COCO file (sized as the model was trained, the model's
+    classes), with the matcher training used (:func:`~detrkit.matcher.build_matcher` of ``loss``)."""
+    dataset = CocoDetection(json_path, image_root,
+                            transforms=val_transforms(model.inference["image_size"], model.inference.get("max_size")),
+                            categories=[{"id": c["id"], "name": c["name"]} for c in model.classes])
+    return match(model, dataset, index, build_matcher(loss, model.sigmoid_class))
