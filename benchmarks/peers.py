@@ -215,13 +215,20 @@ def run_logged(command: list, log: Path, env: dict | None = None) -> float:
     return time.perf_counter() - start
 
 
+def fresh_folder(folder: Path) -> Path:
+    """An empty ``folder`` (this script's own, under ``--out``): nothing of an earlier run is read back."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    return folder
+
+
 def run_peer(name: str, yolo: dict, imgsz: int, args: argparse.Namespace, out: Path) -> dict:
     """Train and predict with one Ultralytics model in its venv; the row of numbers."""
     if not Path(args.peer_python).exists():
         raise SystemExit(f"{args.peer_python} not found; create the peers' venv (see this script's docstring) "
                          "or give --peer-python")
-    folder = out / name
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = fresh_folder(out / name)
     command = [args.peer_python, str(PEER_SCRIPT), "--model", PEERS[name], "--data", str(yolo["yaml"]),
                "--minutes", str(args.minutes), "--imgsz", str(imgsz), "--out", str(folder),
                "--workers", str(args.workers), "--threads", str(args.threads)]
@@ -238,7 +245,7 @@ def run_peer(name: str, yolo: dict, imgsz: int, args: argparse.Namespace, out: P
 
 def run_detrkit(args: argparse.Namespace, out: Path) -> dict:
     """``detrkit train`` for the budget (evaluated once, after the last step); the row of numbers."""
-    run_dir = out / "detrkit"
+    run_dir = fresh_folder(out / "detrkit")
     # eval-every beyond any epoch count: the only evaluation is the one after the last epoch.
     command = [sys.executable, "-m", "detrkit", "train", "--data", str(args.data), "--minutes", str(args.minutes),
                "--out", str(run_dir), "--workers", str(args.workers), "--eval-every", "1000000",
@@ -259,7 +266,6 @@ def run_detrkit(args: argparse.Namespace, out: Path) -> dict:
             "detections": load_json(run_dir / "detections.json"),
             "details": {"preset": config["train"]["model"], "batch": batch, "steps": steps,
                         "params": sum(p.numel() for p in model.parameters()), "network_attempts": []}}
-
 
 
 # ---------------------------------------------------------------------------------------------

@@ -134,7 +134,7 @@ def predict(weights: Path, cfg: str, val_images: Path, imgsz: int) -> dict:
     model = model_class(cfg)(str(weights))
     found = {}
     for r in model.predict(source=str(val_images), imgsz=imgsz, conf=0.001, max_det=100, device="cpu",
-                           stream=True, verbose=False):
+                           batch=16, stream=True, verbose=False):
         boxes = r.boxes
         rows = torch.cat([boxes.xyxy, boxes.conf[:, None], boxes.cls[:, None]], dim=1)  # (N, 6)
         found[Path(r.path).stem] = rows.tolist()
