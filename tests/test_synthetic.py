@@ -62,3 +62,82 @@ def test_synthetic_refuses_foreign_folders(tmp_path):
     write_image(tmp_path / "train" / "mine.jpg", 8, 8)
     with pytest.raises(DataError, match="not written by detrkit"):
         make_synthetic(tmp_path, num_train=1, num_val=1)
+
+
+def _set_digest(paths) -> str:
+    """sha256 over both splits' annotations (canonical JSON) and every image's decoded pixels."""
+    import hashlib
+
+    from PIL import Image
+
+    h = hashlib.sha256()
+    for split in ("train", "val"):
+        coco = json.loads(paths[f"{split}_json"].read_text())
+        h.update(json.dumps(coco, sort_keys=True).encode())
+        for im in coco["images"]:
+            h.update(np.asarray(Image.open(paths[f"{split}_images"] / im["file_name"])).tobytes())
+    return h.hexdigest()
+
+
+def test_default_sets_are_those_made_before_the_size_and_count_options(tmp_path):
+    # Digests of the sets the generator wrote before --objects and --object-size existed (PNG, so
+    # the pixels do not depend on a JPEG codec). `make demo`'s cached set must stay the same data;
+    # a new numpy random stream or Pillow rasteriser would change them too (then bump FORMAT_VERSION).
+    a = make_synthetic(tmp_path / "a", num_train=6, num_val=3, seed=0, image_format="png")
+    assert _set_digest(a) == "146335b296fb49c00f0f7550b651a65bf044564c625ce842347cd86e06e107bb"
+    b = make_synthetic(tmp_path / "b", num_train=6, num_val=3, seed=5, image_size=64, image_format="png")
+    assert _set_digest(b) == "c98dd0f413e8340e970a684031db7435f1708cfcc2a91cc3485030ad2909b4cf"
+    # The manifest (the cache key) is unchanged too, so sets cached before stay valid.
+    assert set(json.loads((tmp_path / "a" / "synthetic.json").read_text())) == {
+        "generator", "version", "num_train", "num_val", "image_size", "seed", "max_objects", "empty_fraction",
+        "image_format"}
+    # At 128 px the explicit reference range draws exactly the default set.
+    c = make_synthetic(tmp_path / "c", num_train=6, num_val=3, seed=0, image_format="png", object_size=(10, 60),
+                       min_objects=1, max_objects=6)
+    assert _set_digest(c) == _set_digest(a)
+
+
+def test_object_size_and_count_ranges(tmp_path):
+    paths = make_synthetic(tmp_path, num_train=30, num_val=0, image_size=256, object_size=(8, 24), min_objects=8,
+                           max_objects=12, empty_fraction=0.0, image_format="png")
+    coco = json.loads(paths["train_json"].read_text())
+    per_image = np.bincount([a["image_id"] for a in coco["annotations"]], minlength=31)[1:]
+    assert per_image.min() == 8 and per_image.max() == 12  # small shapes in a large image: every one placed
+    sides = np.array([max(a["bbox"][2:]) for a in coco["annotations"]])
+    # At most 24 px plus the rasteriser's edge pixels; at least a 60%-visible triangle of 8 px.
+    assert sides.max() <= 26 and sides.min() >= 4
+    assert np.median(sides) < 20  # drawn across the range, not pinned to its top
+    # The default range at 256 px is 20-120 px: far larger shapes.
+    default = make_synthetic(tmp_path / "default", num_train=30, num_val=0, image_size=256, image_format="png")
+    default_sides = [max(a["bbox"][2:]) for a in json.loads(default["train_json"].read_text())["annotations"]]
+    assert np.median(default_sides) > 40
+    manifest = json.loads((tmp_path / "synthetic.json").read_text())
+    assert manifest["object_size"] == [8.0, 24.0] and manifest["min_objects"] == 8 and manifest["max_objects"] == 12
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(min_objects=3, max_objects=2), "min_objects <= max_objects"),
+    (dict(min_objects=-1), "min_objects <= max_objects"),
+    (dict(object_size=(20, 10)), "object_size"),
+    (dict(object_size=(1, 10)), "object_size"),
+    (dict(image_size=64, object_size=(8, 65)), "image_size"),
+])
+def test_bad_ranges_are_refused(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_synthetic(tmp_path, num_train=1, num_val=1, **kwargs)
+    assert not (tmp_path / "train").exists()  # refused before anything is written
+
+
+def test_synth_command_with_ranges_writes_a_valid_set(tmp_path, capsys):
+    from detrkit.cli import main
+
+    out = tmp_path / "stand-in"
+    assert main(["synth", str(out), "--image-size", "160", "--object-size", "8", "32", "--objects", "2", "4",
+                 "--num-train", "6", "--num-val", "3"]) == 0
+    assert main(["check-data", "--data", str(out)]) == 0
+    coco = json.loads((out / "annotations" / "instances_train.json").read_text())
+    assert all(im["width"] == im["height"] == 160 for im in coco["images"])
+    assert max(max(a["bbox"][2:]) for a in coco["annotations"]) <= 34
+    capsys.readouterr()
+    assert main(["synth", str(tmp_path / "bad"), "--objects", "5", "2"]) == 2
+    assert "min_objects <= max_objects" in capsys.readouterr().err

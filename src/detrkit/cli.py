@@ -118,6 +118,10 @@ def _synth_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--num-val", type=int, default=200, help="validation images (default: 200)")
     p.add_argument("--image-size", type=int, default=128, help="image side in pixels (default: 128)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--objects", type=int, nargs=2, metavar=("MIN", "MAX"), default=(1, 6),
+                   help="shapes per image, except the ~10%% empty images (default: 1 6)")
+    p.add_argument("--object-size", type=float, nargs=2, metavar=("MIN", "MAX"), default=None, help="shape size "
+                   "range in pixels, the circle a shape fits in (default: 10 60 at 128 px, scaled with --image-size)")
     return p
 
 
@@ -384,7 +388,8 @@ def cmd_synth(args) -> int:
     from detrkit.data.synthetic import make_synthetic
 
     paths = make_synthetic(args.out, num_train=args.num_train, num_val=args.num_val, image_size=args.image_size,
-                           seed=args.seed)
+                           seed=args.seed, min_objects=args.objects[0], max_objects=args.objects[1],
+                           object_size=args.object_size)
     for k, v in paths.items():
         print(f"{k}: {v}")
     return 0

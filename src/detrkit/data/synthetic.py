@@ -6,9 +6,11 @@ Layout under ``out_dir`` (the COCO layout :func:`detrkit.data.layouts.find_layou
     train/000000.jpg ...               val/000000.jpg ...
     synthetic.json                     the generation parameters (the cache key)
 
-Each image: a two-colour gradient with random lines and pixel noise, and 0..``max_objects``
-shapes (circle, square, triangle, star) of random colour, size and rotation, about
-``empty_fraction`` of the images with none. Later shapes may cover earlier ones, but every
+Each image: a two-colour gradient with random lines and pixel noise, and
+``min_objects..max_objects`` shapes (circle, square, triangle, star) of random colour, size
+and rotation, about ``empty_fraction`` of the images with none. A shape's size is the diameter
+of the circle it fits in, drawn uniformly from ``object_size`` pixels (default: 10-60 px at
+128 px, scaled with the image size). Later shapes may cover earlier ones, but every
 shape keeps at least ``MIN_VISIBLE`` of its pixels, and its box is the box of its visible
 pixels as drawn. Everything follows from ``seed``: image ``i`` of a split depends only on
 ``(seed, split, i)`` and the other parameters, so the same call writes the same files.
@@ -19,7 +21,7 @@ import json
 import math
 import shutil
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -32,6 +34,7 @@ CATEGORIES = ({"id": 1, "name": "circle"}, {"id": 2, "name": "square"}, {"id": 3
               {"id": 5, "name": "star"})
 REFERENCE_SIZE = 128  # the pixel numbers below are for 128 px images; other sizes scale them
 SHAPE_SIZE_RANGE = (10.0, 60.0)  # diameter of the circle each shape fits in, pixels at 128 px
+MIN_OBJECT_SIZE = 2.0  # pixels: a smaller shape may not cover a single pixel centre, and nothing is drawn
 MIN_VISIBLE = 0.6  # a new shape may hide at most 40% of any earlier shape, so every box shows its object
 PLACEMENT_TRIES = 10  # positions tried before a shape that would hide too much is skipped
 STAR_INNER_RATIO = 0.45  # inner / outer radius of the five-pointed star
@@ -90,20 +93,25 @@ def _contrasting_colour(rng: np.random.Generator, behind: np.ndarray) -> tuple[i
     return tuple(int(v) for v in colour)
 
 
-def _make_image(rng: np.random.Generator, s: int, max_objects: int, empty_fraction: float):
+def _make_image(rng: np.random.Generator, s: int, objects: tuple[int, int], empty_fraction: float,
+                object_size: Optional[tuple[float, float]]):
     """One image and its annotations ``[(category index, [x, y, w, h], visible area)]``."""
     image = _background(rng, s)
     draw = ImageDraw.Draw(image)
     owner = np.full((s, s), -1, dtype=np.int16)  # which shape each pixel shows; -1 = background
     areas: list[int] = []  # full (unoccluded) pixel area of each placed shape
     kinds: list[int] = []
-    n = 0 if rng.random() < empty_fraction else int(rng.integers(1, max_objects + 1))
-    scale = s / REFERENCE_SIZE
+    n = 0 if rng.random() < empty_fraction else int(rng.integers(objects[0], objects[1] + 1))
+    # Without object_size: the reference range scaled, computed exactly as before the option
+    # existed, so the default sets stay the same files (a scaled range would round differently).
+    size_range, unit = (object_size, 1.0) if object_size else (SHAPE_SIZE_RANGE, s / REFERENCE_SIZE)
     for _ in range(n):
         k = int(rng.integers(len(CATEGORIES)))
         kind = CATEGORIES[k]["name"]
-        size = rng.uniform(*SHAPE_SIZE_RANGE) * scale
+        size = rng.uniform(*size_range) * unit
         angle = rng.uniform(0, 2 * math.pi)
+        # Pixels each earlier shape still shows; placement tries do not change it.
+        visible = np.bincount(owner.ravel().astype(np.int64) + 1, minlength=len(areas) + 1)[1:]
         for _try in range(PLACEMENT_TRIES):
             cx, cy = rng.uniform(size / 2, s - size / 2, size=2)
             mask_img = Image.new("L", (s, s), 0)
@@ -112,7 +120,6 @@ def _make_image(rng: np.random.Generator, s: int, max_objects: int, empty_fracti
             if not mask.any():
                 continue
             covered = np.bincount(owner[mask].astype(np.int64) + 1, minlength=len(areas) + 1)[1:]
-            visible = np.bincount(owner.ravel().astype(np.int64) + 1, minlength=len(areas) + 1)[1:]
             if all(v - c >= MIN_VISIBLE * a for v, c, a in zip(visible, covered, areas)):
                 behind = np.asarray(image)[mask].mean(axis=0)
                 _draw_shape(draw, kind, (cx, cy, size, angle), _contrasting_colour(rng, behind))
@@ -124,32 +131,32 @@ def _make_image(rng: np.random.Generator, s: int, max_objects: int, empty_fracti
     pixels = np.asarray(image).astype(np.float32)
     pixels += rng.normal(0.0, rng.uniform(3, 15), size=pixels.shape).astype(np.float32)
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
-    objects = []
+    found = []
     for j, k in enumerate(kinds):
         ys, xs = np.nonzero(owner == j)
         x0, y0 = int(xs.min()), int(ys.min())
         bbox = [float(x0), float(y0), float(xs.max() + 1 - x0), float(ys.max() + 1 - y0)]  # pixel edges
-        objects.append((k, bbox, float(len(xs))))
-    return image, objects
+        found.append((k, bbox, float(len(xs))))
+    return image, found
 
 
 def _write_split(
-    split: str, count: int, out_dir: Path, *, image_size: int, seed: int, max_objects: int,
-    empty_fraction: float, image_format: str,
+    split: str, count: int, out_dir: Path, *, image_size: int, seed: int, objects: tuple[int, int],
+    empty_fraction: float, object_size: Optional[tuple[float, float]], image_format: str,
 ) -> None:
     folder = out_dir / split
     folder.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     for i in range(count):
         rng = np.random.default_rng([seed, _SPLIT_CODE[split], i])
-        image, objects = _make_image(rng, image_size, max_objects, empty_fraction)
+        image, shapes = _make_image(rng, image_size, objects, empty_fraction, object_size)
         file_name = f"{i:06d}.{image_format}"
         if image_format == "jpg":
             image.save(folder / file_name, quality=92)
         else:
             image.save(folder / file_name)
         images.append({"id": i + 1, "file_name": file_name, "width": image_size, "height": image_size})
-        for k, bbox, area in objects:
+        for k, bbox, area in shapes:
             annotations.append({
                 "id": len(annotations) + 1, "image_id": i + 1, "category_id": CATEGORIES[k]["id"],
                 "bbox": bbox, "area": area, "iscrowd": 0,
@@ -195,7 +202,9 @@ def make_synthetic(
     num_val: int = 200,  # ours: keeps `detrkit demo` evaluation to seconds on a CPU
     image_size: int = REFERENCE_SIZE,
     seed: int = 0,
+    min_objects: int = 1,  # ours: objects in an image that is not one of the empty ones
     max_objects: int = 6,
+    object_size: Optional[tuple[float, float]] = None,  # pixels; None = SHAPE_SIZE_RANGE scaled to image_size
     empty_fraction: float = 0.1,
     image_format: str = "jpg",
     force: bool = False,
@@ -207,17 +216,26 @@ def make_synthetic(
     complete set made with the same parameters (recorded in ``synthetic.json``), nothing is
     written unless ``force``. ``image_format`` is ``"jpg"`` or ``"png"``. Refuses to write
     into ``train/`` or ``val/`` folders that exist but were not made by this function.
+
+    An image holds ``min_objects..max_objects`` shapes (uniform; none for about
+    ``empty_fraction`` of the images), each ``object_size = (smallest, largest)`` pixels across
+    (the diameter of the circle it fits in; its box can be smaller: a triangle's, or an
+    occluded shape's). A shape that cannot be placed without hiding too much of the others is
+    left out, so a crowded image can hold fewer than ``min_objects``.
     """
-    if image_format not in ("jpg", "png"):
-        raise ValueError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
-    if num_train < 0 or num_val < 0 or image_size < 16 or max_objects < 0 or not 0 <= empty_fraction <= 1:
-        raise ValueError("need num_train, num_val, max_objects >= 0, image_size >= 16 and 0 <= empty_fraction <= 1")
+    _check_arguments(num_train, num_val, image_size, min_objects, max_objects, object_size, empty_fraction,
+                     image_format)
     out_dir = Path(out_dir)
     params = dict(
         generator="detrkit.data.synthetic", version=FORMAT_VERSION, num_train=num_train, num_val=num_val,
         image_size=image_size, seed=seed, max_objects=max_objects, empty_fraction=empty_fraction,
         image_format=image_format,
     )
+    # Recorded only when set: a set cached before these options existed stays valid.
+    if min_objects != 1:
+        params["min_objects"] = min_objects
+    if object_size is not None:
+        params["object_size"] = [float(v) for v in object_size]
     paths = _paths(out_dir)
     if not force and _is_complete(out_dir, params):
         return paths
@@ -231,9 +249,24 @@ def make_synthetic(
                 )
             shutil.rmtree(folder)  # a set we made with other parameters: start clean, no stale images
     (out_dir / MANIFEST).unlink(missing_ok=True)  # written last: an interrupted run is never "complete"
-    common = dict(image_size=image_size, seed=seed, max_objects=max_objects, empty_fraction=empty_fraction,
+    common = dict(image_size=image_size, seed=seed, objects=(min_objects, max_objects), empty_fraction=empty_fraction,
+                  object_size=None if object_size is None else (float(object_size[0]), float(object_size[1])),
                   image_format=image_format)
     _write_split("train", num_train, out_dir, **common)
     _write_split("val", num_val, out_dir, **common)
     (out_dir / MANIFEST).write_text(json.dumps(params, indent=2))
     return paths
+
+
+def _check_arguments(num_train: int, num_val: int, image_size: int, min_objects: int, max_objects: int,
+                     object_size: Optional[tuple[float, float]], empty_fraction: float, image_format: str) -> None:
+    if image_format not in ("jpg", "png"):
+        raise ValueError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
+    if num_train < 0 or num_val < 0 or image_size < 16 or not 0 <= empty_fraction <= 1:
+        raise ValueError("need num_train, num_val >= 0, image_size >= 16 and 0 <= empty_fraction <= 1")
+    if not 0 <= min_objects <= max_objects:
+        raise ValueError(f"need 0 <= min_objects <= max_objects, got {min_objects} and {max_objects}")
+    if object_size is not None:
+        if len(object_size) != 2 or not MIN_OBJECT_SIZE <= object_size[0] <= object_size[1] <= image_size:
+            raise ValueError(f"object_size must be (smallest, largest) pixels with {MIN_OBJECT_SIZE} <= smallest "
+                             f"<= largest <= image_size ({image_size}), got {tuple(object_size)}")
