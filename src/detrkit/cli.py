@@ -17,8 +17,8 @@ from typing import Optional
 
 from detrkit.allocator import tune_allocator
 from detrkit.config import (
-    AUTO_IMAGE_SIZE, CLASS_COST_FORMULAS, PRESETS, RECIPES, DataConfig, LossConfig, TrainConfig, config_from_dict,
-    read_config_file, resolve, route,
+    AUTO_IMAGE_SIZE, CLASS_COST_FORMULAS, CLASS_LOSSES, PRESETS, RECIPES, DataConfig, LossConfig, TrainConfig,
+    config_from_dict, read_config_file, resolve, route,
 )
 from detrkit.distributed import select_device
 from detrkit.errors import DetrkitError
@@ -156,10 +156,12 @@ LOSS_FLAGS = [
     ("eos_coef", "relative weight of the 'no object' class in the cross-entropy (softmax models)", float),
     ("bbox_loss", "box regression loss", ["l1", "smooth_l1"]),
     ("smooth_l1_beta", "Smooth L1 switch point, in normalised box units", float),
-    ("class_loss", "sigmoid (two-stage) classification loss: focal, or varifocal (IoU-aware targets)",
-     ["focal", "varifocal"]),
+    ("class_loss", "sigmoid (two-stage) classification loss: focal; varifocal (IoU targets); mal (DEIM's "
+     "matchability-aware loss: IoU^gamma targets, every positive weighted 1)", list(CLASS_LOSSES)),
     ("focal_alpha", "focal loss alpha (sigmoid models)", float), ("focal_gamma", "focal loss gamma", float),
     ("vfl_alpha", "varifocal weight of the negatives", float),
+    ("mal_gamma", "MAL exponent of the IoU target and of the negatives' weight p^gamma", float),
+    ("mal_alpha", "MAL factor on the negatives' weight (None: 1)", float),
     ("encoder_repeats", "two-stage presets: match the encoder proposals against every target repeated K times "
      "(one-to-many, H-DETR); 1 = off", int),
     ("hybrid_queries", "two-stage presets: M more encoder-chosen queries trained as a separate one-to-many "

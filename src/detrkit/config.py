@@ -104,11 +104,15 @@ class LossConfig:
     # Sigmoid (focal) classification, used by two-stage models: Deformable DETR's values.
     focal_alpha: float = 0.25  # focal loss alpha (Lin et al. 2017; Deformable DETR)
     focal_gamma: float = 2.0  # focal loss gamma (same)
-    # "focal": a matched query's target is 1 for its class (Deformable DETR). "varifocal": the
-    # target is the IoU of its box with the object's, so scores rank boxes by quality (VarifocalNet,
-    # RT-DETR); negatives weighted by vfl_alpha * p^gamma.
+    # One of CLASS_LOSSES. "focal": a matched query's target is 1 for its class (Deformable DETR).
+    # "varifocal": the target is the IoU of its box with the object's, so scores rank boxes by
+    # quality (VarifocalNet, RT-DETR); positives weighted by that IoU, negatives by vfl_alpha * p^gamma.
+    # "mal": DEIM's matchability-aware loss: the target is IoU^mal_gamma, positives weighted 1 (so
+    # a poorly matched query still learns), negatives by p^mal_gamma (times mal_alpha if set).
     class_loss: str = "focal"
     vfl_alpha: float = 0.75  # varifocal weight of the negatives (VarifocalNet, RT-DETR)
+    mal_gamma: float = 1.5  # MAL's exponent (DEIM configs/base/deim.yml and rt_deim.yml: gamma 1.5)
+    mal_alpha: Optional[float] = None  # MAL's weight of the negatives (DEIM's default None: no factor)
     # Two-stage only, training only: the encoder proposals are matched against every target
     # repeated this many times (H-DETR's one-to-many matching), so each object trains several
     # tokens instead of one. 1 = one-to-one. The decoder stays one-to-one, so no NMS is needed.
@@ -131,8 +135,10 @@ class LossConfig:
                              f"got {self.class_cost_formula!r}")
         if self.bbox_loss not in ("l1", "smooth_l1"):
             raise ValueError(f"bbox_loss must be 'l1' or 'smooth_l1', got {self.bbox_loss!r}")
-        if self.class_loss not in ("focal", "varifocal"):
-            raise ValueError(f"class_loss must be 'focal' or 'varifocal', got {self.class_loss!r}")
+        if self.class_loss not in CLASS_LOSSES:
+            raise ValueError(f"class_loss must be one of {', '.join(CLASS_LOSSES)}, got {self.class_loss!r}")
+        if self.mal_gamma <= 0 or (self.mal_alpha is not None and self.mal_alpha <= 0):
+            raise ValueError("mal_gamma and mal_alpha (when given) must be > 0")
         if self.query_groups < 1 or self.denoising < 0 or self.hybrid_queries < 0:
             raise ValueError("query_groups must be >= 1, denoising and hybrid_queries >= 0")
         if self.encoder_repeats < 1 or self.hybrid_repeats < 1:
@@ -142,6 +148,7 @@ class LossConfig:
 
 
 CLASS_COST_FORMULAS = ("neg_prob", "one_minus_prob")
+CLASS_LOSSES = ("focal", "varifocal", "mal")  # LossConfig.class_loss of sigmoid-class models
 
 
 @dataclass
