@@ -27,7 +27,6 @@ import dataclasses
 import io
 import json
 import math
-import random
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -62,6 +61,7 @@ from detrkit.evaluate import METRIC_KEYS, write_metrics
 from detrkit.files import atomic_write_text
 from detrkit.model.build import build_model
 from detrkit.model.detr import DETR
+from detrkit.rng import rng_state, seed_everything, set_rng_state
 from detrkit.visualize import plot_training_curves
 
 
@@ -180,7 +180,7 @@ class Run:
 def build(p: Plan, device: torch.device) -> Run:
     """The model (new, or started from ``p.start``), its aids, the loss, the optimiser, DDP and EMA."""
     cfg = p.train
-    _seed_everything(cfg.seed + distributed.rank())  # each process its own dropout masks (official: seed + rank)
+    seed_everything(cfg.seed + distributed.rank())  # each process its own dropout masks (official: seed + rank)
     model = initial_model(p.model, cfg, p.classes, p.start)
     if distributed.world_size() > 1 and device.type == "cuda" and p.model.backbone_norm == "batch":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over all GPUs
@@ -272,9 +272,9 @@ def restore(run: Run) -> None:
     if rng is not None:  # last, so that nothing above draws from the restored streams
         rng = rng if isinstance(rng, list) else [rng]  # checkpoints of single-process runs before DDP
         if len(rng) == world:
-            _set_rng_state(rng[rank], run.device)
+            set_rng_state(rng[rank], run.device)
         else:  # another number of processes: the same samples follow, the random streams start afresh
-            _seed_everything(p.train.seed + rank + 1000 * run.state.step)
+            seed_everything(p.train.seed + rank + 1000 * run.state.step)
             if main:
                 print(f"note: the checkpoint was written by {len(rng)} processes, this run has {world}: "
                       f"same data order, new random streams")
@@ -355,7 +355,7 @@ def end_epoch(run: Run, clock: Clock, status: str, last: bool) -> bool:
 
 def save_last(run: Run, clock: Clock) -> None:
     """``last/``: the weights for inference, and the state to continue from (all processes call it)."""
-    rngs = distributed.gather_to_main(_rng_state(run.device))
+    rngs = distributed.gather_to_main(rng_state(run.device))
     run.state.elapsed = clock.elapsed
     if not distributed.is_main():
         return
@@ -466,34 +466,3 @@ def read_results(run_dir: Path) -> list[dict]:
         return []
     with open(path, newline="") as f:
         return [{k: v for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Random states
-# ---------------------------------------------------------------------------------------------
-def _rng_state(device: torch.device) -> dict:
-    np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_to_tuple(state["python"]))
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _to_tuple(x):
-    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-def _seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed)
