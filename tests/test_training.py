@@ -15,6 +15,7 @@ from detrkit.cli import main
 from detrkit.config import resolve
 from detrkit.data.sampler import EpochSampler
 from detrkit.data.build import auto_image_size
+from detrkit.data.transforms import Mosaic
 from detrkit.ema import ModelEMA
 from detrkit.evaluate import METRIC_KEYS
 from detrkit.run import initial_model, load_run_config
@@ -26,11 +27,11 @@ def shapes(synthetic):
     return synthetic(4, 4)
 
 
-def _run(shapes, out, *, val=True, **train):
+def _run(shapes, out, *, val=True, data=None, **train):
     """run.train on the synthetic set with the tiny preset, dropout off, flip-only augmentation
-    (every image keeps its 64 x 64 size, so batches need no padding)."""
+    (every image keeps its 64 x 64 size, so batches need no padding); ``data``: more DataConfig fields."""
     data = {"train_json": str(shapes["train_json"]), "train_images": str(shapes["train_images"]),
-            "image_size": 64, "workers": 0, "augment": "flip"}
+            "image_size": 64, "workers": 0, "augment": "flip", **(data or {})}
     if val:
         data |= {"val_json": str(shapes["val_json"]), "val_images": str(shapes["val_images"])}
     cfg = resolve(None, {"train": {"model": "detr_r18_tiny", "epochs": 1, "out": str(out), "device": "cpu", **train},
@@ -94,11 +95,11 @@ def test_patience_stops_when_ap_stops_improving(shapes, tmp_path):
 def test_resume_in_the_middle_of_an_epoch_continues_exactly(shapes, tmp_path, monkeypatch):
     """4 steps straight equal: 3 steps, Ctrl-C (in the middle of epoch 2), resume, 1 step: weights, EMA, losses.
 
-    Dropout on and the official multi-scale augmentation: the random states, the sampler
+    Dropout on, the official multi-scale augmentation and mosaics: the random states, the sampler
     position and each image's augmentation must all be restored."""
     common = ["--train-json", str(shapes["train_json"]), "--train-images", str(shapes["train_images"]),
               "--model", "detr_r18_tiny", "--image-size", "64", "--batch-size", "2", "--workers", "0",
-              "--epochs", "2", "--ema", "--ema-warmup", "2", "--device", "cpu"]
+              "--epochs", "2", "--ema", "--ema-warmup", "2", "--device", "cpu", "--mosaic", "0.5", "--mosaic-until", "1"]
     assert main(["train", *common, "--out", str(tmp_path / "a")]) == 0
 
     real_step = engine.Trainer.forward_backward
@@ -126,6 +127,20 @@ def test_resume_in_the_middle_of_an_epoch_continues_exactly(shapes, tmp_path, mo
     drop = ("seconds",)
     assert [{k: v for k, v in r.items() if k not in drop} for r in _rows(tmp_path / "a")] == \
            [{k: v for k, v in r.items() if k not in drop} for r in _rows(tmp_path / "b")]
+
+
+def test_mosaics_stop_at_mosaic_until(shapes, tmp_path, monkeypatch, capsys):
+    """Two epochs of 4 images, mosaics until half of training: 4 in epoch 1, none in epoch 2."""
+    made = []
+    real = Mosaic.__call__
+    monkeypatch.setattr(Mosaic, "__call__", lambda self, samples: made.append(1) or real(self, samples))
+    run = _run(shapes, tmp_path / "m", val=False, batch_size=4, epochs=2, data={"mosaic": 1.0, "mosaic_until": 0.5})
+    assert len(made) == 4
+    assert torch.load(run / "last" / "train_state.pt", weights_only=True)["mosaic_stopped"] == 1
+    assert "mosaic off from epoch 2 (50% of training done)" in capsys.readouterr().out
+    made.clear()
+    _run(shapes, tmp_path / "n", val=False, batch_size=4, epochs=2, data={"mosaic": 1.0, "mosaic_until": 1.0})
+    assert len(made) == 8
 
 
 def test_fp16_on_a_cpu_is_a_clear_error(shapes, tmp_path, capsys):

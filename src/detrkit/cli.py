@@ -87,6 +87,9 @@ def _data_flags(p) -> None:
                    help="do not open every image file (training and check-data open each once by default)")
     _flag(g, DataConfig, "augment", "training augmentation: detr (official multi-scale + crop) or flip",
           choices=["detr", "flip"])
+    _flag(g, DataConfig, "mosaic", "probability that a training image is a mosaic of four (DEIM's dense one-to-one "
+          "matching; DEIM: 0.5); 0 = off", type=float)
+    _flag(g, DataConfig, "mosaic_until", "fraction of training after which no mosaics are made", type=float)
 
 
 def _common(p) -> None:

@@ -91,6 +91,7 @@ class TrainState:
     sums: dict = field(default_factory=dict)  # loss sums of the current epoch's steps, for its results row
     count: int = 0  # steps in the current epoch
     bad_in_a_row: int = 0  # consecutive non-finite losses, across epoch boundaries (MAX_BAD_STEPS stops the run)
+    mosaic_stopped: Optional[int] = None  # the first epoch without mosaics (DataConfig.mosaic_until), once reached
 
     def progress(self, cfg: TrainConfig, epoch_size: int) -> float:
         """Fraction of the run done (in samples), for the learning-rate schedule when there is no time budget."""

@@ -49,7 +49,7 @@ from detrkit.checkpoint import (
 from detrkit.config import AUTO_IMAGE_SIZE, DataConfig, LossConfig, ModelConfig, TrainConfig, config_from_dict
 from detrkit.convert import Loaded
 from detrkit.criterion import build_criterion
-from detrkit.data.build import auto_image_size, build_datasets, make_train_loader
+from detrkit.data.build import auto_image_size, build_datasets, make_train_loader, train_samples
 from detrkit.data.coco import CocoDetection
 from detrkit.ema import ModelEMA
 from detrkit.engine import (
@@ -290,8 +290,8 @@ def fit(run: Run) -> Path:
     try:
         with StopRequest() as stop:
             while state.epoch < p.train.epochs and not clock.out_of_time():
-                loader = make_train_loader(p.train_set, p.train.batch_size, p.data.workers, seed=p.train.seed,
-                                           epoch=state.epoch, position=state.position)
+                loader = make_train_loader(epoch_samples(run, clock), p.train.batch_size, p.data.workers,
+                                           seed=p.train.seed, epoch=state.epoch, position=state.position)
                 status = train_one_epoch(run.trainer, loader, state, clock, stop, len(p.train_set))
                 if status == "stop":
                     save_last(run, clock)
@@ -314,6 +314,18 @@ def fit(run: Run) -> Path:
     _finish(run)
     distributed.barrier()  # every process leaves with the files written
     return p.run_dir
+
+
+def epoch_samples(run: Run, clock: Clock):
+    """The training samples of the epoch at ``run.state``: with DEIM's mosaics until ``mosaic_until`` of
+    training. Decided when an epoch starts and kept in the state, so a resumed epoch reads what it began with."""
+    p, state = run.plan, run.state
+    if p.data.mosaic > 0 and state.mosaic_stopped is None and state.position == 0:
+        progress = clock.progress() if p.train.minutes is not None else state.progress(p.train, len(p.train_set))
+        if progress >= p.data.mosaic_until:
+            state.mosaic_stopped = state.epoch
+            _log(f"mosaic off from epoch {state.epoch + 1} ({progress:.0%} of training done)")
+    return train_samples(p.train_set, p.data, mosaic=state.mosaic_stopped is None)
 
 
 def end_epoch(run: Run, clock: Clock, status: str, last: bool) -> bool:
