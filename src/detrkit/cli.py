@@ -141,8 +141,9 @@ OPTIMISATION_FLAGS = [
     ("lr_drop", "epoch of the x0.1 learning-rate drop (None: at 2/3 of training)", float),
     ("warmup", "linear warm-up as a fraction of training", float),
     ("eval_every", "evaluate every N epochs", int), ("seed", "random seed", int),
-    ("precision", "fp32; bf16 autocast; fp16 autocast with loss scaling (CUDA only). Matching and losses stay fp32",
-     ["fp32", "bf16", "fp16"]),
+    ("precision", "fp32; bf16 autocast; fp16 autocast with loss scaling (CUDA only); auto: fp32 or bf16, whichever "
+     "trains faster here (a few steps of each timed at start-up). Matching and losses stay fp32",
+     ["fp32", "bf16", "fp16", "auto"]),
     ("accumulate", "micro-batches per optimiser step (a step sees batch-size x accumulate x processes images, "
      "exactly as one larger batch)", int),
     ("ema_decay", "EMA decay", float),

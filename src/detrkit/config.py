@@ -210,7 +210,8 @@ class TrainConfig:
     device: str = "auto"  # "auto" = cuda if available else cpu
     seed: int = 42  # official seed
     # "fp32"; "bf16" (autocast); "fp16" (autocast with loss scaling, CUDA only). The matching and
-    # the losses are always computed in float32.
+    # the losses are always computed in float32. "auto": fp32 or bf16, whichever trains faster
+    # here, measured at start-up on a few steps (detrkit/precision.py) and recorded in config.yaml.
     precision: str = "fp32"
     # Micro-batches per optimiser step: one step sees batch_size x accumulate x processes images,
     # and equals one step on a batch that large (the loss normalisers span every micro-batch).
@@ -227,8 +228,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.schedule not in ("step", "cosine"):
             raise ValueError(f"schedule must be 'step' or 'cosine', got {self.schedule!r}")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {self.precision!r}")
+        if self.precision not in ("fp32", "bf16", "fp16", "auto"):
+            raise ValueError(f"precision must be 'fp32', 'bf16', 'fp16' or 'auto', got {self.precision!r}")
         if self.accumulate < 1:
             raise ValueError(f"accumulate must be >= 1, got {self.accumulate}")
         if not 0 < self.ema_decay < 1 or self.ema_warmup < 0:
@@ -361,7 +362,8 @@ RECIPES: dict[str, dict[str, dict]] = {
     "fast": {
         "train": dict(model="detr_r18_fast", lr=5e-4, lr_backbone=5e-4, schedule="cosine", warmup=0.03,
                       batch_size=8,  # more updates per minute: AP 0.632 vs 0.592 at batch 16 in 10 min
-                      epochs=1000),
+                      epochs=1000,
+                      precision="auto"),  # CPUs of one kind differ in whether bf16 trains faster (precision.py)
         # Varifocal targets and 3 denoising groups: AP 0.261 vs 0.209 (focal, none) after 1000 steps.
         # Encoder one-to-many matching x4: AP 0.722 vs 0.599 after 10 minutes (docs/benchmarks.md).
         "loss": dict(loss_ce=2.0, cost_class=2.0, class_loss="varifocal", denoising=3, encoder_repeats=4),

@@ -93,6 +93,15 @@ class TrainState:
     bad_in_a_row: int = 0  # consecutive non-finite losses, across epoch boundaries (MAX_BAD_STEPS stops the run)
     mosaic_stopped: Optional[int] = None  # the first epoch without mosaics (DataConfig.mosaic_until), once reached
 
+    def stop_mosaics(self, progress: float, until: float) -> bool:
+        """Whether mosaics stop now (``mosaic_stopped`` becomes this epoch): at the start of the first
+        epoch that begins at ``progress >= until``. Decided only when an epoch starts and kept in
+        the state, so a resumed epoch reads what it began with."""
+        if self.mosaic_stopped is None and self.position == 0 and progress >= until:
+            self.mosaic_stopped = self.epoch
+            return True
+        return False
+
     def progress(self, cfg: TrainConfig, epoch_size: int) -> float:
         """Fraction of the run done (in samples), for the learning-rate schedule when there is no time budget."""
         return min((self.epoch * epoch_size + self.position) / (cfg.epochs * epoch_size), 1.0)

@@ -15,7 +15,8 @@ optimiser, the EMA's update count, the position in the epoch and the random stat
 
 :func:`train` runs four steps. :func:`plan` settles the final configuration once (resuming
 after a torchrun restart, the automatic image size, the classes, the number of queries, a
-fine-tuned model's architecture) before anything is built; :func:`build` makes the model,
+fine-tuned model's architecture; with :func:`settle_precision` the precision "auto" measures)
+before anything of the run is built; :func:`build` makes the model,
 its aids, the loss, the optimiser; :func:`restore` continues a run from ``last/``; :func:`fit`
 runs the epochs, evaluating, keeping ``last/`` and ``best/`` and the results log. Under
 ``torchrun`` every process runs them (docs/distributed.md); rank 0 writes the files.
@@ -39,16 +40,16 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from detrkit import distributed
+from detrkit import distributed, precision
 from detrkit.aids import AidedModel
 from detrkit.analysis import format_best_threshold, write_analysis
 from detrkit.checkpoint import (
-    check_and_load, checkpoint_folder, load_state, load_train_state, save_model, save_run_checkpoint, set_classes,
-    write_model_files,
+    check_and_load, checkpoint_folder, load_state, load_train_state, read_run_checkpoint, save_model, save_run_checkpoint,
+    set_classes, write_model_files,
 )
 from detrkit.config import AUTO_IMAGE_SIZE, DataConfig, LossConfig, ModelConfig, TrainConfig, config_from_dict
 from detrkit.convert import Loaded
-from detrkit.criterion import build_criterion
+from detrkit.criterion import SetCriterion, build_criterion
 from detrkit.data.build import auto_image_size, build_datasets, make_train_loader, train_samples
 from detrkit.data.coco import CocoDetection
 from detrkit.ema import ModelEMA
@@ -79,7 +80,7 @@ def train(model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig, tr
     joined_here = not distributed.is_distributed()  # a caller's own process group is left to the caller
     device = distributed.setup(train_cfg.device)
     try:
-        run = build(plan(model_cfg, loss_cfg, data_cfg, train_cfg, device), device)
+        run = build(settle_precision(plan(model_cfg, loss_cfg, data_cfg, train_cfg, device), device), device)
         restore(run)
         return fit(run)
     finally:
@@ -130,6 +131,8 @@ def plan(model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig, tra
     classes = [{"id": c["id"], "name": c["name"]} for c in train_set.categories]
     most = int(np.diff(train_set.data.offsets).max(initial=0))  # objects in the fullest training image
     start = load_state(train_cfg.weights) if train_cfg.weights is not None else None
+    if start is not None and not _same_classes(start, classes):
+        _log(f"fine-tuning: new class head for {len(classes)} classes (checkpoint had {start.config.num_classes})")
     model_cfg = _model_config(model_cfg, train_cfg, len(classes), most, start)
     return Plan(model_cfg, loss_cfg, data_cfg, train_cfg, run_dir, train_set, val_set, classes, start)
 
@@ -181,19 +184,12 @@ def build(p: Plan, device: torch.device) -> Run:
     """The model (new, or started from ``p.start``), its aids, the loss, the optimiser, DDP and EMA."""
     cfg = p.train
     seed_everything(cfg.seed + distributed.rank())  # each process its own dropout masks (official: seed + rank)
-    model = initial_model(p.model, cfg, p.classes, p.start)
-    if distributed.world_size() > 1 and device.type == "cuda" and p.model.backbone_norm == "batch":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over all GPUs
-    model.to(device)
-    aided = AidedModel(model, p.loss).to(device)  # the model plus its training-only aids (if any)
-    criterion = build_criterion(model.num_classes, p.loss, num_aux=p.model.dec_layers - 1 if p.model.aux_loss else 0,
-                                sigmoid_class=model.sigmoid_class).to(device)
-    optimizer = make_optimizer(aided, cfg)
+    model, aided, criterion, optimizer = _trainable(p, device)
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     saved = None
     if cfg.resume:  # the weights and optimiser state before DDP and the EMA copy them
         # Rank 0 reads the checkpoint and sends it to the others (no shared file system needed).
-        saved = distributed.broadcast_from_main(_read_last(p.run_dir) if distributed.is_main() else None)
+        saved = distributed.broadcast_from_main(read_run_checkpoint(p.run_dir / "last") if distributed.is_main() else None)
         check_and_load(model, saved["model"], str(p.run_dir / "last"))
         aided.load_state_dict({**aided.state_dict(), **saved["train_state"].get("aids", {})})
         optimizer.load_state_dict(saved["train_state"]["optimizer"])
@@ -208,6 +204,34 @@ def build(p: Plan, device: torch.device) -> Run:
     return Run(p, device, model, aided, trainer, TrainState(), saved=saved)
 
 
+def _trainable(p: Plan, device: torch.device) -> tuple[DETR, AidedModel, SetCriterion, torch.optim.Optimizer]:
+    """What a training step works on, on ``device``: the model (new, or from ``p.start``), the model
+    with its training-only aids (the optimiser's parameters), the loss and the optimiser."""
+    model = initial_model(p.model, p.train, p.classes, p.start)
+    if distributed.world_size() > 1 and device.type == "cuda" and p.model.backbone_norm == "batch":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over all GPUs
+    model.to(device)
+    aided = AidedModel(model, p.loss).to(device)  # the model plus its training-only aids (if any)
+    criterion = build_criterion(model.num_classes, p.loss, num_aux=p.model.dec_layers - 1 if p.model.aux_loss else 0,
+                                sigmoid_class=model.sigmoid_class).to(device)
+    return model, aided, criterion, make_optimizer(aided, p.train)
+
+
+def settle_precision(p: Plan, device: torch.device) -> Plan:
+    """The plan with ``precision="auto"`` replaced by what this run trains in: measured on trainers
+    of its own model and its first batches (:mod:`detrkit.precision`), or, when it resumes, the
+    choice it made when it started (its config.yaml; after a torchrun restart too)."""
+    if p.train.precision != "auto":
+        return p
+    if p.train.resume:
+        choice = distributed.broadcast_from_main(load_run_config(p.run_dir)[3].precision if distributed.is_main() else None)
+    else:
+        steps = precision.first_steps(train_samples(p.train_set, p.data, mosaic=True), p.train)
+        choice, seconds = precision.choose(lambda: _trainable(p, device), p.train, steps, device)
+        _log(precision.report(choice, seconds))
+    return dataclasses.replace(p, train=dataclasses.replace(p.train, precision=choice))
+
+
 def initial_model(model_cfg: ModelConfig, train_cfg: TrainConfig, classes: list[dict],
                   start: Optional[Loaded] = None) -> DETR:
     """A new model for ``classes``, or one started from the checkpoint ``start`` (fine-tuning; then
@@ -220,14 +244,16 @@ def initial_model(model_cfg: ModelConfig, train_cfg: TrainConfig, classes: list[
     else:
         model = build_model(cfg, train_backbone=train_backbone)
         state = start.state
-        same = start.classes is not None and [c["id"] for c in start.classes] == [c["id"] for c in classes]
-        if not same:  # every class head (two-stage models also score encoder tokens) starts afresh
+        if not _same_classes(start, classes):  # every class head (two-stage models also score encoder tokens) starts afresh
             fresh = {k: v for k, v in model.state_dict().items() if k.startswith(("class_embed.", "enc_class."))}
             state = {**state, **fresh}
-            _log(f"fine-tuning: new class head for {len(classes)} classes (checkpoint had {start.config.num_classes})")
         check_and_load(model, state, str(train_cfg.weights))
     set_classes(model, classes)
     return model
+
+
+def _same_classes(start: Loaded, classes: list[dict]) -> bool:
+    return start.classes is not None and [c["id"] for c in start.classes] == [c["id"] for c in classes]
 
 
 def _parallel(aided: AidedModel, model: DETR, device: torch.device) -> nn.Module:
@@ -317,14 +343,11 @@ def fit(run: Run) -> Path:
 
 
 def epoch_samples(run: Run, clock: Clock):
-    """The training samples of the epoch at ``run.state``: with DEIM's mosaics until ``mosaic_until`` of
-    training. Decided when an epoch starts and kept in the state, so a resumed epoch reads what it began with."""
+    """The training samples of the epoch at ``run.state``: with DEIM's mosaics until ``mosaic_until`` of training."""
     p, state = run.plan, run.state
-    if p.data.mosaic > 0 and state.mosaic_stopped is None and state.position == 0:
-        progress = clock.progress() if p.train.minutes is not None else state.progress(p.train, len(p.train_set))
-        if progress >= p.data.mosaic_until:
-            state.mosaic_stopped = state.epoch
-            _log(f"mosaic off from epoch {state.epoch + 1} ({progress:.0%} of training done)")
+    progress = clock.progress() if p.train.minutes is not None else state.progress(p.train, len(p.train_set))
+    if p.data.mosaic > 0 and state.stop_mosaics(progress, p.data.mosaic_until):
+        _log(f"mosaic off from epoch {state.epoch + 1} ({progress:.0%} of training done)")
     return train_samples(p.train_set, p.data, mosaic=state.mosaic_stopped is None)
 
 
@@ -413,15 +436,6 @@ def _log(line: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # The files of a run: last/ to resume from, config.yaml, results
 # ---------------------------------------------------------------------------------------------
-def _read_last(run_dir: Path) -> dict:
-    """The checkpoint in ``run_dir/last`` to continue from: the training state, the raw weights
-    (``model``) and the weights for inference (``weights``, the EMA when there is one)."""
-    saved = load_train_state(run_dir / "last")
-    weights = load_state(run_dir / "last").state
-    # With an EMA, model.safetensors holds the average and train_state.pt the raw weights.
-    return {"train_state": saved, "weights": weights, "model": saved.pop("model", weights)}
-
-
 def save_config(path: Path, model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig,
                 train_cfg: TrainConfig, run_id: Optional[str] = None) -> None:
     """``config.yaml``: the four config sections, and the run's id (which checkpoints belong to this run)."""
