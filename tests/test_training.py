@@ -10,15 +10,16 @@ from safetensors.torch import load_file
 from torch.utils.data import DistributedSampler
 
 import detrkit.engine as engine
-from detrkit.checkpoint import load_model
+from detrkit.checkpoint import load_model, save_model
 from detrkit.cli import main
-from detrkit.config import resolve
+from detrkit.config import preset, resolve
 from detrkit.data.sampler import EpochSampler
 from detrkit.data.build import auto_image_size
 from detrkit.data.transforms import Mosaic
 from detrkit.ema import ModelEMA
 from detrkit.evaluate import METRIC_KEYS
-from detrkit.run import initial_model, load_run_config
+from detrkit.model.build import build_model
+from detrkit.run import initial_model, load_run_config, plan
 from detrkit.run import train as train_run
 
 
@@ -253,3 +254,21 @@ def test_a_new_model_gets_a_query_for_every_object_and_auto_size_is_recorded(tmp
     assert saved[0].num_queries == 20 and saved[2].image_size == 64
     model = load_model(folder / "last")
     assert model.num_queries == 20 and model.inference["image_size"] == 64
+
+
+def test_the_papers_model_from_random_weights_on_a_cpu_points_to_the_fast_recipe(shapes, tmp_path, capsys):
+    data = {"train_json": str(shapes["train_json"]), "train_images": str(shapes["train_images"]), "image_size": 64}
+
+    def notes(device="cpu", **train) -> list[str]:
+        cfg = resolve(None, {"train": {"model": "detr_r18_tiny", "out": str(tmp_path), **train}, "data": data})
+        capsys.readouterr()
+        plan(*cfg, torch.device(device))
+        return [line for line in capsys.readouterr().out.splitlines() if "hundreds of epochs" in line]
+
+    assert notes() == ["note: detr_r18_tiny from random weights learns over hundreds of epochs (the paper: 300-500 "
+                       "on 16 GPUs); on a CPU, --recipe fast trains a model that learns in minutes"]
+    assert notes(model="detr_r18_fast") == []  # the fast recipe's model
+    assert notes(backbone_weights="resnet18.pth") == [] and notes(resume=True) == []
+    assert notes(device="cuda") == []
+    save_model(build_model(preset("detr_r18_tiny", num_classes=4)), tmp_path / "w")
+    assert notes(weights=str(tmp_path / "w")) == []  # fine-tuning

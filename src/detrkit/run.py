@@ -133,6 +133,10 @@ def plan(model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig, tra
     start = load_state(train_cfg.weights) if train_cfg.weights is not None else None
     if start is not None and not _same_classes(start, classes):
         _log(f"fine-tuning: new class head for {len(classes)} classes (checkpoint had {start.config.num_classes})")
+    if device.type == "cpu" and model_cfg.arch == "detr" and start is None and train_cfg.backbone_weights is None \
+            and not train_cfg.resume:  # the paper's model from random weights: a newcomer who left out --recipe
+        _log(f"note: {train_cfg.model} from random weights learns over hundreds of epochs (the paper: 300-500 on "
+             f"16 GPUs); on a CPU, --recipe fast trains a model that learns in minutes")
     model_cfg = _model_config(model_cfg, train_cfg, len(classes), most, start)
     return Plan(model_cfg, loss_cfg, data_cfg, train_cfg, run_dir, train_set, val_set, classes, start)
 
