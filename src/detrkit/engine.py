@@ -204,6 +204,10 @@ class Trainer:
     scaler: Optional[torch.amp.GradScaler] = None  # fp16 only: scales the loss so small gradients survive
     ema: Optional[ModelEMA] = None
 
+    def __post_init__(self) -> None:
+        if self.cfg.precision not in ("fp32", *AMP_DTYPES):  # "auto" is settled before (detrkit.run.settle_precision)
+            raise ValueError(f"a trainer needs precision fp32, bf16 or fp16, got {self.cfg.precision!r}")
+
     def forward_backward(self, micro_batches: list) -> dict[str, Tensor]:
         """Forward and backward passes over the micro-batches of one step; gradients add up in ``.grad``.
 
