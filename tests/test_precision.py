@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 import detrkit.precision as precision
 from detrkit.config import TrainConfig, resolve
+from detrkit.errors import DataError
 from detrkit.rng import rng_state
 from detrkit.run import plan, settle_precision
 from detrkit.run import train as train_run
@@ -58,6 +59,11 @@ def test_a_gpu_without_native_bf16_takes_fp32_untimed(monkeypatch):
     assert precision.choose(never, TrainConfig(), [], torch.device("cuda")) == ("fp32", {})
     assert precision.report("fp32", {}) == "precision auto: fp32 (this GPU has no native bf16; not timed)"
     assert precision.untimed_choice(torch.device("cpu")) is None  # a CPU is measured
+
+
+def test_no_training_images_is_a_clear_error():
+    with pytest.raises(DataError, match="no training images"):
+        precision.first_steps([], TrainConfig())
 
 
 @pytest.fixture(scope="module")

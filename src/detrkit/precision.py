@@ -34,6 +34,7 @@ from detrkit import distributed
 from detrkit.config import TrainConfig
 from detrkit.data.build import make_train_loader
 from detrkit.engine import Trainer
+from detrkit.errors import DataError
 from detrkit.rng import rng_state, set_rng_state
 
 PRECISIONS = ("fp32", "bf16")  # what "auto" chooses between (fp16 needs loss scaling and a GPU: never chosen)
@@ -96,6 +97,8 @@ def first_steps(samples, cfg: TrainConfig) -> list[list]:
     """The micro-batch lists of the first ``WARMUP_STEPS + TIMED_STEPS`` optimiser steps of the first
     epoch (this process's share; the epoch's start again if it is shorter), read without workers."""
     loader = make_train_loader(samples, cfg.batch_size, 0, seed=cfg.seed, epoch=0)
+    if len(loader) == 0:
+        raise DataError("--precision auto: no training images to time the training steps on")
     batches = list(itertools.islice(itertools.cycle(loader), (WARMUP_STEPS + TIMED_STEPS) * cfg.accumulate))
     return [batches[i:i + cfg.accumulate] for i in range(0, len(batches), cfg.accumulate)]
 
