@@ -269,16 +269,18 @@ def test_fast_recipe_trains_and_evaluates(shapes, tmp_path):
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["model"]["arch"] == "two_stage" and cfg["model"]["backbone_norm"] == "batch"
     assert cfg["data"]["augment"] == "flip" and cfg["train"]["lr"] == 5e-4 and cfg["loss"]["loss_ce"] == 2.0
+    assert cfg["train"]["precision"] in ("fp32", "bf16")  # "auto" measured, and the choice recorded
     metrics = json.loads((run / "metrics.json").read_text())
     assert 0 <= metrics["AP"] <= 1
     dets = json.loads((run / "detections.json").read_text())
     assert len(dets) == 6 * 100  # top-100 (query, class) pairs per image
     # Flags still win over the recipe.
     assert main(["train", "--recipe", "fast", *_data_flags(shapes), "--image-size", "64", "--batch-size", "4",
-                 "--epochs", "1", "--lr", "1e-4", "--conditional-attention", "--encoder-repeats", "2",
+                 "--epochs", "1", "--lr", "1e-4", "--precision", "fp32", "--conditional-attention", "--encoder-repeats", "2",
                  "--hybrid-queries", "20", "--hybrid-repeats", "3", "--out", str(tmp_path / "f2")]) == 0
     cfg = yaml.safe_load((tmp_path / "f2" / "config.yaml").read_text())
     assert cfg["train"]["lr"] == 1e-4 and cfg["model"]["conditional_attention"] and cfg["loss"]["encoder_repeats"] == 2
+    assert cfg["train"]["precision"] == "fp32"
     assert cfg["loss"]["hybrid_queries"] == 20 and cfg["loss"]["hybrid_repeats"] == 3
     assert "train_loss_ce_hybrid" in (tmp_path / "f2" / "results.csv").read_text().splitlines()[0]
     assert any("ca_qsine_proj" in k for k in load_model(tmp_path / "f2" / "best").state_dict())

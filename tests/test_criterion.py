@@ -1,4 +1,7 @@
 """SetCriterion: keys, weights, empty images, the box losses' normalisation."""
+import itertools
+import math
+
 import pytest
 import torch
 from conftest import make_targets
@@ -104,3 +107,58 @@ def test_varifocal_targets_are_the_iou_of_the_matched_box():
         {"pred_logits": logits, "pred_boxes": boxes}, targets, [(torch.tensor([0]), torch.tensor([0]))],
         log=False, num_boxes=1.0)["loss_ce"]
     assert not torch.isclose(loss, focal)  # the option changes the loss
+
+
+def _mal_by_hand(logits: torch.Tensor, iou: dict, gamma: float, alpha=None) -> torch.Tensor:
+    """DEIM's MAL written out entry by entry: ``iou`` maps (image, query, class) of each positive to its IoU."""
+    total = torch.zeros((), dtype=torch.float64)
+    for b, q, k in itertools.product(*(range(n) for n in logits.shape)):
+        x = float(logits[b, q, k])
+        p = 1 / (1 + math.exp(-x))
+        if (b, q, k) in iou:
+            t, w = iou[(b, q, k)] ** gamma, 1.0
+        else:
+            t, w = 0.0, (1.0 if alpha is None else alpha) * p ** gamma
+        total += -w * (t * math.log(p) + (1 - t) * math.log(1 - p))
+    return total
+
+
+def test_mal_is_deims_formula_and_differs_from_varifocal():
+    """Two images, three queries, two classes: query 0 of image 0 overlaps its object with IoU 0.5,
+    query 2 of image 1 with IoU 0.25; MAL's target is IoU^1.5 with weight 1."""
+    logits = torch.tensor([[[0.3, -1.0], [-0.5, 0.2], [1.5, -2.0]],
+                           [[-0.2, 0.4], [0.9, -0.3], [-1.1, 0.7]]])  # (2 images, 3 queries, 2 classes)
+    boxes = torch.tensor([[[0.5, 0.5, 0.4, 0.2], [0.1, 0.1, 0.05, 0.05], [0.8, 0.8, 0.1, 0.1]],
+                          [[0.2, 0.2, 0.1, 0.1], [0.9, 0.1, 0.1, 0.1], [0.5, 0.5, 0.2, 0.2]]])
+    targets = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])},
+               {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+    indices = [(torch.tensor([0]), torch.tensor([0])), (torch.tensor([2]), torch.tensor([0]))]
+    outputs = {"pred_logits": logits, "pred_boxes": boxes}
+    positives = {(0, 0, 0): 0.5, (1, 2, 1): 0.25}
+
+    def loss(**options):
+        criterion = build_criterion(2, LossConfig(**options), num_aux=0, sigmoid_class=True)
+        return criterion.loss_labels(outputs, targets, indices, log=False, num_boxes=2.0)["loss_ce"]
+
+    mal = loss(class_loss="mal")
+    assert LossConfig().mal_gamma == 1.5 and LossConfig().mal_alpha is None  # DEIM's configs
+    torch.testing.assert_close(mal.double(), _mal_by_hand(logits, positives, 1.5) / 2, rtol=1e-6, atol=0)
+    torch.testing.assert_close(loss(class_loss="mal", mal_gamma=2.0, mal_alpha=0.5).double(),
+                               _mal_by_hand(logits, positives, 2.0, alpha=0.5) / 2, rtol=1e-6, atol=0)
+    assert abs(mal - loss(class_loss="varifocal")) > 0.05  # another loss than varifocal on the same inputs
+    with pytest.raises(ValueError):
+        LossConfig(class_loss="mal", mal_gamma=0)
+
+
+def test_mal_of_an_image_without_objects_is_finite_and_only_the_negative_term():
+    logits = torch.tensor([[[0.3, -1.0], [-0.5, 0.2]]], requires_grad=True)
+    outputs = {"pred_logits": logits, "pred_boxes": torch.rand(1, 2, 4) * 0.5 + 0.25}
+    targets = [{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}]
+    criterion = build_criterion(2, LossConfig(class_loss="mal"), num_aux=0, sigmoid_class=True)
+    losses = criterion(outputs, targets)
+    assert all(torch.isfinite(v) for v in losses.values())
+    p = logits.detach().sigmoid()
+    negatives_only = (p ** 1.5 * torch.nn.functional.softplus(logits.detach())).sum()  # -log(1 - p) = softplus(x)
+    torch.testing.assert_close(losses["loss_ce"], negatives_only)  # num_boxes is clamped to 1
+    losses["loss"].backward()
+    assert torch.isfinite(logits.grad).all() and (logits.grad > 0).all()  # every score is pushed down

@@ -144,6 +144,23 @@ def test_the_multi_node_form_trains_as_one_process_and_only_rank_0_writes(runs, 
         assert torch.allclose(ddp[k], v, rtol=0, atol=1e-6), k
 
 
+def test_precision_auto_is_decided_once_for_all_processes_and_leaves_the_run_untouched(runs, tmp_path):
+    """Each rank times the steps differently (tests/ddp_precision_job.py); all take the averaged
+    decision, rank 0 says it once, and the run is the single-process fp32 run of the same batch."""
+    job = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(ROOT / "tests" / "ddp_precision_job.py"), "train", *runs["flags"], "--batch-size", "2", "--epochs", "1",
+         "--precision", "auto", "--out", str(tmp_path / "auto")],
+        env=runs["env"], capture_output=True, text=True, timeout=600)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    lines = [line for line in (job.stdout + job.stderr).splitlines() if line.startswith("precision auto")]
+    assert lines == ["precision auto: fp32 (a training step took 1000 ms in fp32, 1250 ms in bf16; median of 3 steps each)"]
+    assert "precision: fp32" in (tmp_path / "auto" / "config.yaml").read_text()
+    ddp = load_file(tmp_path / "auto" / "last" / "model.safetensors")
+    for k, v in runs["one_epoch1"].items():
+        assert torch.allclose(ddp[k], v, rtol=0, atol=1e-6), k
+
+
 def test_a_run_on_channels_last_activations_prints_no_ddp_stride_warning(runs):
     # 1x1 convolutions' weight gradients differ from the weights in size-1 strides only (run.py).
     assert "Grad strides do not match" not in runs["log"]

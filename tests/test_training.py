@@ -10,14 +10,16 @@ from safetensors.torch import load_file
 from torch.utils.data import DistributedSampler
 
 import detrkit.engine as engine
-from detrkit.checkpoint import load_model
+from detrkit.checkpoint import load_model, save_model
 from detrkit.cli import main
-from detrkit.config import resolve
+from detrkit.config import preset, resolve
 from detrkit.data.sampler import EpochSampler
 from detrkit.data.build import auto_image_size
+from detrkit.data.transforms import Mosaic
 from detrkit.ema import ModelEMA
 from detrkit.evaluate import METRIC_KEYS
-from detrkit.run import initial_model, load_run_config
+from detrkit.model.build import build_model
+from detrkit.run import initial_model, load_run_config, plan
 from detrkit.run import train as train_run
 
 
@@ -26,11 +28,11 @@ def shapes(synthetic):
     return synthetic(4, 4)
 
 
-def _run(shapes, out, *, val=True, **train):
+def _run(shapes, out, *, val=True, data=None, **train):
     """run.train on the synthetic set with the tiny preset, dropout off, flip-only augmentation
-    (every image keeps its 64 x 64 size, so batches need no padding)."""
+    (every image keeps its 64 x 64 size, so batches need no padding); ``data``: more DataConfig fields."""
     data = {"train_json": str(shapes["train_json"]), "train_images": str(shapes["train_images"]),
-            "image_size": 64, "workers": 0, "augment": "flip"}
+            "image_size": 64, "workers": 0, "augment": "flip", **(data or {})}
     if val:
         data |= {"val_json": str(shapes["val_json"]), "val_images": str(shapes["val_images"])}
     cfg = resolve(None, {"train": {"model": "detr_r18_tiny", "epochs": 1, "out": str(out), "device": "cpu", **train},
@@ -94,11 +96,11 @@ def test_patience_stops_when_ap_stops_improving(shapes, tmp_path):
 def test_resume_in_the_middle_of_an_epoch_continues_exactly(shapes, tmp_path, monkeypatch):
     """4 steps straight equal: 3 steps, Ctrl-C (in the middle of epoch 2), resume, 1 step: weights, EMA, losses.
 
-    Dropout on and the official multi-scale augmentation: the random states, the sampler
+    Dropout on, the official multi-scale augmentation and mosaics: the random states, the sampler
     position and each image's augmentation must all be restored."""
     common = ["--train-json", str(shapes["train_json"]), "--train-images", str(shapes["train_images"]),
               "--model", "detr_r18_tiny", "--image-size", "64", "--batch-size", "2", "--workers", "0",
-              "--epochs", "2", "--ema", "--ema-warmup", "2", "--device", "cpu"]
+              "--epochs", "2", "--ema", "--ema-warmup", "2", "--device", "cpu", "--mosaic", "0.5", "--mosaic-until", "1"]
     assert main(["train", *common, "--out", str(tmp_path / "a")]) == 0
 
     real_step = engine.Trainer.forward_backward
@@ -126,6 +128,17 @@ def test_resume_in_the_middle_of_an_epoch_continues_exactly(shapes, tmp_path, mo
     drop = ("seconds",)
     assert [{k: v for k, v in r.items() if k not in drop} for r in _rows(tmp_path / "a")] == \
            [{k: v for k, v in r.items() if k not in drop} for r in _rows(tmp_path / "b")]
+
+
+def test_mosaics_stop_at_mosaic_until(shapes, tmp_path, monkeypatch, capsys):
+    """Two epochs of 4 images, mosaics until half of training: 4 in epoch 1, none in epoch 2 (8 if it never stopped)."""
+    made = []
+    real = Mosaic.__call__
+    monkeypatch.setattr(Mosaic, "__call__", lambda self, samples: made.append(1) or real(self, samples))
+    run = _run(shapes, tmp_path / "m", val=False, batch_size=4, epochs=2, data={"mosaic": 1.0, "mosaic_until": 0.5})
+    assert len(made) == 4
+    assert torch.load(run / "last" / "train_state.pt", weights_only=True)["mosaic_stopped"] == 1
+    assert "mosaic off from epoch 2 (50% of training done)" in capsys.readouterr().out
 
 
 def test_fp16_on_a_cpu_is_a_clear_error(shapes, tmp_path, capsys):
@@ -241,3 +254,21 @@ def test_a_new_model_gets_a_query_for_every_object_and_auto_size_is_recorded(tmp
     assert saved[0].num_queries == 20 and saved[2].image_size == 64
     model = load_model(folder / "last")
     assert model.num_queries == 20 and model.inference["image_size"] == 64
+
+
+def test_the_papers_model_from_random_weights_on_a_cpu_points_to_the_fast_recipe(shapes, tmp_path, capsys):
+    data = {"train_json": str(shapes["train_json"]), "train_images": str(shapes["train_images"]), "image_size": 64}
+
+    def notes(device="cpu", **train) -> list[str]:
+        cfg = resolve(None, {"train": {"model": "detr_r18_tiny", "out": str(tmp_path), **train}, "data": data})
+        capsys.readouterr()
+        plan(*cfg, torch.device(device))
+        return [line for line in capsys.readouterr().out.splitlines() if "hundreds of epochs" in line]
+
+    assert notes() == ["note: detr_r18_tiny from random weights learns over hundreds of epochs (the paper: 300-500 "
+                       "on 16 GPUs); on a CPU, --recipe fast trains a model that learns in minutes"]
+    assert notes(model="detr_r18_fast") == []  # the fast recipe's model
+    assert notes(backbone_weights="resnet18.pth") == [] and notes(resume=True) == []
+    assert notes(device="cuda") == []
+    save_model(build_model(preset("detr_r18_tiny", num_classes=4)), tmp_path / "w")
+    assert notes(weights=str(tmp_path / "w")) == []  # fine-tuning

@@ -8,7 +8,9 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from detrkit.data.coco import CocoDetection
-from detrkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, finish_targets, train_transforms, val_transforms
+from detrkit.data.transforms import (
+    IMAGENET_MEAN, IMAGENET_STD, Mosaic, finish_targets, train_transforms, val_transforms,
+)
 
 
 def _random_sample(rng: np.random.Generator, h: int, w: int, n: int):
@@ -113,3 +115,77 @@ def test_dataset_with_train_preset(small_coco):
         assert image.dtype == torch.float32
         assert target["size"].tolist() == list(image.shape[-2:])
         assert len(target["boxes"]) == len(target["labels"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Mosaic (DEIM's dense one-to-one matching)
+# ---------------------------------------------------------------------------------------------
+GREY = 128  # the source images' background; the canvas fill is 0
+
+
+def _colour(label: int) -> torch.Tensor:
+    """A distinct solid colour for each object (never the background's or the fill's)."""
+    return torch.tensor([40 + 50 * (label % 4), 30 + 60 * (label // 4 % 4), 200 - 20 * label], dtype=torch.uint8)
+
+
+def _painted_sources(tile: int) -> list:
+    """Four images whose shorter side is ``tile`` (so the tile resize keeps every pixel), each with
+    two or three solid rectangles; object ``l`` (its label, unique over the four) in colour ``l``."""
+    sizes = [(tile, tile + 16), (tile + 8, tile), (tile, tile), (tile + 24, tile)]
+    samples, label = [], 0
+    for i, (h, w) in enumerate(sizes):
+        image = torch.full((3, h, w), GREY, dtype=torch.uint8)
+        boxes, labels = [], []
+        for x0, y0, bw, bh in ((2, 3, 10, 7), (w - 14, h - 12, 11, 9), (14, h // 2, 6, 5))[:2 + i % 2]:
+            image[:, y0:y0 + bh, x0:x0 + bw] = _colour(label)[:, None, None]
+            boxes.append([x0, y0, x0 + bw, y0 + bh])
+            labels.append(label)
+            label += 1
+        samples.append((tv_tensors.Image(image), {
+            "boxes": tv_tensors.BoundingBoxes(torch.tensor(boxes, dtype=torch.float32), format="XYXY", canvas_size=(h, w)),
+            "labels": torch.tensor(labels)}))
+    return samples
+
+
+def _pixels_of(image: torch.Tensor, label: int) -> torch.Tensor:
+    """(N, 2) y, x of the pixels of object ``label``'s colour."""
+    return (image == _colour(label)[:, None, None]).all(0).nonzero()
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_mosaic_boxes_are_the_pasted_objects_inside_the_canvas(seed):
+    """Without rotation each kept box is the enclosing box of its object's pixels (to a pixel of
+    nearest-neighbour rounding); with DEIM's rotation it still encloses them. Boxes stay inside the
+    canvas; an object that left the canvas loses its box."""
+    sources = _painted_sources(tile=32)
+    sanitize = v2.Compose([v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes()])
+    for degrees in (0.0, 10.0):
+        torch.manual_seed(seed)
+        image, target = sanitize(*Mosaic(32, degrees=degrees)(sources))
+        h, w = image.shape[-2:]
+        assert (h, w) == (2 * 56, 2 * 48)  # 2 x the largest tile height (56) and width (48)
+        boxes = target["boxes"].as_subclass(torch.Tensor)
+        assert target["boxes"].canvas_size == (h, w) and len(boxes) == len(target["labels"])
+        assert (boxes >= 0).all() and (boxes[:, [0, 2]] <= w).all() and (boxes[:, [1, 3]] <= h).all()
+        for box, label in zip(boxes.tolist(), target["labels"].tolist()):
+            yx = _pixels_of(image, label)
+            assert len(yx) > 0, (label, box)  # the object is under its box
+            x0, y0 = yx[:, 1].min().item(), yx[:, 0].min().item()
+            x1, y1 = yx[:, 1].max().item() + 1, yx[:, 0].max().item() + 1
+            assert box[0] - 1 <= x0 and box[1] - 1 <= y0 and x1 <= box[2] + 1 and y1 <= box[3] + 1, (label, box)
+            if degrees == 0:
+                assert max(abs(a - b) for a, b in zip(box, (x0, y0, x1, y1))) <= 1, (label, box, (x0, y0, x1, y1))
+        for label in set(range(10)) - set(target["labels"].tolist()):  # no box: at most a sliver is visible
+            yx = _pixels_of(image, label)
+            assert len(yx) == 0 or min(yx[:, 0].max() - yx[:, 0].min(), yx[:, 1].max() - yx[:, 1].min()) <= 1, label
+
+
+def test_mosaic_holds_the_objects_of_four_images():
+    sources = _painted_sources(tile=32)
+    torch.manual_seed(0)
+    image, target = Mosaic(32, degrees=0, translate=(0, 0), scale=(1, 1))(sources)
+    assert target["labels"].tolist() == list(range(10))  # every object, in the order of the images
+    assert (image[:, 56 + 32:, :48] == 0).all() and (image[:, 56:, 32:48] == 0).all()  # around the 32 x 32 third tile: fill
+    assert (image[:, 56:56 + 32, :32] != 0).any(0).all()  # the third tile itself
+    with pytest.raises(ValueError, match="4 images"):
+        Mosaic(32)(sources[:3])

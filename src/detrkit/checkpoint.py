@@ -165,6 +165,15 @@ def load_train_state(folder: PathLike) -> dict:
         raise DetrkitError(f"{path}: unreadable training state ({type(e).__name__}: {e})") from None
 
 
+def read_run_checkpoint(folder: PathLike) -> dict:
+    """A run checkpoint (:func:`save_run_checkpoint`, a run's ``last/``) to continue from: the training
+    state, the raw weights (``model``) and the weights for inference (``weights``, the EMA when there is one)."""
+    saved = load_train_state(folder)
+    weights = load_state(folder).state
+    # With an EMA, model.safetensors holds the average and train_state.pt the raw weights.
+    return {"train_state": saved, "weights": weights, "model": saved.pop("model", weights)}
+
+
 def readable_folder(path: PathLike) -> Path:
     """The folder to read checkpoint ``path`` from: ``path`` itself, or the complete previous
     checkpoint in ``.NAME.old`` when a save was killed between its two renames. Reading never

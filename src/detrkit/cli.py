@@ -17,8 +17,8 @@ from typing import Optional
 
 from detrkit.allocator import tune_allocator
 from detrkit.config import (
-    AUTO_IMAGE_SIZE, CLASS_COST_FORMULAS, PRESETS, RECIPES, DataConfig, LossConfig, TrainConfig, config_from_dict,
-    read_config_file, resolve, route,
+    AUTO_IMAGE_SIZE, CLASS_COST_FORMULAS, CLASS_LOSSES, PRESETS, RECIPES, DataConfig, LossConfig, TrainConfig,
+    config_from_dict, read_config_file, resolve, route,
 )
 from detrkit.distributed import select_device
 from detrkit.errors import DetrkitError
@@ -87,6 +87,9 @@ def _data_flags(p) -> None:
                    help="do not open every image file (training and check-data open each once by default)")
     _flag(g, DataConfig, "augment", "training augmentation: detr (official multi-scale + crop) or flip",
           choices=["detr", "flip"])
+    _flag(g, DataConfig, "mosaic", "probability that a training image is a mosaic of four (DEIM's dense one-to-one "
+          "matching; DEIM: 0.5); 0 = off", type=float)
+    _flag(g, DataConfig, "mosaic_until", "fraction of training after which no mosaics are made", type=float)
 
 
 def _common(p) -> None:
@@ -142,8 +145,9 @@ OPTIMISATION_FLAGS = [
     ("lr_drop", "epoch of the x0.1 learning-rate drop (None: at 2/3 of training)", float),
     ("warmup", "linear warm-up as a fraction of training", float),
     ("eval_every", "evaluate every N epochs", int), ("seed", "random seed", int),
-    ("precision", "fp32; bf16 autocast; fp16 autocast with loss scaling (CUDA only). Matching and losses stay fp32",
-     ["fp32", "bf16", "fp16"]),
+    ("precision", "fp32; bf16 autocast; fp16 autocast with loss scaling (CUDA only); auto: fp32 or bf16, whichever "
+     "trains faster here (a few steps of each timed at start-up). Matching and losses stay fp32",
+     ["fp32", "bf16", "fp16", "auto"]),
     ("accumulate", "micro-batches per optimiser step (a step sees batch-size x accumulate x processes images, "
      "exactly as one larger batch)", int),
     ("ema_decay", "EMA decay", float),
@@ -160,10 +164,12 @@ LOSS_FLAGS = [
     ("eos_coef", "relative weight of the 'no object' class in the cross-entropy (softmax models)", float),
     ("bbox_loss", "box regression loss", ["l1", "smooth_l1"]),
     ("smooth_l1_beta", "Smooth L1 switch point, in normalised box units", float),
-    ("class_loss", "sigmoid (two-stage) classification loss: focal, or varifocal (IoU-aware targets)",
-     ["focal", "varifocal"]),
+    ("class_loss", "sigmoid (two-stage) classification loss: focal; varifocal (IoU targets); mal (DEIM's "
+     "matchability-aware loss: IoU^gamma targets, every positive weighted 1)", list(CLASS_LOSSES)),
     ("focal_alpha", "focal loss alpha (sigmoid models)", float), ("focal_gamma", "focal loss gamma", float),
     ("vfl_alpha", "varifocal weight of the negatives", float),
+    ("mal_gamma", "MAL exponent of the IoU target and of the negatives' weight p^gamma", float),
+    ("mal_alpha", "MAL factor on the negatives' weight (None: 1)", float),
     ("encoder_repeats", "two-stage presets: match the encoder proposals against every target repeated K times "
      "(one-to-many, H-DETR); 1 = off", int),
     ("hybrid_queries", "two-stage presets: M more encoder-chosen queries trained as a separate one-to-many "

@@ -104,11 +104,15 @@ class LossConfig:
     # Sigmoid (focal) classification, used by two-stage models: Deformable DETR's values.
     focal_alpha: float = 0.25  # focal loss alpha (Lin et al. 2017; Deformable DETR)
     focal_gamma: float = 2.0  # focal loss gamma (same)
-    # "focal": a matched query's target is 1 for its class (Deformable DETR). "varifocal": the
-    # target is the IoU of its box with the object's, so scores rank boxes by quality (VarifocalNet,
-    # RT-DETR); negatives weighted by vfl_alpha * p^gamma.
+    # One of CLASS_LOSSES. "focal": a matched query's target is 1 for its class (Deformable DETR).
+    # "varifocal": the target is the IoU of its box with the object's, so scores rank boxes by
+    # quality (VarifocalNet, RT-DETR); positives weighted by that IoU, negatives by vfl_alpha * p^gamma.
+    # "mal": DEIM's matchability-aware loss: the target is IoU^mal_gamma, positives weighted 1 (so
+    # a poorly matched query still learns), negatives by p^mal_gamma (times mal_alpha if set).
     class_loss: str = "focal"
     vfl_alpha: float = 0.75  # varifocal weight of the negatives (VarifocalNet, RT-DETR)
+    mal_gamma: float = 1.5  # MAL's exponent (DEIM configs/base/deim.yml and rt_deim.yml: gamma 1.5)
+    mal_alpha: Optional[float] = None  # MAL's weight of the negatives (DEIM's default None: no factor)
     # Two-stage only, training only: the encoder proposals are matched against every target
     # repeated this many times (H-DETR's one-to-many matching), so each object trains several
     # tokens instead of one. 1 = one-to-one. The decoder stays one-to-one, so no NMS is needed.
@@ -131,8 +135,10 @@ class LossConfig:
                              f"got {self.class_cost_formula!r}")
         if self.bbox_loss not in ("l1", "smooth_l1"):
             raise ValueError(f"bbox_loss must be 'l1' or 'smooth_l1', got {self.bbox_loss!r}")
-        if self.class_loss not in ("focal", "varifocal"):
-            raise ValueError(f"class_loss must be 'focal' or 'varifocal', got {self.class_loss!r}")
+        if self.class_loss not in CLASS_LOSSES:
+            raise ValueError(f"class_loss must be one of {', '.join(CLASS_LOSSES)}, got {self.class_loss!r}")
+        if self.mal_gamma <= 0 or (self.mal_alpha is not None and self.mal_alpha <= 0):
+            raise ValueError("mal_gamma and mal_alpha (when given) must be > 0")
         if self.query_groups < 1 or self.denoising < 0 or self.hybrid_queries < 0:
             raise ValueError("query_groups must be >= 1, denoising and hybrid_queries >= 0")
         if self.encoder_repeats < 1 or self.hybrid_repeats < 1:
@@ -142,6 +148,7 @@ class LossConfig:
 
 
 CLASS_COST_FORMULAS = ("neg_prob", "one_minus_prob")
+CLASS_LOSSES = ("focal", "varifocal", "mal")  # LossConfig.class_loss of sigmoid-class models
 
 
 @dataclass
@@ -160,10 +167,18 @@ class DataConfig:
     workers: int = 2  # DataLoader worker processes
     augment: str = "detr"  # "detr": official flip + multi-scale + crop; "flip": flip only (small images)
     check_images: bool = True  # open every image before training (ours: 2000 images of 128 px in 5 s on 2 cores); False skips
+    # DEIM's dense one-to-one matching: the probability that a training image is a mosaic of four
+    # (data/transforms.py Mosaic; DEIM: 0.5), so that each image holds more objects; 0 = off.
+    mosaic: float = 0.0
+    # The fraction of training (epochs, or the time budget) after which no mosaic is made, decided at
+    # the start of each epoch. DEIM stops it at epoch 4 + E/2 of E (64 of 120): about half.
+    mosaic_until: float = 0.5
 
     def __post_init__(self) -> None:
         if self.image_size != "auto" and not (isinstance(self.image_size, int) and self.image_size > 0):
             raise ValueError(f"image_size must be a positive number of pixels or 'auto', got {self.image_size!r}")
+        if not 0 <= self.mosaic <= 1 or not 0 <= self.mosaic_until <= 1:
+            raise ValueError(f"mosaic and mosaic_until must be in [0, 1], got {self.mosaic}, {self.mosaic_until}")
 
 
 # The largest size "auto" picks. Ours: on 2 CPU cores the fast model trains at ~33 img/s at
@@ -195,7 +210,8 @@ class TrainConfig:
     device: str = "auto"  # "auto" = cuda if available else cpu
     seed: int = 42  # official seed
     # "fp32"; "bf16" (autocast); "fp16" (autocast with loss scaling, CUDA only). The matching and
-    # the losses are always computed in float32.
+    # the losses are always computed in float32. "auto": fp32 or bf16, whichever trains faster
+    # here, measured at start-up on a few steps (detrkit/precision.py) and recorded in config.yaml.
     precision: str = "fp32"
     # Micro-batches per optimiser step: one step sees batch_size x accumulate x processes images,
     # and equals one step on a batch that large (the loss normalisers span every micro-batch).
@@ -212,8 +228,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.schedule not in ("step", "cosine"):
             raise ValueError(f"schedule must be 'step' or 'cosine', got {self.schedule!r}")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {self.precision!r}")
+        if self.precision not in ("fp32", "bf16", "fp16", "auto"):
+            raise ValueError(f"precision must be 'fp32', 'bf16', 'fp16' or 'auto', got {self.precision!r}")
         if self.accumulate < 1:
             raise ValueError(f"accumulate must be >= 1, got {self.accumulate}")
         if not 0 < self.ema_decay < 1 or self.ema_warmup < 0:
@@ -346,7 +362,8 @@ RECIPES: dict[str, dict[str, dict]] = {
     "fast": {
         "train": dict(model="detr_r18_fast", lr=5e-4, lr_backbone=5e-4, schedule="cosine", warmup=0.03,
                       batch_size=8,  # more updates per minute: AP 0.632 vs 0.592 at batch 16 in 10 min
-                      epochs=1000),
+                      epochs=1000,
+                      precision="auto"),  # CPUs of one kind differ in whether bf16 trains faster (precision.py)
         # Varifocal targets and 3 denoising groups: AP 0.261 vs 0.209 (focal, none) after 1000 steps.
         # Encoder one-to-many matching x4: AP 0.722 vs 0.599 after 10 minutes (docs/benchmarks.md).
         "loss": dict(loss_ce=2.0, cost_class=2.0, class_loss="varifocal", denoising=3, encoder_repeats=4),

@@ -51,6 +51,7 @@ class SetCriterion(nn.Module):
                  eos_coef: float = 0.1, bbox_loss: str = "l1", smooth_l1_beta: float = 0.1, *,
                  sigmoid_class: bool = False, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
                  encoder_repeats: int = 1, class_loss: str = "focal", vfl_alpha: float = 0.75,
+                 mal_gamma: float = LossConfig.mal_gamma, mal_alpha: Optional[float] = LossConfig.mal_alpha,
                  denoising: int = 0, hybrid_repeats: int = LossConfig.hybrid_repeats) -> None:
         super().__init__()
         self.num_classes = num_classes
@@ -63,8 +64,9 @@ class SetCriterion(nn.Module):
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
         self.encoder_repeats = encoder_repeats
-        self.class_loss = class_loss  # with sigmoid: "focal" or "varifocal" (IoU-aware targets)
+        self.class_loss = class_loss  # with sigmoid: "focal", "varifocal" or "mal" (IoU-aware targets)
         self.vfl_alpha = vfl_alpha
+        self.mal_gamma, self.mal_alpha = mal_gamma, mal_alpha
         self.hybrid_repeats = hybrid_repeats  # how often the hybrid queries' targets are repeated (H-DETR's k)
         self.denoising = denoising  # groups of denoising queries the model is trained with (detrkit.aids), 0 = none
         empty_weight = torch.ones(num_classes + 1)
@@ -84,15 +86,18 @@ class SetCriterion(nn.Module):
         With ``class_loss="varifocal"`` the matched entry's target is the IoU of the predicted
         box with its object's (detached), positives weighted by that IoU and negatives by
         ``vfl_alpha * p^gamma`` (VarifocalNet; RT-DETR): a high score then means a good box.
+        With ``class_loss="mal"`` (DEIM's matchability-aware loss) the target is ``IoU^mal_gamma``
+        and every positive weighs 1, negatives ``p^mal_gamma`` (times ``mal_alpha`` when set).
         """
         logits = outputs["pred_logits"]  # (B, Q, K+1), or (B, Q, K) with sigmoid_class
         batch_idx, src_idx = _permutation(indices)
         matched_labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
         target_classes[batch_idx, src_idx] = matched_labels
-        if self.sigmoid_class and self.class_loss == "varifocal":
+        if self.sigmoid_class and self.class_loss in ("varifocal", "mal"):
             quality = self._matched_iou(outputs, targets, indices, batch_idx, src_idx)
-            losses = {"loss_ce": self._varifocal(logits.float(), target_classes, quality) / num_boxes}
+            iou_aware = self._varifocal if self.class_loss == "varifocal" else self._matchability
+            losses = {"loss_ce": iou_aware(logits.float(), target_classes, quality) / num_boxes}
         elif self.sigmoid_class:
             onehot = F.one_hot(target_classes, self.num_classes + 1)[..., :-1].float()  # (B, Q, K)
             focal = sigmoid_focal_loss(logits.float(), onehot, self.focal_alpha, self.focal_gamma, reduction="sum")
@@ -131,6 +136,21 @@ class SetCriterion(nn.Module):
             onehot = F.one_hot(target_classes, self.num_classes + 1)[..., :-1].float()  # (B, Q, K)
             score = onehot * quality[..., None]  # the IoU at the object's class, 0 elsewhere
             weight = self.vfl_alpha * logits.sigmoid().pow(self.focal_gamma) * (1 - onehot) + score
+        return F.binary_cross_entropy_with_logits(logits, score, weight=weight, reduction="sum")
+
+    def _matchability(self, logits: Tensor, target_classes: Tensor, quality: Tensor) -> Tensor:
+        """DEIM's summed matchability-aware loss (MAL), arguments as :meth:`_varifocal`.
+
+        Beside varifocal: the target is ``IoU^gamma`` rather than the IoU, and a positive weighs 1
+        rather than its IoU. With varifocal a query matched to an object it barely overlaps (common
+        when images hold many objects, DEIM's dense one-to-one matching) gets both a low target
+        and a low weight, so it hardly learns; MAL keeps the weight and only lowers the target.
+        """
+        with torch.no_grad():
+            onehot = F.one_hot(target_classes, self.num_classes + 1)[..., :-1].float()  # (B, Q, K)
+            score = onehot * quality[..., None].pow(self.mal_gamma)  # IoU^gamma at the object's class, 0 elsewhere
+            negative = logits.sigmoid().pow(self.mal_gamma) * (1 - onehot)
+            weight = (negative if self.mal_alpha is None else self.mal_alpha * negative) + onehot
         return F.binary_cross_entropy_with_logits(logits, score, weight=weight, reduction="sum")
 
     @torch.no_grad()
@@ -295,4 +315,4 @@ def build_criterion(num_classes: int, loss: LossConfig, num_aux: int, *, sigmoid
                         eos_coef=loss.eos_coef, bbox_loss=loss.bbox_loss, smooth_l1_beta=loss.smooth_l1_beta,
                         sigmoid_class=sigmoid_class, focal_alpha=loss.focal_alpha, focal_gamma=loss.focal_gamma,
                         encoder_repeats=loss.encoder_repeats, class_loss=loss.class_loss, vfl_alpha=loss.vfl_alpha,
-                        denoising=loss.denoising, hybrid_repeats=loss.hybrid_repeats)
+                        mal_gamma=loss.mal_gamma, mal_alpha=loss.mal_alpha, denoising=loss.denoising, hybrid_repeats=loss.hybrid_repeats)

@@ -91,6 +91,16 @@ class TrainState:
     sums: dict = field(default_factory=dict)  # loss sums of the current epoch's steps, for its results row
     count: int = 0  # steps in the current epoch
     bad_in_a_row: int = 0  # consecutive non-finite losses, across epoch boundaries (MAX_BAD_STEPS stops the run)
+    mosaic_stopped: Optional[int] = None  # the first epoch without mosaics (DataConfig.mosaic_until), once reached
+
+    def stop_mosaics(self, progress: float, until: float) -> bool:
+        """Whether mosaics stop now (``mosaic_stopped`` becomes this epoch): at the start of the first
+        epoch that begins at ``progress >= until``. Decided only when an epoch starts and kept in
+        the state, so a resumed epoch reads what it began with."""
+        if self.mosaic_stopped is None and self.position == 0 and progress >= until:
+            self.mosaic_stopped = self.epoch
+            return True
+        return False
 
     def progress(self, cfg: TrainConfig, epoch_size: int) -> float:
         """Fraction of the run done (in samples), for the learning-rate schedule when there is no time budget."""
@@ -193,6 +203,10 @@ class Trainer:
     device: torch.device
     scaler: Optional[torch.amp.GradScaler] = None  # fp16 only: scales the loss so small gradients survive
     ema: Optional[ModelEMA] = None
+
+    def __post_init__(self) -> None:
+        if self.cfg.precision not in ("fp32", *AMP_DTYPES):  # "auto" is settled before (detrkit.run.settle_precision)
+            raise ValueError(f"a trainer needs precision fp32, bf16 or fp16, got {self.cfg.precision!r}")
 
     def forward_backward(self, micro_batches: list) -> dict[str, Tensor]:
         """Forward and backward passes over the micro-batches of one step; gradients add up in ``.grad``.

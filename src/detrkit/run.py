@@ -15,7 +15,8 @@ optimiser, the EMA's update count, the position in the epoch and the random stat
 
 :func:`train` runs four steps. :func:`plan` settles the final configuration once (resuming
 after a torchrun restart, the automatic image size, the classes, the number of queries, a
-fine-tuned model's architecture) before anything is built; :func:`build` makes the model,
+fine-tuned model's architecture; with :func:`settle_precision` the precision "auto" measures)
+before anything of the run is built; :func:`build` makes the model,
 its aids, the loss, the optimiser; :func:`restore` continues a run from ``last/``; :func:`fit`
 runs the epochs, evaluating, keeping ``last/`` and ``best/`` and the results log. Under
 ``torchrun`` every process runs them (docs/distributed.md); rank 0 writes the files.
@@ -27,7 +28,6 @@ import dataclasses
 import io
 import json
 import math
-import random
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -40,17 +40,17 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from detrkit import distributed
+from detrkit import distributed, precision
 from detrkit.aids import AidedModel
 from detrkit.analysis import format_best_threshold, write_analysis
 from detrkit.checkpoint import (
-    check_and_load, checkpoint_folder, load_state, load_train_state, save_model, save_run_checkpoint, set_classes,
-    write_model_files,
+    check_and_load, checkpoint_folder, load_state, load_train_state, read_run_checkpoint, save_model, save_run_checkpoint,
+    set_classes, write_model_files,
 )
 from detrkit.config import AUTO_IMAGE_SIZE, DataConfig, LossConfig, ModelConfig, TrainConfig, config_from_dict
 from detrkit.convert import Loaded
-from detrkit.criterion import build_criterion
-from detrkit.data.build import auto_image_size, build_datasets, make_train_loader
+from detrkit.criterion import SetCriterion, build_criterion
+from detrkit.data.build import auto_image_size, build_datasets, make_train_loader, train_samples
 from detrkit.data.coco import CocoDetection
 from detrkit.ema import ModelEMA
 from detrkit.engine import (
@@ -62,6 +62,7 @@ from detrkit.evaluate import METRIC_KEYS, write_metrics
 from detrkit.files import atomic_write_text
 from detrkit.model.build import build_model
 from detrkit.model.detr import DETR
+from detrkit.rng import rng_state, seed_everything, set_rng_state
 from detrkit.visualize import plot_training_curves
 
 
@@ -79,7 +80,7 @@ def train(model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig, tr
     joined_here = not distributed.is_distributed()  # a caller's own process group is left to the caller
     device = distributed.setup(train_cfg.device)
     try:
-        run = build(plan(model_cfg, loss_cfg, data_cfg, train_cfg, device), device)
+        run = build(settle_precision(plan(model_cfg, loss_cfg, data_cfg, train_cfg, device), device), device)
         restore(run)
         return fit(run)
     finally:
@@ -130,6 +131,12 @@ def plan(model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig, tra
     classes = [{"id": c["id"], "name": c["name"]} for c in train_set.categories]
     most = int(np.diff(train_set.data.offsets).max(initial=0))  # objects in the fullest training image
     start = load_state(train_cfg.weights) if train_cfg.weights is not None else None
+    if start is not None and not _same_classes(start, classes):
+        _log(f"fine-tuning: new class head for {len(classes)} classes (checkpoint had {start.config.num_classes})")
+    if device.type == "cpu" and model_cfg.arch == "detr" and start is None and train_cfg.backbone_weights is None \
+            and not train_cfg.resume:  # the paper's model from random weights: a newcomer who left out --recipe
+        _log(f"note: {train_cfg.model} from random weights learns over hundreds of epochs (the paper: 300-500 on "
+             f"16 GPUs); on a CPU, --recipe fast trains a model that learns in minutes")
     model_cfg = _model_config(model_cfg, train_cfg, len(classes), most, start)
     return Plan(model_cfg, loss_cfg, data_cfg, train_cfg, run_dir, train_set, val_set, classes, start)
 
@@ -180,20 +187,13 @@ class Run:
 def build(p: Plan, device: torch.device) -> Run:
     """The model (new, or started from ``p.start``), its aids, the loss, the optimiser, DDP and EMA."""
     cfg = p.train
-    _seed_everything(cfg.seed + distributed.rank())  # each process its own dropout masks (official: seed + rank)
-    model = initial_model(p.model, cfg, p.classes, p.start)
-    if distributed.world_size() > 1 and device.type == "cuda" and p.model.backbone_norm == "batch":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over all GPUs
-    model.to(device)
-    aided = AidedModel(model, p.loss).to(device)  # the model plus its training-only aids (if any)
-    criterion = build_criterion(model.num_classes, p.loss, num_aux=p.model.dec_layers - 1 if p.model.aux_loss else 0,
-                                sigmoid_class=model.sigmoid_class).to(device)
-    optimizer = make_optimizer(aided, cfg)
+    seed_everything(cfg.seed + distributed.rank())  # each process its own dropout masks (official: seed + rank)
+    model, aided, criterion, optimizer = _trainable(p, device)
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     saved = None
     if cfg.resume:  # the weights and optimiser state before DDP and the EMA copy them
         # Rank 0 reads the checkpoint and sends it to the others (no shared file system needed).
-        saved = distributed.broadcast_from_main(_read_last(p.run_dir) if distributed.is_main() else None)
+        saved = distributed.broadcast_from_main(read_run_checkpoint(p.run_dir / "last") if distributed.is_main() else None)
         check_and_load(model, saved["model"], str(p.run_dir / "last"))
         aided.load_state_dict({**aided.state_dict(), **saved["train_state"].get("aids", {})})
         optimizer.load_state_dict(saved["train_state"]["optimizer"])
@@ -208,6 +208,34 @@ def build(p: Plan, device: torch.device) -> Run:
     return Run(p, device, model, aided, trainer, TrainState(), saved=saved)
 
 
+def _trainable(p: Plan, device: torch.device) -> tuple[DETR, AidedModel, SetCriterion, torch.optim.Optimizer]:
+    """What a training step works on, on ``device``: the model (new, or from ``p.start``), the model
+    with its training-only aids (the optimiser's parameters), the loss and the optimiser."""
+    model = initial_model(p.model, p.train, p.classes, p.start)
+    if distributed.world_size() > 1 and device.type == "cuda" and p.model.backbone_norm == "batch":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over all GPUs
+    model.to(device)
+    aided = AidedModel(model, p.loss).to(device)  # the model plus its training-only aids (if any)
+    criterion = build_criterion(model.num_classes, p.loss, num_aux=p.model.dec_layers - 1 if p.model.aux_loss else 0,
+                                sigmoid_class=model.sigmoid_class).to(device)
+    return model, aided, criterion, make_optimizer(aided, p.train)
+
+
+def settle_precision(p: Plan, device: torch.device) -> Plan:
+    """The plan with ``precision="auto"`` replaced by what this run trains in: measured on trainers
+    of its own model and its first batches (:mod:`detrkit.precision`), or, when it resumes, the
+    choice it made when it started (its config.yaml; after a torchrun restart too)."""
+    if p.train.precision != "auto":
+        return p
+    if p.train.resume:
+        choice = distributed.broadcast_from_main(load_run_config(p.run_dir)[3].precision if distributed.is_main() else None)
+    else:
+        steps = precision.first_steps(train_samples(p.train_set, p.data, mosaic=True), p.train)
+        choice, seconds = precision.choose(lambda: _trainable(p, device), p.train, steps, device)
+        _log(precision.report(choice, seconds))
+    return dataclasses.replace(p, train=dataclasses.replace(p.train, precision=choice))
+
+
 def initial_model(model_cfg: ModelConfig, train_cfg: TrainConfig, classes: list[dict],
                   start: Optional[Loaded] = None) -> DETR:
     """A new model for ``classes``, or one started from the checkpoint ``start`` (fine-tuning; then
@@ -220,14 +248,16 @@ def initial_model(model_cfg: ModelConfig, train_cfg: TrainConfig, classes: list[
     else:
         model = build_model(cfg, train_backbone=train_backbone)
         state = start.state
-        same = start.classes is not None and [c["id"] for c in start.classes] == [c["id"] for c in classes]
-        if not same:  # every class head (two-stage models also score encoder tokens) starts afresh
+        if not _same_classes(start, classes):  # every class head (two-stage models also score encoder tokens) starts afresh
             fresh = {k: v for k, v in model.state_dict().items() if k.startswith(("class_embed.", "enc_class."))}
             state = {**state, **fresh}
-            _log(f"fine-tuning: new class head for {len(classes)} classes (checkpoint had {start.config.num_classes})")
         check_and_load(model, state, str(train_cfg.weights))
     set_classes(model, classes)
     return model
+
+
+def _same_classes(start: Loaded, classes: list[dict]) -> bool:
+    return start.classes is not None and [c["id"] for c in start.classes] == [c["id"] for c in classes]
 
 
 def _parallel(aided: AidedModel, model: DETR, device: torch.device) -> nn.Module:
@@ -272,9 +302,9 @@ def restore(run: Run) -> None:
     if rng is not None:  # last, so that nothing above draws from the restored streams
         rng = rng if isinstance(rng, list) else [rng]  # checkpoints of single-process runs before DDP
         if len(rng) == world:
-            _set_rng_state(rng[rank], run.device)
+            set_rng_state(rng[rank], run.device)
         else:  # another number of processes: the same samples follow, the random streams start afresh
-            _seed_everything(p.train.seed + rank + 1000 * run.state.step)
+            seed_everything(p.train.seed + rank + 1000 * run.state.step)
             if main:
                 print(f"note: the checkpoint was written by {len(rng)} processes, this run has {world}: "
                       f"same data order, new random streams")
@@ -290,8 +320,8 @@ def fit(run: Run) -> Path:
     try:
         with StopRequest() as stop:
             while state.epoch < p.train.epochs and not clock.out_of_time():
-                loader = make_train_loader(p.train_set, p.train.batch_size, p.data.workers, seed=p.train.seed,
-                                           epoch=state.epoch, position=state.position)
+                loader = make_train_loader(epoch_samples(run, clock), p.train.batch_size, p.data.workers,
+                                           seed=p.train.seed, epoch=state.epoch, position=state.position)
                 status = train_one_epoch(run.trainer, loader, state, clock, stop, len(p.train_set))
                 if status == "stop":
                     save_last(run, clock)
@@ -314,6 +344,15 @@ def fit(run: Run) -> Path:
     _finish(run)
     distributed.barrier()  # every process leaves with the files written
     return p.run_dir
+
+
+def epoch_samples(run: Run, clock: Clock):
+    """The training samples of the epoch at ``run.state``: with DEIM's mosaics until ``mosaic_until`` of training."""
+    p, state = run.plan, run.state
+    progress = clock.progress() if p.train.minutes is not None else state.progress(p.train, len(p.train_set))
+    if p.data.mosaic > 0 and state.stop_mosaics(progress, p.data.mosaic_until):
+        _log(f"mosaic off from epoch {state.epoch + 1} ({progress:.0%} of training done)")
+    return train_samples(p.train_set, p.data, mosaic=state.mosaic_stopped is None)
 
 
 def end_epoch(run: Run, clock: Clock, status: str, last: bool) -> bool:
@@ -355,7 +394,7 @@ def end_epoch(run: Run, clock: Clock, status: str, last: bool) -> bool:
 
 def save_last(run: Run, clock: Clock) -> None:
     """``last/``: the weights for inference, and the state to continue from (all processes call it)."""
-    rngs = distributed.gather_to_main(_rng_state(run.device))
+    rngs = distributed.gather_to_main(rng_state(run.device))
     run.state.elapsed = clock.elapsed
     if not distributed.is_main():
         return
@@ -401,15 +440,6 @@ def _log(line: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # The files of a run: last/ to resume from, config.yaml, results
 # ---------------------------------------------------------------------------------------------
-def _read_last(run_dir: Path) -> dict:
-    """The checkpoint in ``run_dir/last`` to continue from: the training state, the raw weights
-    (``model``) and the weights for inference (``weights``, the EMA when there is one)."""
-    saved = load_train_state(run_dir / "last")
-    weights = load_state(run_dir / "last").state
-    # With an EMA, model.safetensors holds the average and train_state.pt the raw weights.
-    return {"train_state": saved, "weights": weights, "model": saved.pop("model", weights)}
-
-
 def save_config(path: Path, model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig,
                 train_cfg: TrainConfig, run_id: Optional[str] = None) -> None:
     """``config.yaml``: the four config sections, and the run's id (which checkpoints belong to this run)."""
@@ -466,34 +496,3 @@ def read_results(run_dir: Path) -> list[dict]:
         return []
     with open(path, newline="") as f:
         return [{k: v for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Random states
-# ---------------------------------------------------------------------------------------------
-def _rng_state(device: torch.device) -> dict:
-    np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_to_tuple(state["python"]))
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _to_tuple(x):
-    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-def _seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed)

@@ -20,8 +20,8 @@ from detrkit.config import AUTO_IMAGE_SIZE, DataConfig
 from detrkit.data.batch import collate
 from detrkit.data.coco import CocoDetection, load_coco
 from detrkit.data.layouts import find_layout
-from detrkit.data.sampler import EpochSampler, SeededSamples
-from detrkit.data.transforms import train_transforms, val_transforms
+from detrkit.data.sampler import EpochSampler, MosaicSamples, SeededSamples
+from detrkit.data.transforms import MOSAIC_TILE_RATIO, Mosaic, train_transforms, val_transforms
 from detrkit.errors import DataError
 
 
@@ -54,6 +54,16 @@ def build_datasets(cfg: DataConfig, categories: Optional[list[dict]] = None, *, 
                                 val_transforms(cfg.image_size, cfg.max_size), categories=categories,
                                 check_images=cfg.check_images and train)
     return train_set, val_set
+
+
+def train_samples(train_set: CocoDetection, cfg: DataConfig, *, mosaic: bool):
+    """What the training loader reads: ``train_set``, or with ``mosaic`` (and ``cfg.mosaic > 0``) DEIM's
+    mosaics of it (:class:`~detrkit.data.sampler.MosaicSamples`): tiles of half the training size, and
+    after the mosaic only a flip and the resize to the training size (as DEIM), whatever ``cfg.augment``."""
+    if not mosaic or cfg.mosaic == 0:
+        return train_set
+    tile = max(1, round(cfg.image_size * MOSAIC_TILE_RATIO))
+    return MosaicSamples(train_set, Mosaic(tile), train_transforms(cfg.image_size, cfg.max_size, "flip"), cfg.mosaic)
 
 
 def _need_training_data(paths: dict[str, Path]) -> None:

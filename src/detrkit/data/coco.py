@@ -412,9 +412,8 @@ class CocoDetection(Dataset):
     ``json_path``: COCO annotation file; ``image_root``: the folder ``file_name`` is relative
     to (sub-folders allowed). ``categories``: the class mapping ``[{"id", "name"}]`` in index
     order, default the file's categories sorted by id. ``check_images``: open every image once
-    now, so missing or broken files stop before training instead of in the middle of it. ``transforms(image, target)`` receives
-    a ``tv_tensors.Image`` (uint8, ``3 x H x W``, EXIF-rotated RGB) and
-    ``{"boxes": BoundingBoxes (xyxy pixels, canvas (H, W)), "labels": int64 [T]}``, e.g. a
+    now, so missing or broken files stop before training instead of in the middle of it.
+    ``transforms(image, target)`` receives :meth:`load_item`'s pair (EXIF-rotated RGB), e.g. a
     preset from :mod:`detrkit.data.transforms`.
 
     ``dataset[i]`` returns ``(image, target)``: the image as the transforms leave it (uint8
@@ -423,7 +422,7 @@ class CocoDetection(Dataset):
     - ``boxes``: float32 ``[T, 4]`` ``(cx, cy, w, h)`` normalised by the final image size,
     - ``labels``: int64 ``[T]``, contiguous indices 0..K-1 into ``categories``,
     - ``image_id``: int, the COCO image id,
-    - ``orig_size``: int64 ``[2]``, ``(h, w)`` of the (EXIF-rotated) file,
+    - ``orig_size``: int64 ``[2]``, ``(h, w)`` of the (EXIF-rotated) file (of the canvas for a mosaic),
     - ``size``: int64 ``[2]``, ``(h, w)`` after the transforms.
 
     Crowd annotations are not targets (evaluation reads them from ``json_path``); images
@@ -472,24 +471,30 @@ class CocoDetection(Dataset):
         return len(self.data)
 
     def __getitem__(self, k: int) -> tuple[Any, dict]:
+        return self.prepare(*self.load_item(k), k, self.transforms)
+
+    def load_item(self, k: int) -> tuple[tv_tensors.Image, dict]:
+        """Image ``k`` before any transform: uint8 ``tv_tensors.Image`` ``3 x H x W``, ``{"boxes":
+        BoundingBoxes (xyxy pixels, canvas (H, W)), "labels": int64 [T]}``."""
         path = self.data.image_path(k)
         pil = open_rgb(path, self.json_path)
         h, w = (int(v) for v in self.data.sizes[k])
         if (pil.height, pil.width) != (h, w):
             # The boxes were checked against the JSON size; silently using another would move them.
-            raise DataError(
-                f"{path}: image is {pil.width}x{pil.height} but {self.json_path} says {w}x{h} "
-                f"(image id {int(self.data.image_ids[k])}); fix: correct width/height (detrkit check-data lists all)"
-            )
+            raise DataError(f"{path}: image is {pil.width}x{pil.height} but {self.json_path} says {w}x{h} (image id "
+                            f"{int(self.data.image_ids[k])}); fix: correct width/height (detrkit check-data lists all)")
         boxes, labels = self.data.targets(k)
-        image = tv_tensors.Image(F.pil_to_tensor(pil))  # uint8 (3, H, W)
-        target = {"boxes": tv_tensors.BoundingBoxes(torch.tensor(boxes), format="XYXY", canvas_size=(h, w)),
-                  "labels": torch.tensor(labels)}
-        if self.transforms is not None:
-            image, target = self.transforms(image, target)
+        return tv_tensors.Image(F.pil_to_tensor(pil)), {  # uint8 (3, H, W)
+            "boxes": tv_tensors.BoundingBoxes(torch.tensor(boxes), format="XYXY", canvas_size=(h, w)),
+            "labels": torch.tensor(labels)}
+
+    def prepare(self, image: tv_tensors.Image, target: dict, k: int, transforms: Optional[Transform]) -> tuple[Any, dict]:
+        """:meth:`load_item`'s pair (or one composed of several, a mosaic) -> sample ``k``: ``transforms``
+        applied, boxes normalised, ``image_id`` of image ``k``, ``orig_size`` that of ``image`` as given."""
+        orig_size = torch.tensor(tuple(image.shape[-2:]), dtype=torch.int64)
+        if transforms is not None:
+            image, target = transforms(image, target)
         if isinstance(target["boxes"], tv_tensors.BoundingBoxes):
             image, target = self._finish(image, target)
-        target["image_id"] = int(self.data.image_ids[k])
-        target["orig_size"] = torch.tensor([h, w], dtype=torch.int64)
-        target["size"] = torch.tensor(tuple(image.shape[-2:]), dtype=torch.int64)
-        return image, target
+        size = torch.tensor(tuple(image.shape[-2:]), dtype=torch.int64)
+        return image, {**target, "image_id": int(self.data.image_ids[k]), "orig_size": orig_size, "size": size}

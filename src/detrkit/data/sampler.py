@@ -13,15 +13,21 @@ epoch, more or fewer data-loader workers, more or fewer processes):
   seeded by ``(seed, epoch, index)``. The augmentation of an image then depends neither on
   which process or loader worker reads it nor on what was read before, so one process with
   batch 2B sees exactly the images that two processes with batch B see together.
+
+:class:`MosaicSamples` (DEIM's dense one-to-one matching) makes some samples out of four
+images. Under :class:`SeededSamples` its draws (whether to compose, which other images) come
+from the same per-sample generator, so a mosaic too depends only on ``(seed, epoch, index)``.
 """
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
+
+from detrkit.data.transforms import Mosaic
 
 
 class EpochSampler(Sampler[int]):
@@ -80,3 +86,34 @@ class SeededSamples(Dataset):
             # backend, ~1 ms of Python per call, 3-5 % of a small model's training step.
             torch.default_generator.manual_seed(sample_seed)
             return self.dataset[index]
+
+
+class MosaicSamples(Dataset):
+    """DEIM's dense one-to-one matching: more objects per training image, so that one-to-one
+    matching gives more queries a positive target.
+
+    ``samples[i]`` is, with probability ``probability``, a :class:`~detrkit.data.transforms.Mosaic`
+    of image ``i`` (top left) and three images drawn uniformly from the whole set (with
+    replacement, as DEIM's ``random.choices``), passed through ``transforms`` (DEIM: flip and
+    resize after a mosaic; its zoom-out and IoU crop are skipped for mosaic samples); otherwise
+    ``dataset[i]`` unchanged. ``dataset`` is a :class:`~detrkit.data.coco.CocoDetection` (its
+    ``load_item`` and ``prepare``); a mosaic sample carries image ``i``'s ``image_id``.
+
+    Every draw uses torch's global generator: wrapped in :class:`SeededSamples`, a sample depends
+    only on ``(seed, epoch, index)``.
+    """
+
+    def __init__(self, dataset, mosaic: Mosaic, transforms: Optional[Callable], probability: float) -> None:
+        if not 0 <= probability <= 1:
+            raise ValueError(f"mosaic probability must be in [0, 1], got {probability}")
+        self.dataset, self.mosaic, self.transforms, self.probability = dataset, mosaic, transforms, probability
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        if not torch.rand(()) < self.probability:  # DEIM: random.random() <= mosaic_prob
+            return self.dataset[index]
+        others = torch.randint(len(self.dataset), (3,)).tolist()
+        image, target = self.mosaic([self.dataset.load_item(k) for k in (index, *others)])
+        return self.dataset.prepare(image, target, index, self.transforms)

@@ -16,6 +16,10 @@ along as ``BoundingBoxes`` and only the last step, :class:`NormalizeBoxes`, leav
 
 The numbers are the official DETR recipe (facebookresearch/detr ``datasets/coco.py``) at
 ``image_size=800``; ``image_size=S`` scales every pixel number by ``S / 800``.
+
+:class:`Mosaic` composes four ``(image, target)`` pairs of that input contract into one, before
+a preset runs on it (DEIM's dense one-to-one matching; the dataset side is
+:class:`detrkit.data.sampler.MosaicSamples`).
 """
 from __future__ import annotations
 
@@ -39,6 +43,16 @@ REFERENCE_MAX_SIZE = 1333
 TRAIN_SCALES = tuple(range(480, 801, 32))  # multi-scale shorter sides 480, 512, ..., 800
 CROP_PRE_RESIZE = (400, 500, 600)  # shorter side before the random crop
 CROP_SIZE_RANGE = (384, 600)  # random crop height and width, each uniform in this range
+
+# DEIM's mosaic (ShihuaHuang95/DEIM configs/base/deim.yml, rt_deim.yml: Mosaic(output_size=320,
+# rotation_range=10, translation_range=[0.1, 0.1], scaling_range=[0.5, 1.5], fill_value=0) for
+# 640 px training): each tile's shorter side is half the training size, so the 2 x 2 canvas has
+# about the training size; then one random affine map of the whole canvas.
+MOSAIC_TILE_RATIO = 0.5  # tile shorter side / training image size (DEIM: 320 / 640)
+MOSAIC_DEGREES = 10.0  # rotation uniform in [-10, 10] degrees
+MOSAIC_TRANSLATE = (0.1, 0.1)  # shift uniform within +-10 % of the canvas width and height
+MOSAIC_SCALE = (0.5, 1.5)  # zoom factor uniform in this range
+MOSAIC_FILL = 0  # value of the pixels no image covers (DEIM: black canvas, fill_value 0)
 
 
 def _scaled(values: Sequence[int], image_size: int) -> list[int]:
@@ -110,6 +124,49 @@ class RandomSizeCrop(v2.Transform):
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         return self._call_kernel(F.crop, inpt, **params)
+
+
+class Mosaic:
+    """Four ``(image, target)`` pairs -> one, DEIM's mosaic, box-aware.
+
+    Each image is resized (boxes with it) to a shorter side of ``tile_size`` (no longer-side
+    limit, as DEIM). The tiles go to the top-left corners of the four cells of a 2 x 2 grid whose
+    cells are as large as the largest tile, on a canvas of ``fill`` (``2 h_max x 2 w_max``);
+    their boxes move with them and their labels follow in order. Then one
+    ``v2.RandomAffine(degrees, translate, scale, fill)`` (nearest-neighbour, as DEIM) maps the
+    canvas and its boxes: torchvision puts each box's four transformed corners in their
+    enclosing box and clamps it to the canvas; boxes that end up empty are dropped later
+    (:func:`finish_targets`, as DEIM's ``SanitizeBoundingBoxes(min_size=1)``).
+
+    Input and output follow this module's contract (uint8 ``tv_tensors.Image``, xyxy
+    ``BoundingBoxes``, int64 labels); the output keeps the canvas size.
+    """
+
+    def __init__(self, tile_size: int, degrees: float = MOSAIC_DEGREES,
+                 translate: tuple[float, float] = MOSAIC_TRANSLATE, scale: tuple[float, float] = MOSAIC_SCALE,
+                 fill: int = MOSAIC_FILL) -> None:
+        if tile_size < 1:
+            raise ValueError(f"tile_size must be >= 1, got {tile_size}")
+        self.resize = v2.Resize(size=tile_size)
+        self.affine = v2.RandomAffine(degrees=degrees, translate=translate, scale=scale, fill=fill)
+        self.fill = fill
+
+    def __call__(self, samples: Sequence[tuple[tv_tensors.Image, dict]]) -> tuple[tv_tensors.Image, dict]:
+        if len(samples) != 4:
+            raise ValueError(f"a mosaic is made of 4 images, got {len(samples)}")
+        tiles = [self.resize(image, target) for image, target in samples]
+        h = max(image.shape[-2] for image, _ in tiles)
+        w = max(image.shape[-1] for image, _ in tiles)
+        canvas = torch.full((3, 2 * h, 2 * w), self.fill, dtype=torch.uint8)
+        boxes, labels = [], []
+        for (image, target), (top, left) in zip(tiles, ((0, 0), (0, w), (h, 0), (h, w))):
+            canvas[:, top:top + image.shape[-2], left:left + image.shape[-1]] = image
+            xyxy = F.convert_bounding_box_format(target["boxes"], new_format=tv_tensors.BoundingBoxFormat.XYXY)
+            boxes.append(xyxy.as_subclass(Tensor).float() + torch.tensor([left, top, left, top], dtype=torch.float32))
+            labels.append(target["labels"])
+        target = {"boxes": tv_tensors.BoundingBoxes(torch.cat(boxes), format="XYXY", canvas_size=(2 * h, 2 * w)),
+                  "labels": torch.cat(labels)}
+        return self.affine(tv_tensors.Image(canvas), target)
 
 
 class NormalizeBoxes(v2.Transform):
