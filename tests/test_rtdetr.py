@@ -1,0 +1,428 @@
+"""RT-DETR v1/v2: parity with Hugging Face transformers, and the invariants of its parts.
+
+Hugging Face models are built with random weights from their config classes (no download),
+saved with ``save_pretrained`` and read back by :mod:`detrkit.convert_rtdetr`. Their random
+initialisation makes every feature map nearly constant (BatchNorm weights ~ N(0, 0.01)), so
+that the query selection would pick among near-ties; the weights are therefore redrawn at a
+variance-preserving scale first, so that the comparison means something.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from detrkit.errors import CheckpointError
+from detrkit.model.backbone import ConvNorm
+from detrkit.model.deformable import MSDeformableAttention, capture_sampling
+from detrkit.model.detr import ExtraQueries
+from detrkit.model.hybrid_encoder import RepVggBlock
+from detrkit.model.rtdetr import CHECKPOINTS, RTDETRSizes, build_rtdetr
+
+transformers = pytest.importorskip("transformers")
+
+from detrkit.convert_rtdetr import load_hf_rtdetr, read_hf_rtdetr  # noqa: E402
+
+TOL = 1e-4
+R18_BACKBONE = dict(model_type="rt_detr_resnet", depths=[2, 2, 2, 2], layer_type="basic",
+                    hidden_sizes=[64, 128, 256, 512], out_indices=[2, 3, 4])
+R18 = dict(backbone_config=R18_BACKBONE, encoder_in_channels=[128, 256, 512], hidden_expansion=0.5, decoder_layers=3)
+
+
+def _hf_model(kind: str):
+    """A Hugging Face RT-DETR in the R18 or R50 configuration of the published checkpoints, or an
+    RT-DETRv2 R18 with non-default sampling options; fewer queries and classes, for speed."""
+    from transformers import RTDetrConfig, RTDetrForObjectDetection, RTDetrV2Config, RTDetrV2ForObjectDetection
+
+    common = dict(num_queries=30, num_labels=7, use_pretrained_backbone=False)
+    if kind == "r18":
+        return RTDetrForObjectDetection(RTDetrConfig(**R18, **common))
+    if kind == "r50":
+        return RTDetrForObjectDetection(RTDetrConfig(**common))
+    method = "discrete" if kind == "v2_discrete" else "default"
+    config = RTDetrV2Config(**R18, **common, decoder_n_points=3, decoder_offset_scale=0.75, decoder_method=method)
+    return RTDetrV2ForObjectDetection(config)
+
+
+@torch.no_grad()
+def _randomise(model: torch.nn.Module, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            module.weight.normal_(0, module.weight[0].numel() ** -0.5, generator=gen)
+        if "BatchNorm" in type(module).__name__:
+            module.weight.copy_(1 + 0.1 * torch.randn(module.weight.shape, generator=gen))
+            module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=gen))
+            module.running_mean.copy_(0.1 * torch.randn(module.running_mean.shape, generator=gen))
+            module.running_var.copy_(0.5 + torch.rand(module.running_var.shape, generator=gen))
+    for name, p in model.named_parameters():
+        if "class_embed" in name or "enc_score_head" in name:  # spread the class scores
+            p.normal_(0, 0.2, generator=gen)
+        elif ("bbox_embed" in name or "enc_bbox_head" in name) and "layers.2" in name:  # and the boxes
+            p.normal_(0, 0.5, generator=gen)
+    if hasattr(model.model, "denoising_class_embed"):
+        model.model.denoising_class_embed.weight.normal_(generator=gen)
+
+
+def _pair(tmp_path_factory, kind: str):
+    torch.manual_seed(0)
+    hf = _hf_model(kind)
+    _randomise(hf)
+    folder = tmp_path_factory.mktemp("hf") / kind
+    hf.save_pretrained(folder)
+    ours, read = load_hf_rtdetr(folder)
+    return hf.eval(), ours, read
+
+
+@pytest.fixture(scope="module")
+def r18(tmp_path_factory):
+    return _pair(tmp_path_factory, "r18")
+
+
+def _images():
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randn(3, 160, 128, generator=gen), torch.randn(3, 128, 160, generator=gen)]
+
+
+def _canvas(images):
+    x = torch.zeros(len(images), 3, 160, 160)
+    for i, img in enumerate(images):
+        x[i, :, : img.shape[1], : img.shape[2]] = img
+    return x
+
+
+def _scale(images, canvas=160):
+    """Canvas-relative -> image-relative box factors, (B, 1, 4)."""
+    return torch.tensor([[[canvas / im.shape[2], canvas / im.shape[1]] * 2] for im in images])
+
+
+def _assert_close(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    err = (ours - ref).abs().max().item()
+    assert err < TOL, f"{what}: max difference {err:.2e}"
+
+
+def _assert_matches(out: dict, ref, scale=1.0, skip: int = 0) -> None:
+    """Our outputs against Hugging Face's: last layer, every earlier layer, encoder proposals.
+    ``skip``: Hugging Face's leading denoising queries, not part of the model's own outputs."""
+    _assert_close(out["pred_logits"], ref.logits[:, skip:], "logits")
+    _assert_close(out["pred_boxes"], ref.pred_boxes[:, skip:] * scale, "boxes")
+    layers = ref.intermediate_logits.shape[1]
+    assert len(out["aux_outputs"]) == layers - 1
+    for i, aux in enumerate(out["aux_outputs"]):
+        _assert_close(aux["pred_logits"], ref.intermediate_logits[:, i, skip:], f"layer {i} logits")
+        _assert_close(aux["pred_boxes"], ref.intermediate_reference_points[:, i, skip:] * scale, f"layer {i} boxes")
+    _assert_close(out["enc_outputs"]["pred_logits"], ref.enc_topk_logits, "encoder proposal logits")
+    _assert_close(out["enc_outputs"]["pred_boxes"], ref.enc_topk_bboxes * scale, "encoder proposal boxes")
+
+
+@pytest.mark.parametrize("kind", ["r18", "r50", "v2"])
+def test_outputs_equal_hugging_face(tmp_path_factory, r18, kind):
+    hf, ours, read = r18 if kind == "r18" else _pair(tmp_path_factory, kind)
+    assert read.sizes.backbone == {"r18": "resnet18vd", "r50": "resnet50vd", "v2": "resnet18vd"}[kind]
+    images = _images()
+    x = _canvas(images)
+    with torch.no_grad():
+        # Hugging Face takes a pixel mask and ignores it: the network sees the canvas as it is.
+        ref = hf(pixel_values=x, pixel_mask=torch.ones(2, 160, 160, dtype=torch.long))
+        on_canvas = ours(x)  # a batch tensor: boxes relative to the canvas, as Hugging Face's
+        per_image = ours(images)  # padded by us: the same network, boxes relative to each image
+    _assert_matches(on_canvas, ref)
+    _assert_matches(per_image, ref, scale=_scale(images))
+
+
+def test_v2_discrete_sampling_equals_hugging_face(tmp_path_factory):
+    """Discrete sampling rounds each location to a cell: wherever a location lies within float32
+    noise of a rounding boundary, two correct implementations may pick neighbouring cells. The
+    test checks first that no location is near one (else the input is inconclusive, not wrong)."""
+    hf, ours, _ = _pair(tmp_path_factory, "v2_discrete")
+    x = _canvas(_images())
+    with torch.no_grad(), capture_sampling(ours) as records:
+        ref = hf(pixel_values=x)
+        out = ours(x)
+    for name, calls in records.items():
+        locations, shapes, counts = calls[0]["locations"], calls[0]["shapes"], calls[0]["num_points"]
+        start = 0
+        for (h, w), n in zip(shapes, counts):
+            cells = locations[..., start:start + n, :] * torch.tensor([w, h]) + 0.5
+            margin = (cells - cells.round()).abs().min().item()
+            assert margin > 1e-3, f"{name}: a sampling location lies on a cell boundary; choose another input"
+            start += n
+    _assert_matches(out, ref)
+
+
+def _hf_targets():
+    return [{"class_labels": torch.tensor([1, 4, 6]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2],
+                                                                             [0.5, 0.5, 0.9, 0.8]])},
+            {"class_labels": torch.tensor([2]), "boxes": torch.tensor([[0.4, 0.5, 0.4, 0.6]])}]
+
+
+def test_denoising_queries_equal_hugging_face(r18, monkeypatch):
+    """Training mode (BatchNorm on batch statistics) with Hugging Face's denoising queries passed
+    in: the model's own outputs and the denoising queries' are both Hugging Face's."""
+    from transformers.models.rt_detr import modeling_rt_detr
+
+    hf, ours, read = r18
+    made = {}
+    original = modeling_rt_detr.get_contrastive_denoising_training_group
+
+    def record(*args, **kwargs):
+        made["queries"] = original(*args, **kwargs)
+        return made["queries"]
+
+    monkeypatch.setattr(modeling_rt_detr, "get_contrastive_denoising_training_group", record)
+    x = _canvas(_images())
+    hf.train()
+    ours.train()
+    try:
+        torch.manual_seed(3)
+        with torch.no_grad():
+            ref = hf(pixel_values=x, labels=_hf_targets())
+        content, boxes_logit, float_mask, meta = made["queries"]
+        e, q = meta["dn_num_split"]
+        # Hugging Face puts the denoising queries first, we put them after the model's own Q.
+        order = torch.cat([torch.arange(e, e + q), torch.arange(e)])
+        blocked = torch.isinf(float_mask)[order][:, order]
+        extra = ExtraQueries(content, blocked, boxes=boxes_logit.sigmoid())
+        with torch.no_grad():
+            out = ours(x, extra)
+    finally:
+        hf.eval()
+        ours.eval()
+    assert e > 0 and out["extra_outputs"]["pred_logits"].shape[1] == e
+    _assert_matches(out, ref, skip=e)
+    dn = out["extra_outputs"]
+    _assert_close(dn["pred_logits"], ref.logits[:, :e], "denoising logits")
+    _assert_close(dn["pred_boxes"], ref.pred_boxes[:, :e], "denoising boxes")
+    for i, aux in enumerate(dn["aux_outputs"]):
+        _assert_close(aux["pred_logits"], ref.intermediate_logits[:, i, :e], f"denoising layer {i} logits")
+        _assert_close(aux["pred_boxes"], ref.intermediate_reference_points[:, i, :e], f"denoising layer {i} boxes")
+    # The label table for the training-only denoising aid comes with the converted weights.
+    torch.testing.assert_close(read.denoising["label_embed"], hf.model.denoising_class_embed.weight.detach())
+
+
+def test_extra_queries_leave_the_model_outputs_unchanged(r18):
+    _, ours, _ = r18
+    images = _images()
+    gen = torch.Generator().manual_seed(4)
+    q, e = ours.num_queries, 6
+    mask = torch.zeros(q + e, q + e, dtype=torch.bool)
+    mask[:q, q:] = True  # the model's own queries do not see the extra ones
+    extra = ExtraQueries(torch.randn(2, e, 256, generator=gen), mask, boxes=torch.rand(2, e, 4, generator=gen) * 0.5 + 0.2)
+    with torch.no_grad():
+        plain = ours(images)
+        aided = ours(images, extra)
+    for key in ("pred_logits", "pred_boxes"):
+        _assert_close(aided[key], plain[key], key)
+    _assert_close(aided["enc_outputs"]["pred_boxes"], plain["enc_outputs"]["pred_boxes"], "encoder boxes")
+    assert aided["extra_outputs"]["pred_boxes"].shape == (2, e, 4)
+
+
+# --- Invariants of our own model ------------------------------------------------------------------------------
+SMALL = RTDETRSizes(num_classes=3, backbone="resnet18vd", encoder_dim=32, encoder_ffn_dim=64, expansion=0.5, d_model=32,
+                    nheads=4, dec_layers=2, dim_feedforward=64, num_queries=10, num_points=(2, 3, 1), offset_scale=0.6)
+
+
+@pytest.mark.parametrize("hybrid", [0, 4])
+def test_every_parameter_gets_a_gradient(hybrid):
+    torch.manual_seed(0)
+    model = build_rtdetr(SMALL).train()
+    with torch.no_grad():  # box heads start at zero, which blocks the gradient of their first layers
+        for mlp in [model.decoder.enc_bbox, *model.decoder.bbox_embed]:
+            mlp.layers[-1].weight.normal_(0, 0.01)
+    gen = torch.Generator().manual_seed(0)
+    images = [torch.randn(3, 64, 96, generator=gen), torch.randn(3, 96, 64, generator=gen)]
+    mask = torch.zeros(10 + 4, 10 + 4, dtype=torch.bool)
+    mask[:10, 10:] = True
+    extra = ExtraQueries(torch.randn(2, 4, 32, generator=gen), mask, boxes=torch.rand(2, 4, 4, generator=gen) * 0.5 + 0.2,
+                         hybrid=hybrid)
+    out = model(images, extra)
+    parts = [out, out["enc_outputs"], out["extra_outputs"], *out["aux_outputs"], *out["extra_outputs"]["aux_outputs"]]
+    if hybrid:
+        parts.append(out["hybrid_outputs"])
+        assert out["hybrid_outputs"]["pred_logits"].shape == (2, hybrid, 3)
+    loss = sum(p["pred_logits"].sum() + p["pred_boxes"].sum() for p in parts)
+    assert torch.isfinite(loss)
+    loss.backward()
+    missing = [n for n, p in model.named_parameters()
+               if p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0]
+    assert not missing, f"no (finite, non-zero) gradient for {missing}"
+
+
+def test_boxes_are_relative_to_each_image():
+    """A padded image gets the boxes the same canvas gives, re-expressed in its own size."""
+    torch.manual_seed(0)
+    model = build_rtdetr(SMALL).eval()
+    image = torch.randn(3, 64, 96)
+    canvas = torch.zeros(1, 3, 96, 96)
+    canvas[0, :, :64] = image
+    with torch.no_grad():
+        padded = model([image, torch.zeros(3, 96, 96)])  # pads the first image to 96 x 96
+        direct = model(canvas)
+    expected = direct["pred_boxes"][0] * torch.tensor([1.0, 96 / 64, 1.0, 96 / 64])
+    _assert_close(padded["pred_boxes"][0], expected, "boxes")
+    _assert_close(padded["pred_logits"][0], direct["pred_logits"][0], "logits")
+    # A size off the stride is padded to the next multiple of 32: boxes stay relative to it.
+    with torch.no_grad():
+        odd = model(torch.randn(1, 3, 70, 90))
+    assert odd["pred_boxes"].shape == (1, 10, 4) and torch.isfinite(odd["pred_boxes"]).all()
+
+
+def test_published_sizes_build_the_published_parameter_counts():
+    # Hugging Face's RT-DETR R18 has 20.18 M parameters with 80 classes (ours have no denoising
+    # label table: 81 x 256 fewer), R50 42.86 M.
+    with torch.device("meta"):
+        counts = {name: sum(p.numel() for p in build_rtdetr(CHECKPOINTS[name]).parameters()) for name in CHECKPOINTS}
+    assert 19.9e6 < counts["rtdetr_r18"] < 20.3e6 and 42.5e6 < counts["rtdetr_r50"] < 43e6
+    assert counts["rtdetr_r18"] < counts["rtdetr_r34"] < counts["rtdetr_r50"] < counts["rtdetr_r101"]
+
+
+# --- Deformable attention ---------------------------------------------------------------------------------------
+def _naive(value, shapes, locations, weights, counts):
+    """Per point, per head, bilinear interpolation written out: ``value (B, S, h, c)``,
+    ``locations (B, Q, h, P, 2)`` in [0, 1], ``weights (B, Q, h, P)`` -> ``(B, Q, h * c)``."""
+    b, _, heads, c = value.shape
+    q = locations.shape[1]
+    out = torch.zeros(b, q, heads, c, dtype=torch.float64)
+    level_of = [lvl for lvl, n in enumerate(counts) for _ in range(n)]
+    starts = [0]
+    for h, w in shapes:
+        starts.append(starts[-1] + h * w)
+    for bi in range(b):
+        for qi in range(q):
+            for hi in range(heads):
+                for p, lvl in enumerate(level_of):
+                    h, w = shapes[lvl]
+                    x = locations[bi, qi, hi, p, 0].item() * w - 0.5  # pixel centres at integers
+                    y = locations[bi, qi, hi, p, 1].item() * h - 0.5
+                    x0, y0 = math.floor(x), math.floor(y)
+                    for yy, xx in ((y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1)):
+                        if 0 <= yy < h and 0 <= xx < w:
+                            share = (1 - abs(x - xx)) * (1 - abs(y - yy))
+                            cell = value[bi, starts[lvl] + yy * w + xx, hi].double()
+                            out[bi, qi, hi] += weights[bi, qi, hi, p].item() * share * cell
+    return out.reshape(b, q, heads * c)
+
+
+def _identity_projections(attn: MSDeformableAttention) -> None:
+    with torch.no_grad():
+        for proj in (attn.value_proj, attn.output_proj):
+            proj.weight.copy_(torch.eye(proj.weight.shape[0]))
+            proj.bias.zero_()
+
+
+def test_deformable_attention_equals_naive_bilinear_sampling():
+    torch.manual_seed(0)
+    heads, c, counts, shapes = 2, 3, (2, 3, 1), [(5, 4), (3, 2), (1, 2)]
+    attn = MSDeformableAttention(heads * c, heads, 3, counts, offset_scale=0.7)
+    _identity_projections(attn)
+    with torch.no_grad():
+        attn.sampling_offsets.weight.normal_(0, 1.0)
+        attn.attention_weights.weight.normal_(0, 1.0)
+    query = torch.randn(2, 4, heads * c)
+    boxes = torch.cat([torch.rand(2, 4, 2), torch.rand(2, 4, 2) * 0.6 + 0.1], -1)
+    value = torch.randn(2, sum(h * w for h, w in shapes), heads * c)
+    with torch.no_grad(), capture_sampling(attn) as records:
+        out = attn(query, boxes, value, shapes)
+    rec = records[""][0]
+    # The recorded locations are the formula: box centre + offset * (1 / level points) * 0.7 * box size.
+    offsets = attn.sampling_offsets(query).view(2, 4, heads, 6, 2)
+    per_point = torch.tensor([1 / 2, 1 / 2, 1 / 3, 1 / 3, 1 / 3, 1.0])[:, None]
+    expected = boxes[:, :, None, None, :2] + offsets * per_point * 0.7 * boxes[:, :, None, None, 2:]
+    torch.testing.assert_close(rec["locations"], expected)
+    assert rec["num_points"] == counts and rec["shapes"] == shapes
+    torch.testing.assert_close(rec["weights"].sum(-1), torch.ones(2, 4, heads))
+    assert (rec["locations"] < 0).any() and (rec["locations"] > 1).any()  # zero padding is exercised
+    naive = _naive(value.view(2, -1, heads, c), shapes, rec["locations"], rec["weights"], counts)
+    torch.testing.assert_close(out.double(), naive, atol=1e-5, rtol=1e-5)
+    # Padding cells in value_mask contribute nothing: the same as zeroed values.
+    value_mask = torch.zeros(2, value.shape[1], dtype=torch.bool)
+    value_mask[:, ::3] = True
+    with torch.no_grad():
+        masked = attn(query, boxes, value, shapes, value_mask)
+        zeroed = attn(query, boxes, value.masked_fill(value_mask[..., None], 0.0), shapes)
+    torch.testing.assert_close(masked, zeroed)
+
+
+@pytest.mark.parametrize("method", ["default", "discrete"])
+def test_deformable_sampling_equals_hugging_face_v2_kernel(method):
+    """Per-level point counts (which Hugging Face's v2 kernel takes, though its module does not)."""
+    from transformers.models.rt_detr_v2.modeling_rt_detr_v2 import multi_scale_deformable_attention_v2
+
+    torch.manual_seed(0)
+    heads, c, counts, shapes = 4, 8, (2, 3, 1), [(6, 5), (3, 3), (2, 2)]
+    attn = MSDeformableAttention(heads * c, heads, 3, counts, method=method)
+    _identity_projections(attn)
+    with torch.no_grad():
+        attn.sampling_offsets.weight.normal_(0, 1.0)
+        attn.attention_weights.weight.normal_(0, 1.0)
+    query, boxes = torch.randn(2, 7, heads * c), torch.rand(2, 7, 4) * 0.8 + 0.1
+    value = torch.randn(2, sum(h * w for h, w in shapes), heads * c)
+    with torch.no_grad(), capture_sampling(attn) as records:
+        out = attn(query, boxes, value, shapes)
+    rec = records[""][0]
+    ref = multi_scale_deformable_attention_v2(value.view(2, -1, heads, c), shapes, rec["locations"], rec["weights"],
+                                              list(counts), method)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+
+
+def test_sampling_at_pixel_centres_returns_the_pixel_values():
+    h, w, c = 4, 5, 3
+    value = torch.randn(1, h * w, c)
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    centres = torch.stack([(xs.flatten() + 0.5) / w, (ys.flatten() + 0.5) / h], -1)  # (hw, 2)
+    for method, shift in (("default", 0.0), ("discrete", -0.25)):
+        attn = MSDeformableAttention(c, 1, 1, 1, method=method)
+        _identity_projections(attn)
+        with torch.no_grad():
+            attn.sampling_offsets.bias.zero_()  # sample exactly at the box centre, weight 1
+            # Discrete sampling rounds location * size to the nearest integer (the release's rule),
+            # so a quarter cell before each centre names that cell.
+            boxes = torch.cat([centres + shift / torch.tensor([w, h]), torch.full((h * w, 2), 0.1)], -1)[None]
+            out = attn(torch.zeros(1, h * w, c), boxes, value, [(h, w)])
+        torch.testing.assert_close(out, value, msg=method)
+
+
+# --- Folding and the converter -----------------------------------------------------------------------------------
+def test_eval_mode_folding_equals_the_modules():
+    torch.manual_seed(0)
+    block = RepVggBlock(8)
+    for conv in (block.conv1, block.conv2):
+        with torch.no_grad():
+            conv.bn.running_mean.normal_()
+            conv.bn.running_var.uniform_(0.5, 1.5)
+            conv.bn.weight.normal_()
+            conv.bn.bias.normal_()
+    block.eval()
+    x = torch.randn(2, 8, 6, 7).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        folded = block(x)  # one 3x3 convolution
+        branches = F.silu(block.conv1.bn(block.conv1.conv(x)) + block.conv2.bn(block.conv2.conv(x)))
+    torch.testing.assert_close(folded, branches, atol=1e-5, rtol=1e-5)
+    conv = ConvNorm(8, 4, 3, 2, act="silu").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), F.silu(conv.bn(conv.conv(x))), atol=1e-5, rtol=1e-5)
+
+
+def test_converter_names_every_bad_key(r18, tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    hf, _, _ = r18
+    folder = tmp_path / "bad"
+    hf.save_pretrained(folder)
+    state = load_file(str(folder / "model.safetensors"))
+    del state["model.enc_score_head.bias"]
+    state["model.extra.weight"] = torch.zeros(1)
+    state["model.decoder.query_pos_head.layers.0.weight"] = torch.zeros(3, 4)
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError) as err:
+        read_hf_rtdetr(folder)
+    text = str(err.value)
+    assert str(folder) in text and "decoder.enc_class.bias" in text and "model.extra.weight" in text
+    assert "decoder.query_pos_head.layers.0.weight (3, 4) != (512, 4)" in text
+    config = json.loads((folder / "config.json").read_text())
+    config["decoder_activation_function"] = "gelu"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="decoder_activation_function='gelu'"):
+        read_hf_rtdetr(folder)
