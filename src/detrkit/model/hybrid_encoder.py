@@ -29,9 +29,9 @@ from detrkit.model.dropout import Dropout
 from detrkit.model.transformer import MultiheadAttention
 
 
-def sincos_position_2d(h: int, w: int, dim: int, temperature: float = 10000.0,
-                       device: torch.device | None = None) -> Tensor:
-    """RT-DETR's fixed 2-D position embedding of an ``h x w`` map -> ``(1, h*w, dim)`` float32.
+def sincos_position_2d(h: int, w: int, dim: int, temperature: float = 10000.0, device: torch.device | None = None,
+                       dtype: torch.dtype = torch.float32) -> Tensor:
+    """RT-DETR's fixed 2-D position embedding of an ``h x w`` map -> ``(1, h*w, dim)`` in ``dtype``.
 
     Cells are in row-major order (as ``flatten(2)``). Each quarter of the channels holds one
     function of one coordinate: ``[sin(y w_k), cos(y w_k), sin(x w_k), cos(x w_k)]``, with
@@ -43,9 +43,9 @@ def sincos_position_2d(h: int, w: int, dim: int, temperature: float = 10000.0,
     if dim % 4:
         raise ValueError(f"the 2-D sin-cos embedding needs a width divisible by 4, got {dim}")
     quarter = dim // 4
-    freq = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float32, device=device) / quarter)  # (dim/4,)
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=device),
-                            torch.arange(w, dtype=torch.float32, device=device), indexing="ij")
+    freq = 1.0 / temperature ** (torch.arange(quarter, dtype=dtype, device=device) / quarter)  # (dim/4,)
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=dtype, device=device),
+                            torch.arange(w, dtype=dtype, device=device), indexing="ij")
     y = ys.reshape(-1, 1) * freq  # (hw, dim/4)
     x = xs.reshape(-1, 1) * freq
     return torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], dim=1)[None]  # (1, hw, dim)
@@ -180,7 +180,9 @@ class HybridEncoder(nn.Module):
         b, d, h, w = x.shape
         # (B, D, H, W) -> (B, HW, D): free when x is channels-last (its memory is already B, H, W, D).
         src = x.permute(0, 2, 3, 1).reshape(b, h * w, d)
-        pos = sincos_position_2d(h, w, d, self.pe_temperature, x.device).to(src.dtype)
+        # float32 (float64 for a float64 model), cast to the activations' dtype (bfloat16 under autocast)
+        pos = sincos_position_2d(h, w, d, self.pe_temperature, x.device,
+                                 torch.promote_types(src.dtype, torch.float32)).to(src.dtype)
         for layer in layers:
             src = layer(src, pos)
         return src.view(b, h, w, d).permute(0, 3, 1, 2)  # channels-last view, no copy

@@ -42,25 +42,26 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
-def anchors_for(shapes: Sequence[tuple[int, int]], device: torch.device) -> tuple[Tensor, Tensor]:
-    """Anchor boxes of every cell, in logit space: ``(1, S, 4)`` float32, and ``valid (1, S, 1)``.
+def anchors_for(shapes: Sequence[tuple[int, int]], device: torch.device,
+                dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """Anchor boxes of every cell, in logit space: ``(1, S, 4)`` in ``dtype``, and ``valid (1, S, 1)``.
 
     A cell's anchor is ``(cx, cy, w, h) = ((j + 0.5) / W, (i + 0.5) / H, s, s)`` with
     ``s = ANCHOR_SIZE * 2^level``. Anchors too close to the border (any coordinate outside
-    (ANCHOR_MARGIN, 1 - ANCHOR_MARGIN)) are invalid; their logits are the float32 maximum, so
-    whatever is added to them, their boxes are 1.
+    (ANCHOR_MARGIN, 1 - ANCHOR_MARGIN)) are invalid; their logits are the largest finite number,
+    so whatever is added to them, their boxes are 1.
     """
     anchors = []
     for level, (h, w) in enumerate(shapes):
-        ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float32),
-                                torch.arange(w, device=device, dtype=torch.float32), indexing="ij")
+        ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=dtype),
+                                torch.arange(w, device=device, dtype=dtype), indexing="ij")
         centres = torch.stack([(xs + 0.5) / w, (ys + 0.5) / h], -1).reshape(-1, 2)  # (hw, 2)
         sizes = torch.full_like(centres, ANCHOR_SIZE * 2.0 ** level)
         anchors.append(torch.cat([centres, sizes], -1))
     anchors = torch.cat(anchors)[None]  # (1, S, 4)
     valid = ((anchors > ANCHOR_MARGIN) & (anchors < 1 - ANCHOR_MARGIN)).all(-1, keepdim=True)  # (1, S, 1)
     logits = torch.log(anchors / (1 - anchors))
-    return logits.masked_fill(~valid, torch.finfo(torch.float32).max), valid
+    return logits.masked_fill(~valid, torch.finfo(dtype).max), valid
 
 
 class DecoderLayer(nn.Module):
@@ -192,7 +193,8 @@ class RTDETRDecoder(nn.Module):
         and the selected cells' ``logits (B, k, K)`` and boxes ``(B, k, 4)`` in [0, 1] (not
         detached: the encoder-proposal loss trains the heads and the encoder through them).
         """
-        anchors, valid = anchors_for(shapes, memory.device)
+        # float32 (float64 for a float64 model), also under bfloat16 autocast
+        anchors, valid = anchors_for(shapes, memory.device, torch.promote_types(memory.dtype, torch.float32))
         # Invalid cells keep no features (their scores are then all alike, and their boxes 1).
         feats = self.enc_output_norm(self.enc_output(memory * valid.to(memory.dtype)))  # (B, S, D)
         logits = self.enc_class(feats)  # (B, S, K)
