@@ -220,7 +220,8 @@ def test_extra_queries_leave_the_model_outputs_unchanged(r18):
     q, e = ours.num_queries, 6
     mask = torch.zeros(q + e, q + e, dtype=torch.bool)
     mask[:q, q:] = True  # the model's own queries do not see the extra ones
-    extra = ExtraQueries(torch.randn(2, e, 256, generator=gen), mask, boxes=torch.rand(2, e, 4, generator=gen) * 0.5 + 0.2)
+    boxes = torch.rand(2, e, 4, generator=gen) * 0.5 + 0.2
+    extra = ExtraQueries(torch.randn(2, e, 256, generator=gen), mask, boxes=boxes)
     with torch.no_grad():
         plain = ours(images)
         aided = ours(images, extra)
@@ -246,8 +247,8 @@ def test_every_parameter_gets_a_gradient(hybrid):
     images = [torch.randn(3, 64, 96, generator=gen), torch.randn(3, 96, 64, generator=gen)]
     mask = torch.zeros(10 + 4, 10 + 4, dtype=torch.bool)
     mask[:10, 10:] = True
-    extra = ExtraQueries(torch.randn(2, 4, 32, generator=gen), mask, boxes=torch.rand(2, 4, 4, generator=gen) * 0.5 + 0.2,
-                         hybrid=hybrid)
+    boxes = torch.rand(2, 4, 4, generator=gen) * 0.5 + 0.2
+    extra = ExtraQueries(torch.randn(2, 4, 32, generator=gen), mask, boxes=boxes, hybrid=hybrid)
     out = model(images, extra)
     parts = [out, out["enc_outputs"], out["extra_outputs"], *out["aux_outputs"], *out["extra_outputs"]["aux_outputs"]]
     if hybrid:

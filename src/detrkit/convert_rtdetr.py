@@ -115,7 +115,8 @@ def rtdetr_sizes(cfg: dict, source: str = "") -> RTDETRSizes:
         "feat_strides": (list(cfg.get("feat_strides", [8, 16, 32])), [8, 16, 32]),
         "num_feature_levels": (cfg.get("num_feature_levels", 3), 3),
         "decoder_n_levels": (cfg.get("decoder_n_levels", 3), 3),
-        "decoder_in_channels": (list(cfg.get("decoder_in_channels", [256] * 3)), [cfg.get("encoder_hidden_dim", 256)] * 3),
+        "decoder_in_channels": (list(cfg.get("decoder_in_channels", [256] * 3)),
+                                [cfg.get("encoder_hidden_dim", 256)] * 3),
         "activation_function": (cfg.get("activation_function", "silu"), "silu"),
         "encoder_activation_function": (cfg.get("encoder_activation_function", "gelu"), "gelu"),
         "decoder_activation_function": (cfg.get("decoder_activation_function", "relu"), "relu"),
@@ -205,7 +206,8 @@ def read_hf_rtdetr(path: Union[str, Path]) -> HFRTDETR:
     path = Path(path)
     cfg = _read_json(path / "config.json")
     if cfg.get("model_type") not in ("rt_detr", "rt_detr_v2"):
-        raise CheckpointError(f"{path / 'config.json'}: model_type {cfg.get('model_type')!r} is not rt_detr or rt_detr_v2")
+        raise CheckpointError(f"{path / 'config.json'}: model_type {cfg.get('model_type')!r} "
+                              f"is not rt_detr or rt_detr_v2")
     sizes = rtdetr_sizes(cfg, str(path / "config.json"))
     state = _read_weights(path)
     ours, label_embed = hf_rtdetr_to_detrkit(state, sizes)
@@ -218,7 +220,8 @@ def read_hf_rtdetr(path: Union[str, Path]) -> HFRTDETR:
         raise CheckpointError(f"{path}: model.denoising_class_embed.weight {tuple(label_embed.shape)} != "
                               f"{(sizes.num_classes + 1, sizes.d_model)}")
     denoising = {"label_embed": label_embed, "num_denoising": cfg.get("num_denoising", 100),
-                 "label_noise_ratio": cfg.get("label_noise_ratio", 0.5), "box_noise_scale": cfg.get("box_noise_scale", 1.0)}
+                 "label_noise_ratio": cfg.get("label_noise_ratio", 0.5),
+                 "box_noise_scale": cfg.get("box_noise_scale", 1.0)}
     return HFRTDETR(sizes, ours, classes, denoising)
 
 
@@ -242,7 +245,8 @@ def check_keys(state: dict[str, Tensor], expected: dict[str, Tensor], source: st
         lines = [f"{source}: weights do not fit the RT-DETR its config.json describes"]
         for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
             if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
+                more = " ..." if len(items) > 20 else ""
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]) + more)
         raise CheckpointError("\n".join(lines))
 
 

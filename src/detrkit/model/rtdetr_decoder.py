@@ -198,14 +198,17 @@ class RTDETRDecoder(nn.Module):
         # Invalid cells keep no features (their scores are then all alike, and their boxes 1).
         feats = self.enc_output_norm(self.enc_output(memory * valid.to(memory.dtype)))  # (B, S, D)
         logits = self.enc_class(feats)  # (B, S, K)
-        coords = self.enc_bbox(feats) + anchors  # (B, S, 4) box logits
         top = logits.max(-1).values.topk(k, dim=1).indices  # (B, k), best first
-        top_coords = coords.gather(1, top[..., None].expand(-1, -1, 4))
+        top_feats = feats.gather(1, top[..., None].expand(-1, -1, feats.shape[-1]))  # (B, k, D)
         top_logits = logits.gather(1, top[..., None].expand(-1, -1, logits.shape[-1]))
+        # Boxes of the chosen cells only: the reference computes them for all S cells and keeps
+        # k; the box head is row-wise, so the k rows are the same, at a fraction of the cost.
+        top_anchors = anchors.expand(memory.shape[0], -1, -1).gather(1, top[..., None].expand(-1, -1, 4))
+        top_coords = self.enc_bbox(top_feats) + top_anchors  # (B, k, 4) box logits
         if self.tgt_embed is not None:
             content = self.tgt_embed.weight[None, :k].expand(memory.shape[0], -1, -1)
         else:
-            content = feats.gather(1, top[..., None].expand(-1, -1, feats.shape[-1])).detach()
+            content = top_feats.detach()
         return content, top_coords.detach(), top_logits, top_coords.sigmoid()
 
     def decode(self, tgt: Tensor, ref_logits: Tensor, memory: Tensor, shapes: Sequence[tuple[int, int]],
