@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from detrkit.errors import CheckpointError
 from detrkit.model.backbone import ConvNorm
 from detrkit.model.deformable import MSDeformableAttention, capture_sampling
-from detrkit.model.detr import ExtraQueries
+from detrkit.model.heads import ExtraQueries
 from detrkit.model.hybrid_encoder import RepVggBlock
 from detrkit.model.rtdetr import CHECKPOINTS, RTDETRSizes, build_rtdetr
 

@@ -34,8 +34,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
-from detrkit.checkpoint import _read_json, _torch_load
+from detrkit.convert import torch_load
 from detrkit.errors import CheckpointError
+from detrkit.files import read_json
 from detrkit.model.backbone import RESNET_VD, STEM_WIDTH
 from detrkit.model.rtdetr import RTDETR, RTDETRSizes, build_rtdetr
 
@@ -204,7 +205,7 @@ def _check_point_scale(key: str, value: Tensor, sizes: RTDETRSizes) -> None:
 def read_hf_rtdetr(path: Union[str, Path]) -> HFRTDETR:
     """Read a Hugging Face RT-DETR v1/v2 folder and check every key and shape (see the module docstring)."""
     path = Path(path)
-    cfg = _read_json(path / "config.json")
+    cfg = read_json(path / "config.json", CheckpointError, "checkpoint config")
     if cfg.get("model_type") not in ("rt_detr", "rt_detr_v2"):
         raise CheckpointError(f"{path / 'config.json'}: model_type {cfg.get('model_type')!r} "
                               f"is not rt_detr or rt_detr_v2")
@@ -257,7 +258,7 @@ def _read_weights(path: Path) -> dict[str, Tensor]:
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path / 'model.safetensors'}: unreadable ({e}); is it truncated?") from None
     if (path / "pytorch_model.bin").exists():
-        state = _torch_load(path / "pytorch_model.bin")
+        state = torch_load(path / "pytorch_model.bin")
         if not isinstance(state, dict):
             raise CheckpointError(f"{path / 'pytorch_model.bin'}: not a state dict")
         return state

@@ -36,7 +36,8 @@ from torch import Tensor, nn
 
 from detrkit.data.batch import pad_images
 from detrkit.model.backbone import RESNET_VD, ResNetVd
-from detrkit.model.detr import ExtraQueries, Images, _to_float
+from detrkit.model.detr import Images, _to_float
+from detrkit.model.heads import ExtraQueries, layer_outputs
 from detrkit.model.hybrid_encoder import HybridEncoder
 from detrkit.model.rtdetr_decoder import RTDETRDecoder
 
@@ -182,20 +183,13 @@ class RTDETR(nn.Module):
         if scale is not None:
             boxes, enc_boxes = boxes * scale, enc_boxes * scale
         q, m = out["num_queries"], out["num_hybrid"]
-        result = self._layer_outputs(logits[:, :, :q], boxes[:, :, :q])
+        result = layer_outputs(logits[:, :, :q], boxes[:, :, :q], self.aux_loss)
         result["enc_outputs"] = {"pred_logits": out["enc_logits"], "pred_boxes": enc_boxes}
         if extra is not None:
             if m:
-                result["hybrid_outputs"] = self._layer_outputs(logits[:, :, q:q + m], boxes[:, :, q:q + m])
-            result["extra_outputs"] = self._layer_outputs(logits[:, :, q + m:], boxes[:, :, q + m:])
+                result["hybrid_outputs"] = layer_outputs(logits[:, :, q:q + m], boxes[:, :, q:q + m], self.aux_loss)
+            result["extra_outputs"] = layer_outputs(logits[:, :, q + m:], boxes[:, :, q + m:], self.aux_loss)
         return result
-
-    def _layer_outputs(self, logits: Tensor, boxes: Tensor) -> dict:
-        """``(L, B, N, .)`` per-layer predictions -> ``pred_logits``, ``pred_boxes`` (last), ``aux_outputs``."""
-        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
-        if self.aux_loss:
-            out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
-        return out
 
     def _batch(self, images: Images) -> tuple[Tensor, Optional[Tensor]]:
         """The input as a canvas ``(B, 3, H, W)`` padded to multiples of the stride, and its padding

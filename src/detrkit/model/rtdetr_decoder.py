@@ -25,8 +25,8 @@ from torch import Tensor, nn
 
 from detrkit.model.backbone import ConvNorm
 from detrkit.model.deformable import MSDeformableAttention
-from detrkit.model.detr import MLP, ExtraQueries
 from detrkit.model.dropout import Dropout
+from detrkit.model.heads import MLP, ExtraQueries
 from detrkit.model.transformer import MultiheadAttention
 from detrkit.model.two_stage import _with_hybrid_block
 
@@ -153,7 +153,7 @@ class RTDETRDecoder(nn.Module):
             extra: training-only queries placed after the model's own: ``extra.content (B, E, D)``,
                 ``extra.boxes (B, E, 4)`` cxcywh in [0, 1] of the canvas, ``extra.attn_mask``
                 ``(Q+E, Q+E)``; ``extra.hybrid`` more encoder-selected queries (see
-                :class:`~detrkit.model.detr.ExtraQueries`).
+                :class:`~detrkit.model.heads.ExtraQueries`).
 
         Returns:
             ``logits (L, B, N, K)``, ``boxes (L, B, N, 4)`` (cxcywh in [0, 1] of the canvas) for the
