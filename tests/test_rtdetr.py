@@ -440,3 +440,34 @@ def test_converter_names_every_bad_key(r18, tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="decoder_activation_function='gelu'"):
         read_hf_rtdetr(folder)
+
+
+# Expected while tracing: the shape checks become constants of the traced size; the exporter's notice.
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
+@pytest.mark.parametrize("method", ["default", "discrete"])
+def test_exports_to_onnx(tmp_path, method):
+    """grid_sample (and the gather of discrete sampling) export with PyTorch's TorchScript-based
+    exporter and run on onnxruntime, at the traced image size."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+
+    class Outputs(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            out = self.model(x)
+            return out["pred_logits"], out["pred_boxes"]
+
+    torch.manual_seed(0)
+    sizes = RTDETRSizes(**{**SMALL.__dict__, "sampling_method": method})
+    wrapper = Outputs(build_rtdetr(sizes)).eval()
+    x = torch.randn(1, 3, 128, 96)
+    with torch.no_grad():
+        torch.onnx.export(wrapper, (x,), str(tmp_path / "m.onnx"), dynamo=False, opset_version=17,
+                          input_names=["images"])
+        expected = wrapper(x)
+    got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"images": x.numpy()})
+    for ours, theirs in zip(expected, got):
+        torch.testing.assert_close(torch.from_numpy(theirs), ours, atol=1e-4, rtol=1e-4)

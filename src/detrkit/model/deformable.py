@@ -150,7 +150,7 @@ class MSDeformableAttention(nn.Module):
         cell = (locations * size + 0.5).floor().long()
         x = cell[..., 0].clamp(0, ww - 1)
         y = cell[..., 1].clamp(0, hh - 1)
-        index = (y * ww + x).view(n, 1, -1).expand(-1, c, -1)  # (N, C, Q*n)
+        index = (y * ww + x).reshape(n, 1, -1).expand(-1, c, -1)  # (N, C, Q*n)
         return level.reshape(n, c, hh * ww).gather(2, index).view(n, c, *locations.shape[1:3])
 
 

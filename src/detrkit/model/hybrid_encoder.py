@@ -94,15 +94,36 @@ class RepVggBlock(nn.Module):
         self.conv1 = ConvNorm(channels, channels, 3)
         self.conv2 = ConvNorm(channels, channels, 1)
         self.act = act
+        centre = torch.zeros(1, 1, 3, 3)
+        centre[..., 1, 1] = 1.0
+        self.register_buffer("centre", centre, persistent=False)  # a 1x1 kernel as a 3x3 one: w1 * centre
+        self._merged: tuple = ()  # (folded 3x3 weight, folded 1x1 weight, merged weight, bias); never saved
 
     def forward(self, x: Tensor) -> Tensor:
         if self.conv1.folds() and self.conv2.folds():
-            w3, b3 = self.conv1.folded(x)
-            w1, b1 = self.conv2.folded(x)
-            y = F.conv2d(x, w3 + F.pad(w1, (1, 1, 1, 1)), b3 + b1, padding=1)  # (B, C, H, W)
+            weight, bias = self.merged(x)
+            y = F.conv2d(x, weight, bias, padding=1)  # (B, C, H, W)
         else:
             y = self.conv1(x) + self.conv2(x)
         return ACTIVATIONS[self.act](y)
+
+    def merged(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The two folded branches as one 3x3 (weight, bias): the 1x1 kernel added to the centre.
+
+        Recomputed while gradients flow to the weights; otherwise cached for as long as the
+        branches' folded weights are (the same tensors), so that it is a constant when traced.
+        """
+        w3, b3 = self.conv1.folded(x)
+        w1, b1 = self.conv2.folded(x)
+        if w3.requires_grad or w1.requires_grad:
+            return w3 + w1 * self.centre.to(w1.dtype), b3 + b1
+        if not self._merged or self._merged[0] is not w3 or self._merged[1] is not w1:
+            layout = torch.channels_last if w3.is_contiguous(memory_format=torch.channels_last) \
+                else torch.contiguous_format
+            with torch.inference_mode(False), torch.no_grad():
+                weight = (w3 + w1 * self.centre.to(w1.dtype)).contiguous(memory_format=layout)
+                self._merged = (w3, w1, weight, b3 + b1)
+        return self._merged[2], self._merged[3]
 
 
 class CSPRepLayer(nn.Module):

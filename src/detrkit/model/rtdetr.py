@@ -132,6 +132,7 @@ class RTDETR(nn.Module):
         self.encoder = encoder
         self.decoder = decoder
         self.num_classes = num_classes
+        self.d_model = decoder.d_model
         self.num_queries = decoder.num_queries
         self.aux_loss = aux_loss
         self.stride = backbone.strides[-1]  # the canvas is padded to a multiple of this
