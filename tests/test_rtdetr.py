@@ -236,10 +236,10 @@ SMALL = RTDETRSizes(num_classes=3, backbone="resnet18vd", encoder_dim=32, encode
                     nheads=4, dec_layers=2, dim_feedforward=64, num_queries=10, num_points=(2, 3, 1), offset_scale=0.6)
 
 
-@pytest.mark.parametrize("hybrid", [0, 4])
-def test_every_parameter_gets_a_gradient(hybrid):
+@pytest.mark.parametrize("hybrid, method", [(0, "default"), (4, "default"), (0, "discrete")])
+def test_every_parameter_gets_a_gradient(hybrid, method):
     torch.manual_seed(0)
-    model = build_rtdetr(SMALL).train()
+    model = build_rtdetr(RTDETRSizes(**{**SMALL.__dict__, "sampling_method": method})).train()
     with torch.no_grad():  # box heads start at zero, which blocks the gradient of their first layers
         for mlp in [model.decoder.enc_bbox, *model.decoder.bbox_embed]:
             mlp.layers[-1].weight.normal_(0, 0.01)
@@ -257,8 +257,11 @@ def test_every_parameter_gets_a_gradient(hybrid):
     loss = sum(p["pred_logits"].sum() + p["pred_boxes"].sum() for p in parts)
     assert torch.isfinite(loss)
     loss.backward()
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    # Discrete sampling rounds the locations: its offsets are frozen (RT-DETRv2's release).
+    assert all(".cross_attn.sampling_offsets." in n for n in frozen) and bool(frozen) == (method == "discrete")
     missing = [n for n, p in model.named_parameters()
-               if p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0]
+               if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0)]
     assert not missing, f"no (finite, non-zero) gradient for {missing}"
 
 

@@ -67,6 +67,8 @@ class MSDeformableAttention(nn.Module):
         scale = torch.tensor([1.0 / n for n in points for _ in range(n)])
         self.register_buffer("point_scale", scale, persistent=False)
         self.reset_parameters()
+        if method == "discrete":  # rounding passes no gradient to the offsets: frozen, as in RT-DETRv2's release
+            self.sampling_offsets.requires_grad_(False)
 
     def reset_parameters(self) -> None:
         """Deformable DETR's initialisation: head h's points start on a ray at angle 2*pi*h/heads,
