@@ -1,7 +1,9 @@
 """RT-DETR v1/v2: parity with Hugging Face transformers, and the invariants of its parts.
 
 Hugging Face models are built with random weights from their config classes (no download),
-saved with ``save_pretrained`` and read back by :mod:`detrkit.convert_rtdetr`. Their random
+saved with ``save_pretrained`` and read back by :func:`detrkit.load_model`. Hugging Face takes
+pixels in [0, 1] and we take them ImageNet-normalised (the model undoes it), so our side gets
+the normalised copy of the same pixels. Their random
 initialisation makes every feature map nearly constant (BatchNorm weights ~ N(0, 0.01)), so
 that the query selection would pick among near-ties; the weights are therefore redrawn at a
 variance-preserving scale first, so that the comparison means something.
@@ -19,16 +21,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from detrkit.checkpoint import load_model, load_state
+from detrkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from detrkit.errors import CheckpointError
 from detrkit.model.backbone import ConvNorm
+from detrkit.model.build import build_model
 from detrkit.model.deformable import MSDeformableAttention, capture_sampling
 from detrkit.model.heads import ExtraQueries
 from detrkit.model.hybrid_encoder import RepVggBlock
-from detrkit.model.rtdetr import CHECKPOINTS, RTDETRSizes, build_rtdetr
+from detrkit.presets import preset
 
 transformers = pytest.importorskip("transformers")
-
-from detrkit.convert_rtdetr import load_hf_rtdetr, read_hf_rtdetr  # noqa: E402
 
 TOL = 1e-4
 R18_BACKBONE = dict(model_type="rt_detr_resnet", depths=[2, 2, 2, 2], layer_type="basic",
@@ -77,8 +80,14 @@ def _pair(tmp_path_factory, kind: str):
     _randomise(hf)
     folder = tmp_path_factory.mktemp("hf") / kind
     hf.save_pretrained(folder)
-    ours, read = load_hf_rtdetr(folder)
-    return hf.eval(), ours, read
+    return hf.eval(), load_model(folder), load_state(folder)
+
+
+def _norm(x: torch.Tensor) -> torch.Tensor:
+    """Pixels in [0, 1] -> ImageNet-normalised (detrkit's input), for a (3, H, W) image or a (B, 3, H, W) batch."""
+    mean, std = torch.tensor(IMAGENET_MEAN, dtype=x.dtype), torch.tensor(IMAGENET_STD, dtype=x.dtype)
+    shape = (3, 1, 1) if x.dim() == 3 else (1, 3, 1, 1)
+    return (x - mean.view(shape)) / std.view(shape)
 
 
 @pytest.fixture(scope="module")
@@ -125,14 +134,15 @@ def _assert_matches(out: dict, ref, scale=1.0, skip: int = 0) -> None:
 @pytest.mark.parametrize("kind", ["r18", "r50", "v2"])
 def test_outputs_equal_hugging_face(tmp_path_factory, r18, kind):
     hf, ours, read = r18 if kind == "r18" else _pair(tmp_path_factory, kind)
-    assert read.sizes.backbone == {"r18": "resnet18vd", "r50": "resnet50vd", "v2": "resnet18vd"}[kind]
+    assert read.config.backbone == {"r18": "resnet18vd", "r50": "resnet50vd", "v2": "resnet18vd"}[kind]
+    assert ours.inference == {"image_size": 640, "max_size": None, "resize": "square"}  # RT-DETR's evaluation size
     images = _images()
     x = _canvas(images)
     with torch.no_grad():
         # Hugging Face takes a pixel mask and ignores it: the network sees the canvas as it is.
         ref = hf(pixel_values=x, pixel_mask=torch.ones(2, 160, 160, dtype=torch.long))
-        on_canvas = ours(x)  # a batch tensor: boxes relative to the canvas, as Hugging Face's
-        per_image = ours(images)  # padded by us: the same network, boxes relative to each image
+        on_canvas = ours(_norm(x))  # a batch tensor: boxes relative to the canvas, as Hugging Face's
+        per_image = ours([_norm(im) for im in images])  # padded by us: boxes relative to each image
     _assert_matches(on_canvas, ref)
     _assert_matches(per_image, ref, scale=_scale(images))
 
@@ -149,7 +159,7 @@ def test_v2_discrete_sampling_equals_hugging_face(tmp_path_factory):
     x = _canvas(_images()).double()
     with torch.no_grad(), capture_sampling(ours) as records:
         ref = hf(pixel_values=x)
-        out = ours(x)
+        out = ours(_norm(x))
     for name, calls in records.items():
         locations, shapes, counts = calls[0]["locations"], calls[0]["shapes"], calls[0]["num_points"]
         start = 0
@@ -200,7 +210,7 @@ def test_denoising_queries_equal_hugging_face(r18, monkeypatch):
     blocked = torch.isinf(float_mask)[order][:, order]
     extra = ExtraQueries(content, blocked, boxes=boxes_logit.sigmoid())
     with torch.no_grad():
-        out = ours(x, extra)
+        out = ours(_norm(x), extra)
     assert e > 0 and out["extra_outputs"]["pred_logits"].shape[1] == e
     _assert_matches(out, ref, skip=e)
     dn = out["extra_outputs"]
@@ -209,8 +219,10 @@ def test_denoising_queries_equal_hugging_face(r18, monkeypatch):
     for i, aux in enumerate(dn["aux_outputs"]):
         _assert_close(aux["pred_logits"], ref.intermediate_logits[:, i, :e], f"denoising layer {i} logits")
         _assert_close(aux["pred_boxes"], ref.intermediate_reference_points[:, i, :e], f"denoising layer {i} boxes")
-    # The label table for the training-only denoising aid comes with the converted weights.
-    torch.testing.assert_close(read.denoising["label_embed"], r18[0].model.denoising_class_embed.weight.detach())
+    # The label table for the training-only denoising aid comes with the converted weights (less
+    # Hugging Face's padding row, which our padding queries do without).
+    torch.testing.assert_close(read.aids["denoising.label_embed.weight"],
+                               r18[0].model.denoising_class_embed.weight.detach()[:7])
 
 
 def test_extra_queries_leave_the_model_outputs_unchanged(r18):
@@ -232,14 +244,17 @@ def test_extra_queries_leave_the_model_outputs_unchanged(r18):
 
 
 # --- Invariants of our own model ------------------------------------------------------------------------------
-SMALL = RTDETRSizes(num_classes=3, backbone="resnet18vd", encoder_dim=32, encoder_ffn_dim=64, expansion=0.5, d_model=32,
-                    nheads=4, dec_layers=2, dim_feedforward=64, num_queries=10, num_points=(2, 3, 1), offset_scale=0.6)
+SMALL = dict(num_classes=3, num_points=(2, 3, 1), offset_scale=0.6)  # the tiny preset with v2's options
+
+
+def _small(**overrides):
+    return build_model(preset("rtdetr_tiny", **SMALL, **overrides))
 
 
 @pytest.mark.parametrize("hybrid, method", [(0, "default"), (4, "default"), (0, "discrete")])
 def test_every_parameter_gets_a_gradient(hybrid, method):
     torch.manual_seed(0)
-    model = build_rtdetr(RTDETRSizes(**{**SMALL.__dict__, "sampling_method": method})).train()
+    model = _small(sampling_method=method).train()
     with torch.no_grad():  # box heads start at zero, which blocks the gradient of their first layers
         for mlp in [model.decoder.enc_bbox, *model.decoder.bbox_embed]:
             mlp.layers[-1].weight.normal_(0, 0.01)
@@ -268,9 +283,9 @@ def test_every_parameter_gets_a_gradient(hybrid, method):
 def test_boxes_are_relative_to_each_image():
     """A padded image gets the boxes the same canvas gives, re-expressed in its own size."""
     torch.manual_seed(0)
-    model = build_rtdetr(SMALL).eval()
+    model = _small().eval()
     image = torch.randn(3, 64, 96)
-    canvas = torch.zeros(1, 3, 96, 96)
+    canvas = _norm(torch.zeros(1, 3, 96, 96))  # padding is black: 0 in [0, 1]
     canvas[0, :, :64] = image
     with torch.no_grad():
         padded = model([image, torch.zeros(3, 96, 96)])  # pads the first image to 96 x 96
@@ -290,7 +305,7 @@ def test_parameters_are_hugging_faces_but_the_denoising_label_table(r18):
     assert count(hf) - count(ours) == (7 + 1) * 256  # HF's denoising_class_embed: (K + 1) x d_model
     # The paper's sizes (RT-DETR, Table 2: 20, 31, 42 and 76 M parameters with 80 classes; whole millions).
     with torch.device("meta"):
-        counts = [count(build_rtdetr(CHECKPOINTS[f"rtdetr_r{d}"])) / 1e6 for d in (18, 34, 50, 101)]
+        counts = [count(build_model(preset(f"rtdetr_r{d}"))) / 1e6 for d in (18, 34, 50, 101)]
     assert [int(c) for c in counts] == [20, 31, 42, 76]
 
 
@@ -435,7 +450,7 @@ def test_converter_names_every_bad_key(r18, tmp_path):
     state["model.decoder.query_pos_head.layers.0.weight"] = torch.zeros(3, 4)
     save_file(state, str(folder / "model.safetensors"))
     with pytest.raises(CheckpointError) as err:
-        read_hf_rtdetr(folder)
+        load_model(folder)
     text = str(err.value)
     assert str(folder) in text and "decoder.enc_class.bias" in text and "model.extra.weight" in text
     assert "decoder.query_pos_head.layers.0.weight (3, 4) != (512, 4)" in text
@@ -443,7 +458,7 @@ def test_converter_names_every_bad_key(r18, tmp_path):
     config["decoder_activation_function"] = "gelu"
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="decoder_activation_function='gelu'"):
-        read_hf_rtdetr(folder)
+        load_model(folder)
 
 
 # Expected while tracing: the shape checks become constants of the traced size; the exporter's notice.
@@ -465,8 +480,7 @@ def test_exports_to_onnx(tmp_path, method):
             return out["pred_logits"], out["pred_boxes"]
 
     torch.manual_seed(0)
-    sizes = RTDETRSizes(**{**SMALL.__dict__, "sampling_method": method})
-    wrapper = Outputs(build_rtdetr(sizes)).eval()
+    wrapper = Outputs(_small(sampling_method=method)).eval()
     x = torch.randn(1, 3, 128, 96)
     with torch.no_grad():
         torch.onnx.export(wrapper, (x,), str(tmp_path / "m.onnx"), dynamo=False, opset_version=17,

@@ -32,8 +32,8 @@ from torch import Tensor, nn
 
 from detrkit.boxes import cxcywh_to_xyxy, xyxy_to_cxcywh
 from detrkit.config import LossConfig
-from detrkit.model.detr import DETR, Images
-from detrkit.model.heads import MLP, ExtraQueries
+from detrkit.model.detr import DETR
+from detrkit.model.heads import MLP, ExtraQueries, Images
 from detrkit.model.position import box_sine_embedding
 
 
@@ -67,7 +67,7 @@ class Denoising(nn.Module):
 
     def __init__(self, model: DETR, groups: int, box_noise: float, label_noise: float) -> None:
         super().__init__()
-        d = model.transformer.d_model
+        d = model.d_model
         self.groups = groups
         self.box_noise = box_noise
         self.label_noise = label_noise
@@ -179,11 +179,11 @@ class AidedModel(nn.Module):
             if self.model.sigmoid_class:
                 extra = ExtraQueries(content, mask, boxes=boxes, hybrid=self.hybrid)
             else:  # plain DETR (no hybrid queries)
-                position = self.denoising.box_position(box_sine_embedding(boxes, self.model.transformer.d_model))
+                position = self.denoising.box_position(box_sine_embedding(boxes, self.model.d_model))
                 extra = ExtraQueries(content, mask, position=position)
         elif self.hybrid:  # no denoising queries: an empty set of extra queries carries the request
             x, _ = DETR._batch(images)
-            d, q = self.model.transformer.d_model, self.model.num_queries
+            d, q = self.model.d_model, self.model.num_queries
             extra = ExtraQueries(x.new_zeros(x.shape[0], 0, d), torch.zeros(q, q, dtype=torch.bool, device=x.device),
                                  boxes=x.new_zeros(x.shape[0], 0, 4), hybrid=self.hybrid)
         out = self.model(images, extra) if extra is not None else self.model(images)

@@ -13,9 +13,9 @@ beside it, then two renames), so a process killed during a save leaves the previ
 whole, training state included.
 
 ``load_model`` also reads an official DETR checkpoint (``.pth``: a dict whose ``model`` entry
-is the state dict, as published for R50/R101/DC5) and a Hugging Face ``DetrForObjectDetection``
-folder (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``), through
-:mod:`detrkit.convert`. Every key and shape is checked; nothing is ever unpickled beyond
+is the state dict, as published for R50/R101/DC5) and a Hugging Face ``DetrForObjectDetection``,
+``RTDetrForObjectDetection`` or ``RTDetrV2ForObjectDetection`` folder (``config.json`` +
+``model.safetensors`` or ``pytorch_model.bin``), through :mod:`detrkit.convert`. Every key and shape is checked; nothing is ever unpickled beyond
 tensors (``torch.load(weights_only=True)``).
 """
 from __future__ import annotations
@@ -70,7 +70,7 @@ def save_model(model: DETR, path: PathLike, *, classes: Optional[list[dict]] = N
                inference: Optional[dict] = None) -> Path:
     """Save weights, model config and class mapping into the folder ``path``.
 
-    ``inference`` records how images are sized for this model (``image_size``, ``max_size``);
+    ``inference`` records how images are sized for this model (``image_size``, ``max_size``, ``resize``);
     ``predict`` uses it.
 
     The folder is replaced as a whole (see :func:`checkpoint_folder`), so a process killed
@@ -267,7 +267,8 @@ def detect_format(path: PathLike) -> str:
             return "detrkit"
         if cfg.get("model_type") in HF_MODEL_TYPES:
             return "huggingface"
-        raise CheckpointError(f"{cfg_file}: neither a detrkit nor a Hugging Face DETR config")
+        raise CheckpointError(f"{cfg_file}: neither a detrkit config nor a Hugging Face one of a model_type detrkit "
+                              f"reads ({', '.join(HF_MODEL_TYPES)}); got model_type {cfg.get('model_type')!r}")
     if path.suffix == ".safetensors":
         return "detrkit"
     return "official"
@@ -298,7 +299,7 @@ def check_and_load(model: DETR, state: dict[str, Tensor], source: str) -> None:
 
 
 def load_model(path: PathLike, device: Union[str, torch.device] = "cpu", precision: str = "fp32") -> DETR:
-    """Load a detrkit, official DETR or Hugging Face DETR checkpoint, ready for inference.
+    """Load a detrkit, official DETR or Hugging Face DETR / RT-DETR (v1, v2) checkpoint, ready for inference.
 
     Returns the model in eval mode on ``device`` with its class mapping in ``model.classes``.
     Inference is exact (the outputs of the plain modules to float32 rounding) and faster than
@@ -310,7 +311,7 @@ def load_model(path: PathLike, device: Union[str, torch.device] = "cpu", precisi
     """
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
-    config, state, classes, inference = load_state(path)
+    config, state, classes, inference, _ = load_state(path)
     model = build_model(config)
     check_and_load(model, state, str(path))
     set_classes(model, classes)

@@ -30,7 +30,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from detrkit.boxes import cxcywh_to_xyxy, scale_boxes
 from detrkit.data.coco import open_rgb
-from detrkit.data.transforms import prepare_image, val_transforms
+from detrkit.data.transforms import inference_transforms, prepare_image
 from detrkit.config import LossConfig
 from detrkit.data.coco import CocoDetection
 from detrkit.matcher import HungarianMatcher, build_matcher
@@ -94,8 +94,7 @@ def explain(model: DETR, image, *, points: Optional[Sequence[Sequence[float]]] =
     if isinstance(image, (str, Path)):
         image = open_rgb(image)
     original = TF.pil_to_tensor(image.convert("RGB")) if isinstance(image, Image.Image) else image  # (3, H, W) uint8
-    x, (height, width) = prepare_image(original, val_transforms(model.inference["image_size"],
-                                                                model.inference.get("max_size")))
+    x, (height, width) = prepare_image(original, inference_transforms(model.inference))
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -223,6 +222,6 @@ def match_annotated(model: DETR, json_path: Path, image_root: Path, index: int, 
     """:func:`match` on image ``index`` of a COCO file (sized as the model was trained, the model's
     classes), with the matcher training used (:func:`~detrkit.matcher.build_matcher` of ``loss``)."""
     dataset = CocoDetection(json_path, image_root,
-                            transforms=val_transforms(model.inference["image_size"], model.inference.get("max_size")),
+                            transforms=inference_transforms(model.inference),
                             categories=[{"id": c["id"], "name": c["name"]} for c in model.classes])
     return match(model, dataset, index, build_matcher(loss, model.sigmoid_class))

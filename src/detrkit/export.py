@@ -22,7 +22,7 @@ takes ``orig_sizes`` int64 (B, 2) ``(h, w)`` and adds the outputs of
                                 dataset category ids), boxes absolute (x0, y0, x1, y1) in orig_sizes pixels
 
 The file describes itself: its ``metadata_props`` hold JSON strings ``classes``
-(``[{"index", "id", "name"}]``), ``inference`` (``{"image_size", "max_size"}``: how to resize
+(``[{"index", "id", "name"}]``), ``inference`` (``{"image_size", "max_size", "resize"}``: how to resize
 images), ``model_config`` and ``sigmoid_class``.
 
 The exporter is PyTorch's TorchScript-based one (``torch.onnx.export(dynamo=False)``): it

@@ -108,7 +108,7 @@ class Plan:
     @property
     def inference(self) -> dict:
         """How the trained model sizes images (recorded in its checkpoints)."""
-        return {"image_size": self.data.image_size, "max_size": self.data.max_size}
+        return {"image_size": self.data.image_size, "max_size": self.data.max_size, "resize": self.data.resize}
 
 
 def plan(model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig, train_cfg: TrainConfig,
@@ -248,8 +248,8 @@ def initial_model(model_cfg: ModelConfig, train_cfg: TrainConfig, classes: list[
     else:
         model = build_model(cfg, train_backbone=train_backbone)
         state = start.state
-        if not _same_classes(start, classes):  # every class head (two-stage models also score encoder tokens) starts afresh
-            fresh = {k: v for k, v in model.state_dict().items() if k.startswith(("class_embed.", "enc_class."))}
+        if not _same_classes(start, classes):  # every class head (encoder scores too, where there are) starts afresh
+            fresh = {k: v for k, v in model.state_dict().items() if k.startswith(model.class_heads)}
             state = {**state, **fresh}
         check_and_load(model, state, str(train_cfg.weights))
     set_classes(model, classes)

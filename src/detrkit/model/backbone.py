@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torchvision.models.resnet import Bottleneck
 from torchvision.ops import FrozenBatchNorm2d
 
-from detrkit.config import BACKBONE_CHANNELS
+from detrkit.config import BACKBONE_CHANNELS, RESNET_VD
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
@@ -211,15 +211,12 @@ def _silu(x: Tensor) -> Tensor:
 # relu in place always: its backward needs only its output.
 ACTIVATIONS = {"relu": F.relu_, "silu": _silu, None: None}
 
-# block, blocks per stage, output channels per stage (Hugging Face RTDetrResNetConfig: layer_type,
-# depths, hidden_sizes; RT-DETR's PResNet: depth 18/34/50/101). The stem ends at 64 channels.
-RESNET_VD = {
-    "resnet18vd": ("basic", (2, 2, 2, 2), (64, 128, 256, 512)),
-    "resnet34vd": ("basic", (3, 4, 6, 3), (64, 128, 256, 512)),
-    "resnet50vd": ("bottleneck", (3, 4, 6, 3), (256, 512, 1024, 2048)),
-    "resnet101vd": ("bottleneck", (3, 4, 23, 3), (256, 512, 1024, 2048)),
-}
 STEM_WIDTH = 64  # ResNet's stem width (He et al. 2016); the deep stem's first two convolutions use half
+
+
+def _scaled_width(channels: int, width: float) -> int:
+    """``channels * width`` rounded to a multiple of 8 (at least 8): the slim trunks' channel counts."""
+    return channels if width == 1.0 else max(8, int(round(channels * width / 8)) * 8)
 
 
 class ConvNorm(nn.Module):
@@ -298,35 +295,48 @@ class ResNetVd(nn.Module):
 
     ``norm="frozen"`` (Hugging Face's ``freeze_backbone_batch_norms=True``, its default) keeps
     ImageNet statistics; ``"batch"`` trains BatchNorm as RT-DETR's R18/R34 recipes do
-    (``freeze_norm: False``). ``freeze_at``: the release's PResNet rule, -1 = everything learns,
-    0 = the stem is frozen, k > 0 = the stem and the first k stages.
+    (``freeze_norm: False``).
+
+    ``frozen_stages`` has :class:`Backbone`'s meaning: 0 = every parameter learns (Hugging Face,
+    which freezes nothing but the BatchNorm statistics), k >= 1 = the stem and the first k stages
+    are frozen. The release's PResNet ``freeze_at`` translates as: -1 -> 0, k >= 1 -> k; its
+    ``freeze_at: 0`` (the stem alone, R50/R101 recipes) has no equivalent here (the nearest are 0
+    and 1). ``train=False`` freezes everything (a backbone learning rate of 0).
+
+    ``width`` multiplies every channel count (stem included; rounded to multiples of 8) and
+    ``depths`` replaces the blocks per stage: the slim trunks of CPU-sized models. 1.0 and None
+    are the published ResNet-vd.
     """
 
-    def __init__(self, name: str = "resnet50vd", *, norm: str = "frozen", freeze_at: int = -1) -> None:
+    def __init__(self, name: str = "resnet50vd", *, norm: str = "frozen", frozen_stages: int = 0, train: bool = True,
+                 width: float = 1.0, depths: Optional[tuple[int, ...]] = None) -> None:
         super().__init__()
         if name not in RESNET_VD:
             raise ValueError(f"unknown ResNet-vd {name!r}; choose one of {sorted(RESNET_VD)}")
-        kind, depths, widths = RESNET_VD[name]
-        half = STEM_WIDTH // 2
+        kind, named_depths, widths = RESNET_VD[name]
+        depths = depths or named_depths
+        widths = [_scaled_width(w, width) for w in widths]
+        stem = _scaled_width(STEM_WIDTH, width)
         self.stem = nn.Sequential(
-            ConvNorm(3, half, 3, 2, act="relu", norm=norm),
-            ConvNorm(half, half, 3, act="relu", norm=norm),
-            ConvNorm(half, STEM_WIDTH, 3, act="relu", norm=norm),
+            ConvNorm(3, stem // 2, 3, 2, act="relu", norm=norm),
+            ConvNorm(stem // 2, stem // 2, 3, act="relu", norm=norm),
+            ConvNorm(stem // 2, stem, 3, act="relu", norm=norm),
         )
-        in_channels = STEM_WIDTH
-        for i, (depth, width) in enumerate(zip(depths, widths)):
+        in_channels = stem
+        for i, (depth, out) in enumerate(zip(depths, widths)):
             stride = 1 if i == 0 else 2  # layer1 follows the stem's max pool (stride 4 already)
             # Hugging Face projects a bottleneck stage's first block only where the shape changes.
-            project = kind == "basic" or in_channels != width or stride != 1
-            blocks = [BlockVd(kind, in_channels, width, stride, project, norm)]
-            blocks += [BlockVd(kind, width, width, 1, False, norm) for _ in range(depth - 1)]
+            project = kind == "basic" or in_channels != out or stride != 1
+            blocks = [BlockVd(kind, in_channels, out, stride, project, norm)]
+            blocks += [BlockVd(kind, out, out, 1, False, norm) for _ in range(depth - 1)]
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
-            in_channels = width
+            in_channels = out
         self.num_channels = list(widths[1:])  # of the returned maps: layer2, layer3, layer4
         self.strides = [8, 16, 32]
         self.channels_last = True  # the layout oneDNN and cuDNN convolutions prefer (speed only)
         parts = [self.stem, self.layer1, self.layer2, self.layer3, self.layer4]
-        for part in parts[: freeze_at + 1]:
+        frozen = parts if not train else parts[: frozen_stages + 1] if frozen_stages > 0 else []
+        for part in frozen:  # the stem counts as one part: frozen_stages k freezes k + 1 parts
             part.requires_grad_(False)
 
     def forward(self, images: Tensor) -> list[Tensor]:

@@ -8,18 +8,27 @@ from detrkit.config import ModelConfig
 from detrkit.model.backbone import Backbone
 from detrkit.model.detr import DETR
 from detrkit.model.position import PositionEmbeddingLearned, PositionEmbeddingSine
+from detrkit.model.rtdetr import RTDETR, build_rtdetr
 from detrkit.model.transformer import DecoderLayer, Transformer
 from detrkit.model.two_stage import ConditionalDecoderLayer, TwoStageDETR
 
 
 def build_model(config: ModelConfig, *, train_backbone: bool = True,
-                backbone_weights: Optional[Union[str, Path]] = None) -> DETR:
-    """The model ``config.arch`` names: :class:`DETR` (``"detr"``) or :class:`TwoStageDETR` (``"two_stage"``).
+                backbone_weights: Optional[Union[str, Path]] = None) -> Union[DETR, RTDETR]:
+    """The model ``config.arch`` names: :class:`DETR` (``"detr"``), :class:`TwoStageDETR`
+    (``"two_stage"``) or :class:`RTDETR` (``"rtdetr"``).
 
     ``train_backbone=False`` (the official rule when the backbone learning rate is 0) freezes
-    the whole backbone; ``backbone_weights`` is a local torchvision ImageNet state-dict file.
-    The model keeps ``config`` as ``model.config``.
+    the whole backbone; ``backbone_weights`` is a local torchvision ImageNet state-dict file
+    (torchvision ResNets only). The model keeps ``config`` as ``model.config``.
     """
+    if config.arch == "rtdetr":
+        if backbone_weights is not None:
+            raise ValueError("backbone weights are torchvision ResNet state dicts, and RT-DETR's ResNet-vd has none: "
+                             "start from a Hugging Face RT-DETR folder with --weights instead")
+        model = build_rtdetr(config, train_backbone=train_backbone)
+        model.config = config
+        return model
     backbone = Backbone(
         config.backbone, dilation=config.dilation, stages=config.backbone_stages, frozen_stages=config.frozen_stages,
         norm=config.backbone_norm, train_backbone=train_backbone, weights_path=backbone_weights,

@@ -16,7 +16,15 @@ Classification is a sigmoid per class (``pred_logits`` has no "no object" column
 
 The numbers and formulas are Hugging Face transformers' ``RTDetrForObjectDetection`` and
 ``RTDetrV2ForObjectDetection`` (themselves converted from the RT-DETR release); loading their
-checkpoints (:mod:`detrkit.convert_rtdetr`) reproduces their outputs.
+checkpoints (:mod:`detrkit.convert`) reproduces their outputs. The sizes are :class:`~detrkit.config.ModelConfig`
+fields; the published models are the ``rtdetr_*`` presets (:mod:`detrkit.presets`).
+
+**Input.** Like every detrkit model, RT-DETR takes images normalised with the ImageNet mean and
+std (the data pipeline, ``predict``, evaluation, ONNX export and the server prepare them so).
+Its weights, though, were trained on pixels in [0, 1]: the release and Hugging Face's image
+processor only rescale (``do_normalize=False``). So the model's first step maps its input back,
+``x * std + mean``, and sets the padding to 0, the value Hugging Face pads with. One input contract
+for all models, and nothing outside the model needs to know.
 
 **Padding.** RT-DETR has no padding mask anywhere: it sees the padded canvas as it is (anchors,
 positions and sampling all span the canvas), exactly like the reference, which trains and
@@ -27,94 +35,23 @@ stride), since the top-down fusion needs each map to be exactly twice the next c
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detrkit.config import ModelConfig
 from detrkit.data.batch import pad_images
-from detrkit.model.backbone import RESNET_VD, ResNetVd
-from detrkit.model.detr import Images, _to_float
-from detrkit.model.heads import ExtraQueries, layer_outputs
+from detrkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from detrkit.model.backbone import ResNetVd
+from detrkit.model.heads import ExtraQueries, Images, layer_outputs, to_float
 from detrkit.model.hybrid_encoder import HybridEncoder
 from detrkit.model.rtdetr_decoder import RTDETRDecoder
+from detrkit.predict import Predicts
 
 
-@dataclass(frozen=True)
-class RTDETRSizes:
-    """Every size of an RT-DETR model. The defaults are Hugging Face's ``RTDetrConfig()``, which is
-    the published ``PekingU/rtdetr_r50vd`` (see :data:`CHECKPOINTS` for the others); a comment on
-    each field names the Hugging Face config key it comes from."""
-
-    num_classes: int = 80  # num_labels: the 80 COCO categories of every published checkpoint
-    # Backbone.
-    backbone: str = "resnet50vd"  # backbone_config (layer_type, depths, hidden_sizes): a ResNet-vd of RESNET_VD
-    backbone_norm: str = "frozen"  # freeze_backbone_batch_norms=True: "frozen"; False: "batch" (trained BN)
-    # Hybrid encoder.
-    encoder_dim: int = 256  # encoder_hidden_dim (= every decoder_in_channels): width of the fused maps
-    encoder_ffn_dim: int = 1024  # encoder_ffn_dim: AIFI's feed-forward width
-    enc_layers: int = 1  # encoder_layers: AIFI layers on each encoded level
-    encode_levels: tuple[int, ...] = (2,)  # encode_proj_layers: AIFI on level 2 (stride 32) only
-    expansion: float = 1.0  # hidden_expansion: CSP branch width / encoder_dim
-    csp_blocks: int = 3  # RepVGG blocks per CSP fusion (fixed at 3 in Hugging Face; release: round(3 * depth_mult))
-    pe_temperature: float = 10000.0  # positional_encoding_temperature of AIFI's sin-cos embedding
-    pre_norm: bool = False  # normalize_before (AIFI only: the decoder is always post-norm)
-    # Decoder.
-    d_model: int = 256  # d_model
-    nheads: int = 8  # encoder_attention_heads = decoder_attention_heads
-    dec_layers: int = 6  # decoder_layers
-    dim_feedforward: int = 1024  # decoder_ffn_dim
-    num_queries: int = 300  # num_queries: the cells chosen from the encoder
-    num_points: tuple[int, ...] = (4, 4, 4)  # decoder_n_points (per level in RT-DETRv2's release)
-    offset_scale: float = 0.5  # v2 decoder_offset_scale: offsets in units of this x box size (v1: 0.5)
-    sampling_method: str = "default"  # v2 decoder_method: "default" (bilinear) or "discrete"
-    learn_initial_query: bool = False  # learn_initial_query: learned initial content
-    dropout: float = 0.0  # dropout = attention_dropout = activation_dropout in every published config
-    aux_loss: bool = True  # auxiliary_loss: every decoder layer's predictions are returned
-
-    def __post_init__(self) -> None:
-        if self.backbone not in RESNET_VD:
-            raise ValueError(f"unknown RT-DETR backbone {self.backbone!r}; choose one of {sorted(RESNET_VD)}")
-        if self.backbone_norm not in ("frozen", "batch"):
-            raise ValueError(f"backbone_norm must be 'frozen' or 'batch', got {self.backbone_norm!r}")
-        if len(self.num_points) != 3 or min(self.num_points) < 1:
-            raise ValueError(f"num_points needs one count >= 1 for each of the 3 levels, got {self.num_points}")
-        if not set(self.encode_levels) <= {0, 1, 2}:
-            raise ValueError(f"encode_levels must be among the levels 0, 1, 2, got {self.encode_levels}")
-        if self.d_model % self.nheads or self.encoder_dim % self.nheads:
-            raise ValueError(f"d_model ({self.d_model}) and encoder_dim ({self.encoder_dim}) must be "
-                             f"divisible by nheads ({self.nheads})")
-        if self.encoder_dim % 4:
-            raise ValueError(f"encoder_dim must be divisible by 4 (2-D sin-cos embedding), got {self.encoder_dim}")
-        if self.sampling_method not in ("default", "discrete"):
-            raise ValueError(f"sampling_method must be 'default' or 'discrete', got {self.sampling_method!r}")
-
-
-# The published checkpoints (Hugging Face PekingU/rtdetr_r{18,34,50,101}vd, converted from the
-# RT-DETR release; COCO, 640x640). What differs from the defaults:
-#
-#   checkpoint   backbone     expansion  encoder_dim  encoder_ffn_dim  dec_layers
-#   r18vd        resnet18vd   0.5        256          1024             3
-#   r34vd        resnet34vd   0.5        256          1024             4
-#   r50vd        resnet50vd   1.0        256          1024             6
-#   r101vd       resnet101vd  1.0        384          2048             6
-#
-# RT-DETRv2 (PekingU/rtdetr_v2_r{18,34,50,101}vd) has the same sizes; it differs in the decoder's
-# cross-attention only, through three options whose defaults give v1's arithmetic: num_points per
-# level (its release also trains (1, 1, 1), (2, 2, 2), (3, 3, 3)), offset_scale (0.5) and
-# sampling_method ("discrete" in its "dsp" fine-tuning recipes). Hugging Face's v2 stores the
-# per-point scale 1 / num_points as a buffer (n_points_scale) and allows one count for all levels.
-CHECKPOINTS = {
-    "rtdetr_r18": RTDETRSizes(backbone="resnet18vd", expansion=0.5, dec_layers=3),
-    "rtdetr_r34": RTDETRSizes(backbone="resnet34vd", expansion=0.5, dec_layers=4),
-    "rtdetr_r50": RTDETRSizes(backbone="resnet50vd"),
-    "rtdetr_r101": RTDETRSizes(backbone="resnet101vd", encoder_dim=384, encoder_ffn_dim=2048),
-}
-
-
-class RTDETR(nn.Module):
+class RTDETR(nn.Module, Predicts):
     """The RT-DETR detector (see the module docstring).
 
     Train/eval contract as :class:`~detrkit.model.detr.DETR`: the model maps images to raw
@@ -124,9 +61,12 @@ class RTDETR(nn.Module):
     """
 
     sigmoid_class = True
+    shared_heads = False  # a class head and a box head per decoder layer
+    # Parameters that depend on the classes (re-initialised when fine-tuning on other classes).
+    class_heads = ("decoder.class_embed.", "decoder.enc_class.")
 
     def __init__(self, backbone: ResNetVd, encoder: HybridEncoder, decoder: RTDETRDecoder, num_classes: int,
-                 aux_loss: bool = True) -> None:
+                 aux_loss: bool = True, feature_levels: int = 3) -> None:
         super().__init__()
         self.backbone = backbone
         self.encoder = encoder
@@ -135,10 +75,15 @@ class RTDETR(nn.Module):
         self.d_model = decoder.d_model
         self.num_queries = decoder.num_queries
         self.aux_loss = aux_loss
+        self.feature_levels = feature_levels  # the coarsest N backbone maps are used
         self.stride = backbone.strides[-1]  # the canvas is padded to a multiple of this
         self.precision = "fp32"  # "bf16": run under bfloat16 autocast (fast inference mode)
-        self.inference = {"image_size": 640, "max_size": None}  # RT-DETR evaluates at 640 x 640
+        # RT-DETR evaluates at 640 x 640 (the release; Hugging Face's image processor).
+        self.inference = {"image_size": 640, "max_size": None, "resize": "square"}
         self.classes = [{"index": i, "id": i, "name": str(i)} for i in range(num_classes)]
+        # The input's normalisation, undone (see the module docstring); not saved: constants.
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: Images, extra: Optional[ExtraQueries] = None) -> dict:
         """Detect objects.
@@ -171,14 +116,19 @@ class RTDETR(nn.Module):
             return self._forward(x, mask, extra)
         with torch.autocast(x.device.type, dtype=torch.bfloat16):
             out = self._forward(x, mask, extra)
-        return _to_float(out)  # losses, matching and postprocessing always see float32
+        return to_float(out)  # losses, matching and postprocessing always see float32
 
     def _forward(self, x: Tensor, mask: Optional[Tensor], extra: Optional[ExtraQueries]) -> dict:
-        """The network on a canvas ``x (B, 3, H, W)`` (H, W multiples of the stride)."""
-        scale = None if mask is None else _image_frame(mask)  # (B, 1, 4): canvas -> image coordinates
+        """The network on a normalised canvas ``x (B, 3, H, W)`` (H, W multiples of the stride)."""
+        x = x * self.pixel_std + self.pixel_mean  # back to [0, 1], what the weights expect
+        scale = None
+        if mask is not None:
+            x = x.masked_fill(mask[:, None], 0.0)  # padding 0, as Hugging Face pads
+            scale = _image_frame(mask)  # (B, 1, 4): canvas -> image coordinates
         if extra is not None and scale is not None and extra.boxes is not None:
             extra = ExtraQueries(extra.content, extra.attn_mask, extra.position, extra.boxes / scale, extra.hybrid)
-        out = self.decoder(self.encoder(self.backbone(x)), extra)
+        features = self.backbone(x)[-self.feature_levels:]  # strides 8, 16, 32 (or 16, 32)
+        out = self.decoder(self.encoder(features), extra)
         logits, boxes = out["logits"], out["boxes"]  # (L, B, N, .)
         enc_boxes = out["enc_boxes"]
         if scale is not None:
@@ -210,7 +160,9 @@ class RTDETR(nn.Module):
             x, mask = pad_images(list(images))
         h, w = x.shape[-2:]
         pad_h, pad_w = -h % self.stride, -w % self.stride
-        if pad_h or pad_w:
+        # While tracing (ONNX export), a padded input is always padded, by amounts the graph
+        # computes from its size: one export serves every size, multiple of 32 or not.
+        if (mask is not None and torch.jit.is_tracing()) or pad_h or pad_w:
             if mask is None:
                 mask = torch.zeros((x.shape[0], h, w), dtype=torch.bool, device=x.device)
             x = F.pad(x, (0, pad_w, 0, pad_h))
@@ -228,22 +180,23 @@ def _image_frame(mask: Tensor) -> Tensor:
     return torch.stack([sx, sy, sx, sy], -1)[:, None]
 
 
-def build_rtdetr(sizes: RTDETRSizes) -> RTDETR:
-    """The RT-DETR of ``sizes`` with fresh weights (RT-DETR's initialisation, no backbone weights)."""
-    backbone = ResNetVd(sizes.backbone, norm=sizes.backbone_norm)
+def build_rtdetr(config: ModelConfig, *, train_backbone: bool = True) -> RTDETR:
+    """The RT-DETR of ``config`` (``arch="rtdetr"``) with fresh weights: RT-DETR's initialisation, no
+    backbone weights (start from a Hugging Face RT-DETR folder for pretrained ones). ``train_backbone=False``
+    freezes the whole backbone."""
+    backbone = ResNetVd(config.backbone, norm=config.backbone_norm, frozen_stages=config.frozen_stages,
+                        train=train_backbone, width=config.backbone_width, depths=config.backbone_depths)
+    in_channels = backbone.num_channels[-config.feature_levels:]
     encoder = HybridEncoder(
-        backbone.num_channels, hidden_dim=sizes.encoder_dim, nheads=sizes.nheads,
-        dim_feedforward=sizes.encoder_ffn_dim, enc_layers=sizes.enc_layers, encode_levels=sizes.encode_levels,
-        dropout=sizes.dropout, pre_norm=sizes.pre_norm, expansion=sizes.expansion, csp_blocks=sizes.csp_blocks,
-        pe_temperature=sizes.pe_temperature,
+        in_channels, hidden_dim=config.encoder_dim, nheads=config.nheads, dim_feedforward=config.encoder_ffn_dim,
+        enc_layers=config.enc_layers, encode_levels=config.encode_levels, dropout=config.dropout,
+        pre_norm=config.pre_norm, expansion=config.csp_expansion, csp_blocks=config.csp_blocks,
+        pe_temperature=config.pe_temperature,
     )
     decoder = RTDETRDecoder(
-        [sizes.encoder_dim] * len(backbone.num_channels), sizes.num_classes, d_model=sizes.d_model,
-        nheads=sizes.nheads, dec_layers=sizes.dec_layers, dim_feedforward=sizes.dim_feedforward,
-        dropout=sizes.dropout, num_queries=sizes.num_queries, num_points=sizes.num_points,
-        offset_scale=sizes.offset_scale, method=sizes.sampling_method,
-        learn_initial_query=sizes.learn_initial_query,
+        [config.encoder_dim] * len(in_channels), config.num_classes, d_model=config.d_model, nheads=config.nheads,
+        dec_layers=config.dec_layers, dim_feedforward=config.dim_feedforward, dropout=config.dropout,
+        num_queries=config.num_queries, num_points=config.num_points, offset_scale=config.offset_scale,
+        method=config.sampling_method, learn_initial_query=config.learn_initial_query,
     )
-    model = RTDETR(backbone, encoder, decoder, sizes.num_classes, sizes.aux_loss)
-    model.sizes = sizes
-    return model
+    return RTDETR(backbone, encoder, decoder, config.num_classes, config.aux_loss, config.feature_levels)

@@ -26,9 +26,8 @@ from torch import Tensor, nn
 from detrkit.model.backbone import ConvNorm
 from detrkit.model.deformable import MSDeformableAttention
 from detrkit.model.dropout import Dropout
-from detrkit.model.heads import MLP, ExtraQueries
+from detrkit.model.heads import MLP, ExtraQueries, with_hybrid_block
 from detrkit.model.transformer import MultiheadAttention
-from detrkit.model.two_stage import _with_hybrid_block
 
 ANCHOR_SIZE = 0.05  # anchor width/height at stride 8, doubling per level (RT-DETR's grid_size)
 ANCHOR_MARGIN = 0.01  # anchors with any coordinate outside (0.01, 0.99) are invalid (RT-DETR's eps)
@@ -172,7 +171,7 @@ class RTDETRDecoder(nn.Module):
             tgt = torch.cat([tgt, extra.content.to(tgt.dtype)], 1)  # (B, N, D)
             # Round trip through logits, as the reference computes its denoising boxes.
             ref = torch.cat([ref, inverse_sigmoid(extra.boxes.to(ref.dtype))], 1)  # (B, N, 4)
-            attn_mask = _with_hybrid_block(extra.attn_mask, q, m)
+            attn_mask = with_hybrid_block(extra.attn_mask, q, m)
         logits, boxes = self.decode(tgt, ref, memory, shapes, attn_mask)
         return {"logits": logits, "boxes": boxes, "enc_logits": enc_logits[:, :q], "enc_boxes": enc_boxes[:, :q],
                 "num_queries": q, "num_hybrid": m}
