@@ -21,8 +21,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from detrkit.checkpoint import load_model, load_state
-from detrkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from conftest import hf_rtdetr_pair, rtdetr_canvas as _canvas, rtdetr_images as _images, to_pixel_input as _norm
+from detrkit.checkpoint import load_model
 from detrkit.errors import CheckpointError
 from detrkit.model.backbone import ConvNorm
 from detrkit.model.build import build_model
@@ -34,77 +34,15 @@ from detrkit.presets import preset
 transformers = pytest.importorskip("transformers")
 
 TOL = 1e-4
-R18_BACKBONE = dict(model_type="rt_detr_resnet", depths=[2, 2, 2, 2], layer_type="basic",
-                    hidden_sizes=[64, 128, 256, 512], out_indices=[2, 3, 4])
-R18 = dict(backbone_config=R18_BACKBONE, encoder_in_channels=[128, 256, 512], hidden_expansion=0.5, decoder_layers=3)
-
-
-def _hf_model(kind: str):
-    """A Hugging Face RT-DETR in the R18 or R50 configuration of the published checkpoints, or an
-    RT-DETRv2 R18 with non-default sampling options; fewer queries and classes, for speed."""
-    from transformers import RTDetrConfig, RTDetrForObjectDetection, RTDetrV2Config, RTDetrV2ForObjectDetection
-
-    common = dict(num_queries=30, num_labels=7, use_pretrained_backbone=False)
-    if kind == "r18":
-        return RTDetrForObjectDetection(RTDetrConfig(**R18, **common))
-    if kind == "r50":
-        return RTDetrForObjectDetection(RTDetrConfig(**common))
-    method = "discrete" if kind == "v2_discrete" else "default"
-    config = RTDetrV2Config(**R18, **common, decoder_n_points=3, decoder_offset_scale=0.75, decoder_method=method)
-    return RTDetrV2ForObjectDetection(config)
-
-
-@torch.no_grad()
-def _randomise(model: torch.nn.Module, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
-            module.weight.normal_(0, module.weight[0].numel() ** -0.5, generator=gen)
-        if "BatchNorm" in type(module).__name__:
-            module.weight.copy_(1 + 0.1 * torch.randn(module.weight.shape, generator=gen))
-            module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=gen))
-            module.running_mean.copy_(0.1 * torch.randn(module.running_mean.shape, generator=gen))
-            module.running_var.copy_(0.5 + torch.rand(module.running_var.shape, generator=gen))
-    for name, p in model.named_parameters():
-        if "class_embed" in name or "enc_score_head" in name:  # spread the class scores
-            p.normal_(0, 0.2, generator=gen)
-        elif ("bbox_embed" in name or "enc_bbox_head" in name) and "layers.2" in name:  # and the boxes
-            p.normal_(0, 0.5, generator=gen)
-    if hasattr(model.model, "denoising_class_embed"):
-        model.model.denoising_class_embed.weight.normal_(generator=gen)
-
-
-def _pair(tmp_path_factory, kind: str):
-    torch.manual_seed(0)
-    hf = _hf_model(kind)
-    _randomise(hf)
-    folder = tmp_path_factory.mktemp("hf") / kind
-    hf.save_pretrained(folder)
-    return hf.eval(), load_model(folder), load_state(folder)
-
-
-def _norm(x: torch.Tensor) -> torch.Tensor:
-    """Pixels in [0, 1] -> ImageNet-normalised (detrkit's input), for a (3, H, W) image or a (B, 3, H, W) batch."""
-    mean, std = torch.tensor(IMAGENET_MEAN, dtype=x.dtype), torch.tensor(IMAGENET_STD, dtype=x.dtype)
-    shape = (3, 1, 1) if x.dim() == 3 else (1, 3, 1, 1)
-    return (x - mean.view(shape)) / std.view(shape)
 
 
 @pytest.fixture(scope="module")
 def r18(tmp_path_factory):
-    return _pair(tmp_path_factory, "r18")
+    return hf_rtdetr_pair(tmp_path_factory.mktemp("hf"), "r18")
 
 
-def _images():
-    gen = torch.Generator().manual_seed(1)
-    return [torch.randn(3, 160, 128, generator=gen), torch.randn(3, 128, 160, generator=gen)]
-
-
-def _canvas(images):
-    x = torch.zeros(len(images), 3, 160, 160)
-    for i, img in enumerate(images):
-        x[i, :, : img.shape[1], : img.shape[2]] = img
-    return x
+def _pair(tmp_path_factory, kind: str):
+    return hf_rtdetr_pair(tmp_path_factory.mktemp("hf"), kind)
 
 
 def _scale(images, canvas=160):

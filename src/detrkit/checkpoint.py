@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from detrkit.config import ModelConfig, config_from_dict
-from detrkit.convert import COCO_NAMES, HF_MODEL_TYPES, Loaded, load_huggingface, load_official
+from detrkit.convert import COCO_NAMES, HF_MODEL_TYPES, Loaded, hf_model_config, load_huggingface, load_official
 from detrkit.errors import CheckpointError, DetrkitError
 from detrkit.files import read_json
 from detrkit.model.build import build_model
@@ -231,12 +231,22 @@ def _load_detrkit(path: Path) -> Loaded:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights}: not a readable safetensors file ({e}); is it truncated?") from None
+    config, meta = _detrkit_config(weights)
+    return Loaded(config, state, meta.get("classes"), meta.get("inference"))
+
+
+def _detrkit_config(weights: Path) -> tuple[ModelConfig, dict]:
+    """The model config and the whole metadata of a detrkit checkpoint: ``config.json`` beside
+    ``weights``, or the same JSON kept in the safetensors file's metadata."""
     cfg_file = weights.parent / "config.json"
     if cfg_file.exists():
         meta = read_json(cfg_file, CheckpointError, "checkpoint config")
     else:  # the weights file alone carries the same config in its metadata
-        with safe_open(str(weights), "pt") as f:
-            text = (f.metadata() or {}).get("detrkit")
+        try:
+            with safe_open(str(weights), "pt") as f:
+                text = (f.metadata() or {}).get("detrkit")
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{weights}: not a readable safetensors file ({e}); is it truncated?") from None
         if text is None:
             raise CheckpointError(f"{weights}: no config.json beside it and no detrkit metadata inside")
         meta = json.loads(text)
@@ -244,10 +254,9 @@ def _load_detrkit(path: Path) -> Loaded:
         raise CheckpointError(f"{cfg_file}: format version {meta['format_version']} is newer than this detrkit "
                               f"reads ({FORMAT_VERSION}); upgrade detrkit")
     try:
-        config = config_from_dict(ModelConfig, meta["model"])
+        return config_from_dict(ModelConfig, meta["model"]), meta
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{cfg_file}: invalid model config ({e})") from None
-    return Loaded(config, state, meta.get("classes"), meta.get("inference"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,6 +289,19 @@ def load_state(path: PathLike) -> Loaded:
     path = readable_folder(path)
     loader = {"detrkit": _load_detrkit, "huggingface": load_huggingface, "official": load_official}
     return loader[detect_format(path)](path)
+
+
+def checkpoint_config(path: PathLike) -> ModelConfig:
+    """The :class:`ModelConfig` of any checkpoint :func:`load_model` reads; folders are not read
+    beyond their config (an official ``.pth`` is read whole: its config is in its shapes)."""
+    path = readable_folder(path)
+    kind = detect_format(path)
+    if kind == "detrkit":
+        return _detrkit_config(path / "model.safetensors" if path.is_dir() else path)[0]
+    if kind == "huggingface":
+        return hf_model_config(read_json(path / "config.json", CheckpointError, "checkpoint config"),
+                               str(path / "config.json"))
+    return load_official(path).config
 
 
 def check_and_load(model: DETR, state: dict[str, Tensor], source: str) -> None:

@@ -32,6 +32,7 @@ from detrkit.model.backbone import STEM_WIDTH
 
 # The Hugging Face config.json ``model_type`` values load_huggingface reads.
 HF_MODEL_TYPES = ("detr", "rt_detr", "rt_detr_v2")
+HF_RTDETR_TYPES = ("rt_detr", "rt_detr_v2")  # those read by load_hf_rtdetr
 
 
 class Loaded(NamedTuple):
@@ -218,12 +219,17 @@ def load_huggingface(path: Path) -> Loaded:
     """A Hugging Face folder: ``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``, read
     by the reader of its ``model_type``: DETR here, RT-DETR v1/v2 by :func:`load_hf_rtdetr`."""
     cfg = read_json(path / "config.json", CheckpointError, "checkpoint config")
-    if cfg.get("model_type") in ("rt_detr", "rt_detr_v2"):
+    if cfg.get("model_type") in HF_RTDETR_TYPES:
         return load_hf_rtdetr(path, cfg)
     config = hf_config(cfg, str(path / "config.json"))
     id2label = {int(k): v for k, v in cfg.get("id2label", {}).items()}
     classes = [{"index": i, "id": i, "name": id2label.get(i, str(i))} for i in range(config.num_classes)]
     return Loaded(config, hf_to_detrkit(_hf_weights(path)), classes, None)
+
+
+def hf_model_config(cfg: dict, source: str = "") -> ModelConfig:
+    """The :class:`ModelConfig` of a Hugging Face ``config.json`` dict, by its ``model_type``."""
+    return rtdetr_config(cfg, source) if cfg.get("model_type") in HF_RTDETR_TYPES else hf_config(cfg, source)
 
 
 def _hf_weights(path: Path) -> dict[str, Tensor]:

@@ -9,8 +9,10 @@
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
+from detrkit.checkpoint import checkpoint_config
 from detrkit.config import DataConfig, LossConfig, ModelConfig, TrainConfig, config_from_dict
 
 # ---------------------------------------------------------------------------------------------
@@ -132,24 +134,30 @@ def resolve(recipe_name: Optional[str], *layers: dict[str, dict]):
     """``(ModelConfig, LossConfig, DataConfig, TrainConfig)`` from a recipe's defaults and layers of
     ``{"model"|"loss"|"data"|"train": {field: value}}`` applied in order (later layers win).
 
-    ``model`` values override fields of the preset named by ``train.model``. Without a recipe
-    name, a model family with its own recipe (:data:`FAMILY_RECIPES`) gets that one.
+    ``model`` values override fields of the preset named by ``train.model`` or, fine-tuning
+    (``train.weights``), of the checkpoint's own model config (its architecture, and its dropout
+    and frozen stages unless the layers set them). Without a recipe name, a model family with its
+    own recipe (:data:`FAMILY_RECIPES`) gets that one.
     """
     merged: dict[str, dict] = {}
     for layer in layers:
         for section, values in layer.items():
             merged.setdefault(section, {}).update(values)
-    if recipe_name is None:  # the model family's own recipe, if it has one
-        name = merged.get("train", {}).get("model", TrainConfig.model)
-        recipe_name = FAMILY_RECIPES.get({**PRESETS.get(name, {}), **merged.get("model", {})}.get("arch", "detr"))
-    if recipe_name:
-        merged = {s: {**recipe(recipe_name).get(s, {}), **merged.get(s, {})}
-                  for s in set(merged) | set(recipe(recipe_name))}
     unknown = sorted(set(merged) - {"model", "loss", "data", "train"})
     if unknown:
         raise ValueError(f"unknown config sections: {', '.join(unknown)}")
+    weights = merged.get("train", {}).get("weights")
+    base = checkpoint_config(weights) if weights is not None else None  # fine-tuning: the checkpoint's model
+    if recipe_name is None:  # the model family's own recipe, if it has one
+        arch = merged.get("model", {}).get("arch") or (base.arch if base is not None else PRESETS.get(
+            merged.get("train", {}).get("model", TrainConfig.model), {}).get("arch", "detr"))
+        recipe_name = FAMILY_RECIPES.get(arch)
+    if recipe_name:
+        defaults = recipe(recipe_name)
+        merged = {s: {**defaults.get(s, {}), **merged.get(s, {})} for s in set(merged) | set(defaults)}
     train = config_from_dict(TrainConfig, merged.get("train", {}))
-    model = preset(train.model, **merged.get("model", {}))
+    model = (dataclasses.replace(base, **merged.get("model", {})) if base is not None
+             else preset(train.model, **merged.get("model", {})))
     return (model, config_from_dict(LossConfig, merged.get("loss", {})),
             config_from_dict(DataConfig, merged.get("data", {})), train)
 
