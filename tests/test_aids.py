@@ -182,7 +182,7 @@ def test_hybrid_block_sees_only_itself():
     q, m, e = 3, 2, 4
     dn = Denoising(_model(True), groups=2, box_noise=1.0, label_noise=0.0)
     dn.model_queries = q
-    mask = dn.mask(1)  # (Q + E, Q + E): two denoising groups of 2
+    mask = dn.mask(1, 2)  # (Q + E, Q + E): two denoising groups of 2
     full = with_hybrid_block(mask, q, m)
     hyb = slice(q, q + m)
     assert full.shape == (q + m + e, q + m + e)
