@@ -148,10 +148,9 @@ class MSDeformableAttention(nn.Module):
         # RT-DETRv2's discrete sampling: cell floor(location * size + 0.5), clamped into the map
         # (the release truncates a non-negative number; below zero both clamp to 0). This rounds
         # to the nearest cell *corner*, half a cell off the nearest centre, as the release does.
-        size = torch.tensor([ww, hh], device=locations.device, dtype=locations.dtype)
-        cell = (locations * size + 0.5).floor().long()
-        x = cell[..., 0].clamp(0, ww - 1)
-        y = cell[..., 1].clamp(0, hh - 1)
+        # Each coordinate times its own map size: traced as the map's size, so an ONNX export serves any size.
+        x = (locations[..., 0] * ww + 0.5).floor().long().clamp(0, ww - 1)
+        y = (locations[..., 1] * hh + 0.5).floor().long().clamp(0, hh - 1)
         index = (y * ww + x).reshape(n, 1, -1).expand(-1, c, -1)  # (N, C, Q*n)
         return level.reshape(n, c, hh * ww).gather(2, index).view(n, c, *locations.shape[1:3])
 
