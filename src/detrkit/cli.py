@@ -20,32 +20,12 @@ from detrkit.config import (
     AUTO_IMAGE_SIZE, CLASS_COST_FORMULAS, CLASS_LOSSES, DataConfig, LossConfig, ModelConfig, TrainConfig,
     config_from_dict, read_config_file, route,
 )
-from detrkit.distributed import select_device
+from detrkit.distributed import note_slow_bf16, select_device
 from detrkit.errors import DetrkitError
 from detrkit.presets import FAMILY_RECIPES, PRESETS, RECIPES, resolve
 
 PRECISION_HELP = ("fp32: exact; bf16: the network under bfloat16 autocast, scores and boxes in float32; faster only "
                   "where bf16 matrix products are (GPUs, CPUs with AMX; docs/benchmarks.md) (default: fp32)")
-
-
-def cpu_flags() -> set[str]:
-    """The instruction-set flags of this CPU as Linux lists them (empty elsewhere)."""
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return next((set(line.split(":", 1)[1].split()) for line in cpuinfo.splitlines() if line.startswith("flags")), set())
-
-
-def note_slow_bf16(precision: str, device: str) -> None:
-    """Tell the user when bf16 was asked for on a CPU whose bf16 products are not fast (no AMX)."""
-    if precision != "bf16" or select_device(device).type != "cpu":
-        return
-    flags = cpu_flags()
-    if flags and "amx_bf16" not in flags:
-        print("note: --precision bf16 on a CPU without AMX: its bfloat16 matrix products are no faster than "
-              "float32 ones (half as fast on the machine of docs/benchmarks.md), so fp32 is likely faster here",
-              file=sys.stderr)
 
 
 def _default(cls, name: str):
@@ -448,15 +428,17 @@ def cmd_explain(args) -> int:
     if args.matching:
         return _explain_matching(args, model, data)
 
-    from detrkit.explain import explain
-    from detrkit.visualize import draw_explanation
+    from detrkit.explain import SamplingExplanation, explain
+    from detrkit.visualize import draw_explanation, draw_sampling
 
     result = explain(model, args.image, points=points, threshold=args.threshold, max_objects=args.max_objects)
     out = Path(args.out) if args.out else Path("runs/explain") / f"{Path(args.image).stem}.png"
-    draw_explanation(result, out)
+    sampling = isinstance(result, SamplingExplanation)  # RT-DETR: sampling points instead of attention maps
+    (draw_sampling if sampling else draw_explanation)(result, out)
     for i, (name, score, q) in enumerate(zip(result.names, result.scores.tolist(), result.queries.tolist())):
         print(f"{i + 1}: {name} {score:.2f} (query {q})")
-    print(f"{len(result.names)} detections, {len(result.points)} reference points -> {out}")
+    what = "their sampling points" if sampling else f"{len(result.points)} reference points"
+    print(f"{len(result.names)} detections, {what} -> {out}")
     return 0
 
 
