@@ -28,7 +28,7 @@ from torch import Tensor
 from detrkit.config import RESNET_VD, ModelConfig
 from detrkit.errors import CheckpointError
 from detrkit.files import read_json
-from detrkit.model.backbone import STEM_WIDTH
+from detrkit.model.backbone import STEM_WIDTH, scaled_width
 
 # The Hugging Face config.json ``model_type`` values load_huggingface reads.
 HF_MODEL_TYPES = ("detr", "rt_detr", "rt_detr_v2")
@@ -306,10 +306,10 @@ def rtdetr_config(cfg: dict, source: str = "") -> ModelConfig:
     if cfg.get("use_timm_backbone") or bb.get("model_type", "rt_detr_resnet") != "rt_detr_resnet":
         raise fail(f"backbone {bb.get('model_type') or cfg.get('backbone')!r} (only RTDetrResNet)")
     layout = (bb.get("layer_type", "bottleneck"), tuple(bb.get("depths", (3, 4, 6, 3))),
-              tuple(bb.get("hidden_sizes", (256, 512, 1024, 2048))))
-    names = [n for n, v in RESNET_VD.items() if v == layout]
-    if not names or bb.get("embedding_size", STEM_WIDTH) != STEM_WIDTH:
-        raise fail(f"ResNet layout {layout} with stem {bb.get('embedding_size', STEM_WIDTH)}")
+              tuple(bb.get("hidden_sizes", (256, 512, 1024, 2048))), bb.get("embedding_size", STEM_WIDTH))
+    trunk = _resnet_vd(*layout)
+    if trunk is None:
+        raise fail(f"ResNet layout (layer_type, depths, hidden_sizes, embedding_size) {layout}")
     checks = {
         "backbone hidden_act": (bb.get("hidden_act", "relu"), "relu"),
         "backbone downsample_in_bottleneck": (bb.get("downsample_in_bottleneck", False), False),
@@ -336,7 +336,7 @@ def rtdetr_config(cfg: dict, source: str = "") -> ModelConfig:
         return ModelConfig(
             arch="rtdetr",
             num_classes=len(cfg["id2label"]) if "id2label" in cfg else int(cfg.get("num_labels", 80)),
-            backbone=names[0],
+            **trunk,
             backbone_norm="frozen" if cfg.get("freeze_backbone_batch_norms", True) else "batch",
             encoder_dim=cfg.get("encoder_hidden_dim", 256),
             encoder_ffn_dim=cfg.get("encoder_ffn_dim", 1024),
@@ -360,6 +360,19 @@ def rtdetr_config(cfg: dict, source: str = "") -> ModelConfig:
         )
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{source}: invalid RT-DETR config ({e})") from None
+
+
+def _resnet_vd(kind: str, depths: tuple, widths: tuple, stem: int) -> Optional[dict]:
+    """The ModelConfig trunk fields (``backbone``, ``backbone_width``, ``backbone_depths``) of a
+    Hugging Face ResNet-vd layout: a published one, or one of them narrower or with other depths."""
+    named = [(n, d, w) for n, (k, d, w) in RESNET_VD.items() if k == kind]
+    named.sort(key=lambda entry: entry[1] != depths)  # the ResNet with these very depths first
+    for name, named_depths, named_widths in named:
+        width = widths[0] / named_widths[0]
+        if [scaled_width(c, width) for c in named_widths] == list(widths) and scaled_width(STEM_WIDTH, width) == stem:
+            return {"backbone": name, "backbone_width": width,
+                    "backbone_depths": None if depths == named_depths else depths}
+    return None
 
 
 def hf_rtdetr_to_detrkit(state: dict[str, Tensor], config: ModelConfig) -> tuple[dict[str, Tensor], Optional[Tensor]]:

@@ -214,7 +214,7 @@ ACTIVATIONS = {"relu": F.relu_, "silu": _silu, None: None}
 STEM_WIDTH = 64  # ResNet's stem width (He et al. 2016); the deep stem's first two convolutions use half
 
 
-def _scaled_width(channels: int, width: float) -> int:
+def scaled_width(channels: int, width: float) -> int:
     """``channels * width`` rounded to a multiple of 8 (at least 8): the slim trunks' channel counts."""
     return channels if width == 1.0 else max(8, int(round(channels * width / 8)) * 8)
 
@@ -315,8 +315,8 @@ class ResNetVd(nn.Module):
             raise ValueError(f"unknown ResNet-vd {name!r}; choose one of {sorted(RESNET_VD)}")
         kind, named_depths, widths = RESNET_VD[name]
         depths = depths or named_depths
-        widths = [_scaled_width(w, width) for w in widths]
-        stem = _scaled_width(STEM_WIDTH, width)
+        widths = [scaled_width(w, width) for w in widths]
+        stem = scaled_width(STEM_WIDTH, width)
         self.stem = nn.Sequential(
             ConvNorm(3, stem // 2, 3, 2, act="relu", norm=norm),
             ConvNorm(stem // 2, stem // 2, 3, act="relu", norm=norm),
