@@ -135,3 +135,106 @@ def test_bf16_inference_runs_under_autocast_and_returns_float32(tmp_path):
     pair = distance.argmin(1)
     assert (a["pred_boxes"][0] - b["pred_boxes"][0][pair]).abs().max() < 0.01
     assert (a["pred_logits"][0].sigmoid() - b["pred_logits"][0][pair].sigmoid()).abs().max() < 0.01
+
+
+def test_resume_in_the_middle_of_an_epoch_continues_exactly(shapes, tmp_path, monkeypatch):
+    """4 steps straight equal 3 steps, Ctrl-C, resume, 1 step: the recipe's EMA, its denoising
+    queries (random noise), square multi-scale augmentation, trained BatchNorm."""
+    common = ["--train-json", str(shapes["train_json"]), "--train-images", str(shapes["train_images"]), *TINY,
+              "--batch-size", "2", "--epochs", "2", "--ema-warmup", "2"]
+    assert main(["train", *common, "--out", str(tmp_path / "a")]) == 0
+    real_step = engine.Trainer.forward_backward
+    steps = []
+
+    def ctrl_c_in_step_3(self, micro_batches):
+        steps.append(1)
+        if len(steps) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, micro_batches)
+
+    monkeypatch.setattr(engine.Trainer, "forward_backward", ctrl_c_in_step_3)
+    assert main(["train", *common, "--out", str(tmp_path / "b")]) == 130
+    monkeypatch.setattr(engine.Trainer, "forward_backward", real_step)
+    assert main(["train", "--resume", str(tmp_path / "b")]) == 0
+    a, b = load_file(tmp_path / "a" / "last" / "model.safetensors"), load_file(tmp_path / "b" / "last" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the EMA
+    a = torch.load(tmp_path / "a" / "last" / "train_state.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "last" / "train_state.pt", weights_only=True)
+    assert a["ema_updates"] == b["ema_updates"] == 4
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # the raw weights
+    assert all(torch.equal(a["aids"][k], b["aids"][k]) for k in a["aids"]) and "denoising.label_embed.weight" in a["aids"]
+
+
+def test_two_processes_equal_one_process_accumulating_the_same_micro_batches(synthetic, tmp_path):
+    """torchrun, 2 Gloo processes x 1 image against 1 process x 1 image x 2 accumulated: the same
+    BatchNorm batches (RT-DETR trains its encoder's BatchNorm on batch statistics; on CPUs they are
+    not synchronised across processes), the same normalisers (all-reduced), so the same step."""
+    shapes = synthetic(2, 1)
+    flags = [*_data(shapes, val=False), *TINY, "--augment", "flip", "--epochs", "1", "--denoising-queries", "0",
+             "--hybrid-queries", "4", "--batch-size", "1"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    job = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "detrkit", "train", *flags, "--out", str(tmp_path / "ddp")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert main(["train", *flags, "--accumulate", "2", "--out", str(tmp_path / "one")]) == 0
+    ddp = torch.load(tmp_path / "ddp" / "last" / "train_state.pt", weights_only=True)["model"]  # raw weights (EMA on)
+    one = torch.load(tmp_path / "one" / "last" / "train_state.pt", weights_only=True)["model"]
+    params = {n for n, _ in build_model(preset("rtdetr_tiny", num_classes=4)).named_parameters()}
+    init = build_model(preset("rtdetr_tiny", num_classes=4)).state_dict()
+    assert sum(not torch.allclose(one[k], init[k]) for k in params) > 20  # the step moved the weights
+    # Adam's first step moves a weight by lr * g / (|g| + 1e-8): where a gradient is within rounding
+    # of 0 (a few BatchNorm-trained convolution weights), rounding decides how far. Elsewhere: equal.
+    diff = torch.cat([(ddp[k] - one[k]).abs().flatten() for k in params])
+    assert diff.max() <= 1e-4 and (diff > 1e-6).float().mean() < 1e-3
+    rows = [(tmp_path / run / "results.csv").read_text().splitlines() for run in ("ddp", "one")]
+    header = rows[0][0].split(",")
+    losses = [{k: v for k, v in zip(header, r[1].split(",")) if k.startswith("train_")} for r in rows]
+    assert losses[0] == losses[1] and float(losses[0]["train_loss"]) > 0  # the whole step's losses, on both
+
+
+def _hf_tiny(folder: Path, num_labels: int) -> torch.nn.Module:
+    """A Hugging Face RT-DETR with a quarter-width, one-block-per-stage ResNet-vd, saved with save_pretrained."""
+    from transformers import RTDetrConfig, RTDetrForObjectDetection
+
+    backbone = dict(model_type="rt_detr_resnet", depths=[1, 1, 1, 1], layer_type="basic",
+                    hidden_sizes=[16, 32, 64, 128], embedding_size=16, out_indices=[2, 3, 4])
+    config = RTDetrConfig(backbone_config=backbone, encoder_in_channels=[32, 64, 128], encoder_hidden_dim=32,
+                          encoder_ffn_dim=64, d_model=32, decoder_ffn_dim=64, encoder_attention_heads=4,
+                          decoder_attention_heads=4, decoder_layers=2, num_queries=10, decoder_n_points=2,
+                          hidden_expansion=0.5, num_labels=num_labels, decoder_in_channels=[32, 32, 32],
+                          use_pretrained_backbone=False)
+    torch.manual_seed(0)
+    model = RTDetrForObjectDetection(config)
+    model.save_pretrained(folder)
+    return model
+
+
+def test_fine_tuning_a_hugging_face_folder(shapes, tmp_path, capsys):
+    """Other classes: every class head starts afresh; the checkpoint's own classes (ids 0..3): every
+    head is kept and the denoising label table starts from the checkpoint's. lr 0: nothing moves."""
+    pytest.importorskip("transformers")
+    hf = _hf_tiny(tmp_path / "hf", num_labels=4)
+    train = ["--image-size", "64", "--workers", "0", "--device", "cpu", "--batch-size", "2", "--epochs", "1",
+             "--lr", "0", "--lr-backbone", "0", "--weights", str(tmp_path / "hf")]
+    assert main(["train", *_data(shapes, val=False), *train, "--out", str(tmp_path / "other")]) == 0
+    start = load_model(tmp_path / "hf").state_dict()  # the Hugging Face weights in our names
+    tuned = torch.load(tmp_path / "other" / "last" / "train_state.pt", weights_only=True)["model"]
+    assert tuned["decoder.class_embed.0.weight"].shape == (4, 32)
+    assert not torch.equal(tuned["decoder.class_embed.0.weight"], start["decoder.class_embed.0.weight"])
+    assert not torch.equal(tuned["decoder.enc_class.weight"], start["decoder.enc_class.weight"])
+    assert torch.equal(tuned["decoder.layers.0.linear1.weight"], start["decoder.layers.0.linear1.weight"])
+    assert "new class head for 4 classes" in capsys.readouterr().out
+
+    data = json.loads(Path(shapes["train_json"]).read_text())  # the same images, category ids 0..3
+    ids = {c["id"]: i for i, c in enumerate(data["categories"])}
+    data["categories"] = [{**c, "id": ids[c["id"]]} for c in data["categories"]]
+    data["annotations"] = [{**a, "category_id": ids[a["category_id"]]} for a in data["annotations"]]
+    (tmp_path / "same.json").write_text(json.dumps(data))
+    assert main(["train", "--train-json", str(tmp_path / "same.json"), "--train-images", str(shapes["train_images"]),
+                 *train, "--out", str(tmp_path / "same")]) == 0
+    state = torch.load(tmp_path / "same" / "last" / "train_state.pt", weights_only=True)
+    assert torch.equal(state["model"]["decoder.class_embed.0.weight"], start["decoder.class_embed.0.weight"])
+    assert torch.equal(state["aids"]["denoising.label_embed.weight"], hf.model.denoising_class_embed.weight[:4])
+    assert "denoising.label_embed.weight from" in capsys.readouterr().out
