@@ -26,7 +26,7 @@ from detrkit.checkpoint import load_model
 from detrkit.errors import CheckpointError
 from detrkit.export import sample_batch, check_onnx, export_onnx
 from detrkit.model.backbone import ConvNorm
-from detrkit.model.build import build_model
+from detrkit.model.build import build_model, count_flops
 from detrkit.model.deformable import MSDeformableAttention, capture_sampling
 from detrkit.model.heads import ExtraQueries
 from detrkit.model.hybrid_encoder import RepVggBlock
@@ -246,6 +246,25 @@ def test_parameters_are_hugging_faces_but_the_denoising_label_table(r18):
     with torch.device("meta"):
         counts = [count(build_model(preset(f"rtdetr_r{d}"))) / 1e6 for d in (18, 34, 50, 101)]
     assert [int(c) for c in counts] == [20, 31, 42, 76]
+
+
+def test_slim_trunks_are_config_knobs_and_cost_fewer_flops():
+    """A narrower ResNet-vd, fewer blocks, two feature levels: the same classes, fewer FLOPs."""
+    slim = preset("rtdetr_r18", backbone_width=0.5, backbone_depths=(1, 1, 1, 1), feature_levels=2,
+                  encode_levels=(1,), num_points=(4, 4))
+    model = build_model(slim).eval()
+    assert [c.conv.out_channels for c in model.backbone.stem] == [16, 16, 32]
+    assert model.backbone.num_channels == [64, 128, 256] and len(model.backbone.layer3) == 1
+    assert len(model.encoder.input_proj) == len(model.decoder.input_proj) == 2
+    with torch.no_grad(), capture_sampling(model) as records:
+        out = model([torch.randn(3, 96, 128)])
+    assert out["pred_boxes"].shape == (1, 3 * 4 + 6 * 8, 4)  # every cell of strides 16 and 32 is a query
+    assert records["decoder.layers.0.cross_attn"][0]["shapes"] == [(6, 8), (3, 4)]
+    flops = {name: count_flops(cfg) / 1e9 for name, cfg in (("r18", preset("rtdetr_r18")), ("slim", slim))}
+    assert 55 < flops["r18"] < 60  # the paper: 60 GFLOPs, all operations counted
+    assert flops["slim"] < 0.4 * flops["r18"]
+    with pytest.raises(ValueError, match="one count >= 1 for each of the 2 feature levels"):
+        preset("rtdetr_r18", feature_levels=2, encode_levels=(1,))
 
 
 # --- Deformable attention ---------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from detrkit.criterion import SetCriterion, build_criterion
 from detrkit.engine import evaluate_model
 from detrkit.explain import explain
 from detrkit.matcher import HungarianMatcher
-from detrkit.model.build import build_model
+from detrkit.model.build import build_model, count_flops
 from detrkit.model.detr import DETR
 from detrkit.model.rtdetr import RTDETR
 from detrkit.postprocess import postprocess
@@ -28,7 +28,7 @@ from detrkit.run import train as run_training
 
 __all__ = [
     "DETR", "RTDETR", "DataConfig", "HungarianMatcher", "LossConfig", "ModelConfig", "SetCriterion", "TrainConfig",
-    "build_criterion", "build_model", "evaluate", "explain", "load_model", "postprocess", "preset", "save_model", "train",
+    "build_criterion", "build_model", "count_flops", "evaluate", "explain", "load_model", "postprocess", "preset", "save_model", "train",
 ]
 __version__ = "0.1.0"
 

@@ -145,7 +145,9 @@ def folded(conv: nn.Conv2d, bn: nn.Module, x: Tensor, cache: dict) -> tuple[Tens
     """
     if torch.is_grad_enabled() and conv.weight.requires_grad:
         return _fold(conv, bn)
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    # (Meta tensors, which count FLOPs without computing, have no autocast to ask about.)
+    autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
+    dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
     tensors = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
     # In-place updates (optimiser steps, load_state_dict) bump _version; .to() changes data_ptr.
     layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
