@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from conftest import hf_rtdetr_pair, rtdetr_canvas as _canvas, rtdetr_images as _images, to_pixel_input as _norm
 from detrkit.checkpoint import load_model
+from detrkit.data.transforms import inference_transforms, prepare_image
 from detrkit.errors import CheckpointError
 from detrkit.export import sample_batch, check_onnx, export_onnx
 from detrkit.model.backbone import ConvNorm
@@ -84,6 +85,22 @@ def test_outputs_equal_hugging_face(tmp_path_factory, r18, kind):
         per_image = ours([_norm(im) for im in images])  # padded by us: boxes relative to each image
     _assert_matches(on_canvas, ref)
     _assert_matches(per_image, ref, scale=_scale(images))
+
+
+def test_predict_sizes_images_as_hugging_faces_image_processor(r18):
+    """RT-DETR's processor: 640 x 640 bilinear, pixels in [0, 1] (no normalisation). Ours: the same
+    square resize from the model's inference record, normalised (which the model then undoes)."""
+    import numpy as np
+    from PIL import Image
+    from transformers import RTDetrImageProcessor
+
+    rng = np.random.default_rng(0)
+    for h, w in ((480, 853), (320, 400)):  # shrunk and enlarged
+        image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        ref = RTDetrImageProcessor()(images=image, return_tensors="pt")["pixel_values"]  # (1, 3, 640, 640)
+        x, size = prepare_image(image, inference_transforms(r18[1].inference))
+        assert size == (h, w) and x.shape == (3, 640, 640)
+        torch.testing.assert_close(_norm(ref[0]), x, atol=1e-5, rtol=0)
 
 
 def _float64(*models):
