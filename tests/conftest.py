@@ -206,7 +206,7 @@ def hf_rtdetr(kind: str, **config):
     queries and classes, for speed; ``config``: more config values."""
     from transformers import RTDetrConfig, RTDetrForObjectDetection, RTDetrV2Config, RTDetrV2ForObjectDetection
 
-    common = dict(num_queries=30, num_labels=7, use_pretrained_backbone=False, **config)
+    common = {"num_queries": 30, "num_labels": 7, "use_pretrained_backbone": False, **config}
     if kind == "r18":
         return RTDetrForObjectDetection(RTDetrConfig(**R18, **common))
     if kind == "r50":

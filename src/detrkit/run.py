@@ -212,7 +212,8 @@ def _trainable(p: Plan, device: torch.device) -> tuple[DETR, AidedModel, SetCrit
     """What a training step works on, on ``device``: the model (new, or from ``p.start``), the model
     with its training-only aids (the optimiser's parameters), the loss and the optimiser."""
     model = initial_model(p.model, p.train, p.classes, p.start)
-    if distributed.world_size() > 1 and device.type == "cuda" and p.model.backbone_norm == "batch":
+    trained_bn = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # RT-DETR's encoder has some always
+    if distributed.world_size() > 1 and device.type == "cuda" and trained_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over all GPUs
     model.to(device)
     aided = AidedModel(model, p.loss).to(device)  # the model plus its training-only aids (if any)

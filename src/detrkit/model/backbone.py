@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.models.resnet import Bottleneck
 from torchvision.ops import FrozenBatchNorm2d
 
@@ -127,7 +128,7 @@ def conv_bn(x: Tensor, conv: nn.Conv2d, bn: nn.Module, cache: dict, act=None) ->
     two modules run as they are. Otherwise (frozen, or eval mode) the pair is one convolution
     with the weights of :func:`folded`, kept in ``cache`` (a dict owned by the caller).
     """
-    if isinstance(bn, nn.BatchNorm2d) and bn.training:
+    if isinstance(bn, _BatchNorm) and bn.training:  # BatchNorm2d, or SyncBatchNorm under DDP on GPUs
         x = bn(conv(x))
     else:
         weight, bias = folded(conv, bn, x, cache)
@@ -244,7 +245,7 @@ class ConvNorm(nn.Module):
 
     def folds(self) -> bool:
         """Whether the BatchNorm uses fixed statistics now (so the pair is one affine convolution)."""
-        return not (isinstance(self.bn, nn.BatchNorm2d) and self.bn.training)
+        return not (isinstance(self.bn, _BatchNorm) and self.bn.training)
 
     def folded(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The folded (weight, bias) for activations like ``x`` (only when :meth:`folds`)."""
