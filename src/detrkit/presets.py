@@ -102,6 +102,10 @@ RECIPES: dict[str, dict[str, dict]] = {
     # RT-DETR's own recipe: the loss of Hugging Face's RTDetrConfig (= the release's
     # rtdetr_criterion: varifocal loss, its weights and matching costs, 100 denoising queries),
     # the release's 6x schedule with EMA, and its 640 x 640 input. The one place these live.
+    # Every loss term then equals Hugging Face's (tests/test_rtdetr_loss.py), with its
+    # normalisations: boxes of the step (the denoising terms: times the groups), the encoder's
+    # term on the Q selected proposals. One difference, under DDP only: Hugging Face divides by
+    # its own process's boxes, the release and detrkit by the all-processes count / processes.
     "rtdetr": {
         "train": dict(model="rtdetr_r18",
                       epochs=72,  # the release's 6x schedule (rtdetr_r*vd_6x_coco)
