@@ -249,6 +249,20 @@ def hf_rtdetr_pair(folder: Path, kind: str, **config):
     return hf.eval(), load_model(folder / kind), load_state(folder / kind)
 
 
+@pytest.fixture(scope="session")
+def hf_rtdetr_pairs(tmp_path_factory):
+    """``hf_rtdetr_pairs(kind)``: :func:`hf_rtdetr_pair` made once per session for each kind (the
+    test files comparing with Hugging Face share them; tests copy what they change)."""
+    made: dict[str, tuple] = {}
+
+    def pair(kind: str):
+        if kind not in made:
+            made[kind] = hf_rtdetr_pair(tmp_path_factory.mktemp("hf"), kind)
+        return made[kind]
+
+    return pair
+
+
 def to_pixel_input(x: torch.Tensor) -> torch.Tensor:
     """Pixels as Hugging Face takes them ([0, 1]) -> ImageNet-normalised, as every detrkit model takes
     them; a (3, H, W) image or a (B, 3, H, W) batch."""

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import hf_rtdetr_pair, rtdetr_canvas as _canvas, rtdetr_images as _images, to_pixel_input as _norm
+from conftest import rtdetr_canvas as _canvas, rtdetr_images as _images, to_pixel_input as _norm
 from detrkit.checkpoint import load_model
 from detrkit.data.transforms import inference_transforms, prepare_image
 from detrkit.errors import CheckpointError
@@ -39,12 +39,8 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def r18(tmp_path_factory):
-    return hf_rtdetr_pair(tmp_path_factory.mktemp("hf"), "r18")
-
-
-def _pair(tmp_path_factory, kind: str):
-    return hf_rtdetr_pair(tmp_path_factory.mktemp("hf"), kind)
+def r18(hf_rtdetr_pairs):
+    return hf_rtdetr_pairs("r18")
 
 
 def _scale(images, canvas=160):
@@ -72,8 +68,8 @@ def _assert_matches(out: dict, ref, scale=1.0, skip: int = 0) -> None:
 
 
 @pytest.mark.parametrize("kind", ["r18", "r50", "v2"])
-def test_outputs_equal_hugging_face(tmp_path_factory, r18, kind):
-    hf, ours, read = r18 if kind == "r18" else _pair(tmp_path_factory, kind)
+def test_outputs_equal_hugging_face(hf_rtdetr_pairs, kind):
+    hf, ours, read = hf_rtdetr_pairs(kind)
     assert read.config.backbone == {"r18": "resnet18vd", "r50": "resnet50vd", "v2": "resnet18vd"}[kind]
     assert ours.inference == {"image_size": 640, "max_size": None, "resize": "square"}  # RT-DETR's evaluation size
     images = _images()
@@ -107,11 +103,11 @@ def _float64(*models):
     return [copy.deepcopy(m).double() for m in models]
 
 
-def test_v2_discrete_sampling_equals_hugging_face(tmp_path_factory):
+def test_v2_discrete_sampling_equals_hugging_face(hf_rtdetr_pairs):
     """Discrete sampling rounds each location to a cell (float64, see the module docstring). The
     test checks that no location lies within rounding noise of a cell boundary, where either cell
     would be right (the input would be inconclusive, not the model wrong)."""
-    hf, ours = _float64(*_pair(tmp_path_factory, "v2_discrete")[:2])
+    hf, ours = _float64(*hf_rtdetr_pairs("v2_discrete")[:2])
     x = _canvas(_images()).double()
     with torch.no_grad(), capture_sampling(ours) as records:
         ref = hf(pixel_values=x)

@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 
-from conftest import hf_rtdetr_pair, rtdetr_canvas, rtdetr_images, to_pixel_input
+from conftest import rtdetr_canvas, rtdetr_images, to_pixel_input
 from detrkit.aids import AidedModel
 from detrkit.config import LossConfig
 from detrkit.criterion import Normalizers, build_criterion
@@ -27,12 +27,13 @@ LABELS = [[1, 4, 6], [2]]
 
 
 @pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
+def pairs(hf_rtdetr_pairs):
+    """Float64 copies of the session's Hugging Face and detrkit models."""
     made = {}
 
     def pair(kind: str):
         if kind not in made:
-            hf, ours, _ = hf_rtdetr_pair(tmp_path_factory.mktemp("hf"), kind)
+            hf, ours, _ = hf_rtdetr_pairs(kind)
             made[kind] = (copy.deepcopy(hf).double(), copy.deepcopy(ours).double())
         return made[kind]
 
