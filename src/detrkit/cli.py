@@ -173,11 +173,9 @@ def _train_parser(sub) -> argparse.ArgumentParser:
                    "(lr: 0.0002) or in sections model/loss/data/train; a section model: {preset: NAME, field: value} "
                    "overrides preset fields; flags given here win")
     p.add_argument("--recipe", choices=list(RECIPES), default=None,
-                   help="defaults for every setting: 'paper' (DETR-R50, the paper's optimisation), 'fast' "
-                        "(two-stage model that learns in minutes from random weights) or 'rtdetr' (RT-DETR's loss, "
-                        "denoising, schedule and 640x640 input); --config and flags win (default: the model "
-                        f"family's own recipe ({', '.join(f'{a}: {r}' for a, r in FAMILY_RECIPES.items())}), "
-                        "else none: the paper's settings)")
+                   help="defaults for every setting: 'paper' (DETR-R50, the paper's optimisation), 'fast' (learns in "
+                        "minutes from random weights) or 'rtdetr' (RT-DETR's loss, denoising, schedule, 640x640 input); "
+                        f"--config and flags win (default: the model family's own ({FAMILY_RECIPES}), else none)")
     g = p.add_argument_group("model")
     _flag(g, TrainConfig, "model", f"model preset: {', '.join(PRESETS)}")
     _flag(g, TrainConfig, "weights", "start from a checkpoint (detrkit, official .pth or Hugging Face folder); "

@@ -212,12 +212,12 @@ def _trainable(p: Plan, device: torch.device) -> tuple[DETR, AidedModel, SetCrit
     """What a training step works on, on ``device``: the model (new, or from ``p.start``), the model
     with its training-only aids (the optimiser's parameters), the loss and the optimiser."""
     model = initial_model(p.model, p.train, p.classes, p.start)
-    trained_bn = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # RT-DETR's encoder has some always
-    if distributed.world_size() > 1 and device.type == "cuda" and trained_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over all GPUs
+    if distributed.world_size() > 1 and device.type == "cuda" and any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over all GPUs (RT-DETR's encoder too)
     model.to(device)
     aided = AidedModel(model, p.loss).to(device)  # the model plus its training-only aids (if any)
-    _start_aids(aided, p)
+    if p.start is not None and p.start.aids and _same_classes(p.start, p.classes):  # e.g. RT-DETR's denoising labels
+        _log(f"fine-tuning: {', '.join(aided.start_from(p.start.aids))} from {p.train.weights}")
     criterion = build_criterion(model.num_classes, p.loss, num_aux=p.model.dec_layers - 1 if p.model.aux_loss else 0,
                                 sigmoid_class=model.sigmoid_class).to(device)
     return model, aided, criterion, make_optimizer(aided, p.train)
@@ -260,13 +260,6 @@ def initial_model(model_cfg: ModelConfig, train_cfg: TrainConfig, classes: list[
 
 def _same_classes(start: Loaded, classes: list[dict]) -> bool:
     return start.classes is not None and [c["id"] for c in start.classes] == [c["id"] for c in classes]
-
-
-def _start_aids(aided: AidedModel, p: Plan) -> None:
-    """Fine-tuning on the checkpoint's own classes: the aids it trained start from its values
-    (Hugging Face RT-DETR's denoising label table); with other classes they start afresh."""
-    if p.start is not None and p.start.aids and _same_classes(p.start, p.classes):
-        _log(f"fine-tuning: {', '.join(aided.start_from(p.start.aids))} from {p.train.weights}")
 
 
 def _parallel(aided: AidedModel, model: DETR, device: torch.device) -> nn.Module:

@@ -56,7 +56,8 @@ def count_flops(config: ModelConfig, image_size: Sequence[int] = (640, 640), bat
     multiply-add of the convolutions, matrix products and attention; normalisation, activations and
     the deformable sampling (grid_sample) are not counted. On meta tensors: nothing is computed or
     allocated, so any size costs a fraction of a second. RT-DETR-R18/R34/R50/R101 at 640 x 640:
-    58 / 91 / 132 / 250 G (the paper's Table 2, all operations: 60 / 92 / 136 / 259 G).
+    58 / 91 / 132 / 250 G (the paper's Table 2, all operations: 60 / 92 / 136 / 259 G); the same counts as
+    benchmarks/flops.py on real tensors.
     """
     with torch.device("meta"):
         model = build_model(config).eval()
