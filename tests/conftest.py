@@ -10,8 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+from detrkit.checkpoint import load_model, load_state
 from detrkit.config import ModelConfig
 from detrkit.data.synthetic import make_synthetic
+from detrkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 # ---------------------------------------------------------------------------------------------
 # Tiny models: a step or a forward pass takes well under a second on a CPU.
@@ -188,3 +190,96 @@ def files(tmp_path):
     gt_path.write_text(json.dumps(gt))
     dt_path.write_text(json.dumps(dets))
     return gt, dets, gt_path, dt_path
+
+
+# ---------------------------------------------------------------------------------------------
+# RT-DETR against Hugging Face transformers (tests/test_rtdetr*.py; they skip without transformers)
+# ---------------------------------------------------------------------------------------------
+R18_BACKBONE = dict(model_type="rt_detr_resnet", depths=[2, 2, 2, 2], layer_type="basic",
+                    hidden_sizes=[64, 128, 256, 512], out_indices=[2, 3, 4])
+R18 = dict(backbone_config=R18_BACKBONE, encoder_in_channels=[128, 256, 512], hidden_expansion=0.5, decoder_layers=3)
+
+
+def hf_rtdetr(kind: str, **config):
+    """A Hugging Face RT-DETR in the R18 or R50 configuration of the published checkpoints ("r18",
+    "r50"), or an RT-DETRv2 R18 with non-default sampling options ("v2", "v2_discrete"); fewer
+    queries and classes, for speed; ``config``: more config values."""
+    from transformers import RTDetrConfig, RTDetrForObjectDetection, RTDetrV2Config, RTDetrV2ForObjectDetection
+
+    common = {"num_queries": 30, "num_labels": 7, "use_pretrained_backbone": False, **config}
+    if kind == "r18":
+        return RTDetrForObjectDetection(RTDetrConfig(**R18, **common))
+    if kind == "r50":
+        return RTDetrForObjectDetection(RTDetrConfig(**common))
+    method = "discrete" if kind == "v2_discrete" else "default"
+    v2 = RTDetrV2Config(**R18, **common, decoder_n_points=3, decoder_offset_scale=0.75, decoder_method=method)
+    return RTDetrV2ForObjectDetection(v2)
+
+
+@torch.no_grad()
+def randomise_hf_rtdetr(model: torch.nn.Module, seed: int = 0) -> None:
+    """Redraw a Hugging Face RT-DETR's weights at a variance-preserving scale. Its own random
+    initialisation makes every feature map nearly constant (BatchNorm weights ~ N(0, 0.01)), so the
+    query selection would pick among near-ties and a comparison would mean little."""
+    gen = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            module.weight.normal_(0, module.weight[0].numel() ** -0.5, generator=gen)
+        if "BatchNorm" in type(module).__name__:
+            module.weight.copy_(1 + 0.1 * torch.randn(module.weight.shape, generator=gen))
+            module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=gen))
+            module.running_mean.copy_(0.1 * torch.randn(module.running_mean.shape, generator=gen))
+            module.running_var.copy_(0.5 + torch.rand(module.running_var.shape, generator=gen))
+    for name, p in model.named_parameters():
+        if "class_embed" in name or "enc_score_head" in name:  # spread the class scores
+            p.normal_(0, 0.2, generator=gen)
+        elif ("bbox_embed" in name or "enc_bbox_head" in name) and "layers.2" in name:  # and the boxes
+            p.normal_(0, 0.5, generator=gen)
+    if hasattr(model.model, "denoising_class_embed"):
+        model.model.denoising_class_embed.weight.normal_(generator=gen)
+
+
+def hf_rtdetr_pair(folder: Path, kind: str, **config):
+    """``(hf, ours, loaded)``: a randomised :func:`hf_rtdetr` in eval mode, saved in ``folder / kind``
+    with ``save_pretrained``, read back by ``load_model`` (and ``load_state``)."""
+    torch.manual_seed(0)
+    hf = hf_rtdetr(kind, **config)
+    randomise_hf_rtdetr(hf)
+    hf.save_pretrained(folder / kind)
+    return hf.eval(), load_model(folder / kind), load_state(folder / kind)
+
+
+@pytest.fixture(scope="session")
+def hf_rtdetr_pairs(tmp_path_factory):
+    """``hf_rtdetr_pairs(kind)``: :func:`hf_rtdetr_pair` made once per session for each kind (the
+    test files comparing with Hugging Face share them; tests copy what they change)."""
+    made: dict[str, tuple] = {}
+
+    def pair(kind: str):
+        if kind not in made:
+            made[kind] = hf_rtdetr_pair(tmp_path_factory.mktemp("hf"), kind)
+        return made[kind]
+
+    return pair
+
+
+def to_pixel_input(x: torch.Tensor) -> torch.Tensor:
+    """Pixels as Hugging Face takes them ([0, 1]) -> ImageNet-normalised, as every detrkit model takes
+    them; a (3, H, W) image or a (B, 3, H, W) batch."""
+    mean, std = torch.tensor(IMAGENET_MEAN, dtype=x.dtype), torch.tensor(IMAGENET_STD, dtype=x.dtype)
+    shape = (3, 1, 1) if x.dim() == 3 else (1, 3, 1, 1)
+    return (x - mean.view(shape)) / std.view(shape)
+
+
+def rtdetr_images() -> list[torch.Tensor]:
+    """Two images of different sizes (160 x 128, 128 x 160)."""
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randn(3, 160, 128, generator=gen), torch.randn(3, 128, 160, generator=gen)]
+
+
+def rtdetr_canvas(images: list[torch.Tensor]) -> torch.Tensor:
+    """The images on a zero 160 x 160 canvas at the top-left corner, as Hugging Face's processor pads."""
+    x = torch.zeros(len(images), 3, 160, 160)
+    for i, img in enumerate(images):
+        x[i, :, : img.shape[1], : img.shape[2]] = img
+    return x

@@ -59,25 +59,25 @@ def test_train_resume_eval_predict(shapes, tmp_path, capsys, monkeypatch):
     records = json.loads((tmp_path / "pred" / "detections.json").read_text())
     assert len(records) == 6 and all(len(r["detections"]) == 10 for r in records)  # threshold 0 keeps every query
     capsys.readouterr()
-    monkeypatch.setattr("detrkit.cli.cpu_flags", lambda: {"avx512f", "avx512_bf16"})  # a CPU without AMX
+    monkeypatch.setattr("detrkit.distributed.cpu_flags", lambda: {"avx512f", "avx512_bf16"})  # a CPU without AMX
     assert main(["predict", "--weights", str(run / "best"), str(shapes["val_images"]), "--precision", "bf16",
                  "--device", "cpu", "--out", str(tmp_path / "pred16")]) == 0
     assert "without AMX" in capsys.readouterr().err
 
 
 def test_bf16_on_a_cpu_without_amx_gets_a_note(monkeypatch, capsys):
-    import detrkit.cli as cli
+    import detrkit.distributed as devices
 
-    monkeypatch.setattr(cli, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
-    cli.note_slow_bf16("bf16", "cpu")
+    monkeypatch.setattr(devices, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    devices.note_slow_bf16("bf16", "cpu")
     assert "without AMX" in capsys.readouterr().err
-    cli.note_slow_bf16("fp32", "cpu")
+    devices.note_slow_bf16("fp32", "cpu")
     assert capsys.readouterr().err == ""
-    monkeypatch.setattr(cli, "cpu_flags", lambda: {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
-    cli.note_slow_bf16("bf16", "cpu")
+    monkeypatch.setattr(devices, "cpu_flags", lambda: {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+    devices.note_slow_bf16("bf16", "cpu")
     assert capsys.readouterr().err == ""
-    monkeypatch.setattr(cli, "cpu_flags", lambda: set())  # not Linux: nothing known, nothing said
-    cli.note_slow_bf16("bf16", "cpu")
+    monkeypatch.setattr(devices, "cpu_flags", lambda: set())  # not Linux: nothing known, nothing said
+    devices.note_slow_bf16("bf16", "cpu")
     assert capsys.readouterr().err == ""
 
 

@@ -4,17 +4,19 @@ import dataclasses
 import pytest
 
 from detrkit.config import (
-    ARCHS, CLASS_COST_FORMULAS, RENAMED, SECTIONS, LossConfig, ModelConfig, config_from_dict, read_config_file, resolve,
-    route,
+    ARCHS, CLASS_COST_FORMULAS, RENAMED, SECTIONS, LossConfig, ModelConfig, config_from_dict, read_config_file, route,
 )
+from detrkit.presets import resolve
 from detrkit.errors import DetrkitError
 
 
 def test_arch_and_class_cost_formula_are_validated_naming_the_choices():
-    for arch in ARCHS:
-        assert ModelConfig(arch=arch).arch == arch
-    with pytest.raises(ValueError, match="detr, two_stage"):
+    for arch in ARCHS:  # each with a backbone of its family
+        assert ModelConfig(arch=arch, backbone="resnet50vd" if arch == "rtdetr" else "resnet50").arch == arch
+    with pytest.raises(ValueError, match="detr, two_stage, rtdetr"):
         ModelConfig(arch="yolo")
+    with pytest.raises(ValueError, match="unknown RT-DETR backbone 'resnet50'"):
+        ModelConfig(arch="rtdetr")
     for formula in CLASS_COST_FORMULAS:
         assert LossConfig(class_cost_formula=formula).class_cost_formula == formula
     with pytest.raises(ValueError, match="class_cost_formula"):

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 import detrkit.engine as engine
 from detrkit.checkpoint import load_model
 from detrkit.cli import main
-from detrkit.config import resolve
+from detrkit.presets import resolve
 from detrkit.data.synthetic import make_synthetic
 from detrkit.evaluate import METRIC_KEYS
 from detrkit.run import initial_model

@@ -13,6 +13,7 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 from detrkit import build_model, load_model, postprocess, save_model  # noqa: E402
+from detrkit.config import ModelConfig, config_from_dict  # noqa: E402
 from detrkit.data.batch import pad_images  # noqa: E402
 from detrkit.export import (  # noqa: E402
     ONNX_EXTRA, OnnxDetector, add_export_arguments, check_onnx, export_onnx, run_export,
@@ -104,7 +105,7 @@ def test_metadata_describes_the_model(model, dynamic_onnx):
     meta = {p.key: p.value for p in onnx.load(str(dynamic_onnx)).metadata_props}
     assert json.loads(meta["classes"]) == model.classes
     assert json.loads(meta["inference"]) == INFERENCE
-    assert json.loads(meta["model_config"]) == dataclasses.asdict(TINY)
+    assert config_from_dict(ModelConfig, json.loads(meta["model_config"])) == TINY
 
 
 def test_export_leaves_the_model_as_it_was(tmp_path):

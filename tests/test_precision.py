@@ -9,7 +9,8 @@ import yaml
 from safetensors.torch import load_file
 
 import detrkit.precision as precision
-from detrkit.config import TrainConfig, resolve
+from detrkit.config import TrainConfig
+from detrkit.presets import resolve
 from detrkit.errors import DataError
 from detrkit.rng import rng_state
 from detrkit.run import plan, settle_precision

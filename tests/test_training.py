@@ -12,7 +12,7 @@ from torch.utils.data import DistributedSampler
 import detrkit.engine as engine
 from detrkit.checkpoint import load_model, save_model
 from detrkit.cli import main
-from detrkit.config import preset, resolve
+from detrkit.presets import preset, resolve
 from detrkit.data.sampler import EpochSampler
 from detrkit.data.build import auto_image_size
 from detrkit.data.transforms import Mosaic

@@ -14,19 +14,21 @@ from pathlib import Path
 from typing import Optional, Union
 
 from detrkit.checkpoint import load_model, save_model
-from detrkit.config import DataConfig, LossConfig, ModelConfig, TrainConfig, preset, resolve, route
+from detrkit.config import DataConfig, LossConfig, ModelConfig, TrainConfig, route
+from detrkit.presets import preset, resolve
 from detrkit.criterion import SetCriterion, build_criterion
 from detrkit.engine import evaluate_model
 from detrkit.explain import explain
 from detrkit.matcher import HungarianMatcher
-from detrkit.model.build import build_model
+from detrkit.model.build import build_model, count_flops
 from detrkit.model.detr import DETR
+from detrkit.model.rtdetr import RTDETR
 from detrkit.postprocess import postprocess
 from detrkit.run import train as run_training
 
 __all__ = [
-    "DETR", "DataConfig", "HungarianMatcher", "LossConfig", "ModelConfig", "SetCriterion", "TrainConfig",
-    "build_criterion", "build_model", "evaluate", "explain", "load_model", "postprocess", "preset", "save_model", "train",
+    "DETR", "RTDETR", "DataConfig", "HungarianMatcher", "LossConfig", "ModelConfig", "SetCriterion", "TrainConfig",
+    "build_criterion", "build_model", "count_flops", "evaluate", "explain", "load_model", "postprocess", "preset", "save_model", "train",
 ]
 __version__ = "0.1.0"
 
@@ -47,8 +49,8 @@ def train(*, recipe: Optional[str] = None, **options) -> Path:
     return run_training(*resolve(recipe, sections))
 
 
-def evaluate(weights: Union[str, Path, DETR], *, batch_size: int = 8, device: str = "auto", **data) -> dict:
+def evaluate(weights: Union[str, Path, DETR, RTDETR], *, batch_size: int = 8, device: str = "auto", **data) -> dict:
     """COCO metrics of a checkpoint (or model) on the validation split given by ``data``
     (``data="dir"`` or ``val_json=..., val_images=...``): the 12 COCO numbers and ``per_class``."""
-    model = weights if isinstance(weights, DETR) else load_model(weights)
+    model = weights if isinstance(weights, (DETR, RTDETR)) else load_model(weights)
     return evaluate_model(model, data, batch_size=batch_size, device=device)[0]

@@ -31,9 +31,9 @@ import torch
 from torch import Tensor, nn
 
 from detrkit.boxes import cxcywh_to_xyxy, xyxy_to_cxcywh
-from detrkit.config import LossConfig
-from detrkit.model.detr import DETR, Images
-from detrkit.model.heads import MLP, ExtraQueries
+from detrkit.config import LossConfig, denoising_groups
+from detrkit.model.detr import DETR
+from detrkit.model.heads import MLP, ExtraQueries, Images
 from detrkit.model.position import box_sine_embedding
 
 
@@ -63,12 +63,17 @@ class QueryGroups(nn.Module):
 
 
 class Denoising(nn.Module):
-    """Contrastive denoising queries (DINO): ``groups`` x (positive + negative) noised ground truth."""
+    """Contrastive denoising queries (DINO): ``groups`` x (positive + negative) noised ground truth.
 
-    def __init__(self, model: DETR, groups: int, box_noise: float, label_noise: float) -> None:
+    The group count is ``groups`` when set, else ``queries // T`` with T the most targets of an
+    image in the batch (a budget of queries in all, RT-DETR's rule; :func:`~detrkit.config.denoising_groups`).
+    """
+
+    def __init__(self, model: DETR, groups: int, box_noise: float, label_noise: float, queries: int = 0) -> None:
         super().__init__()
-        d = model.transformer.d_model
+        d = model.d_model
         self.groups = groups
+        self.queries_budget = queries
         self.box_noise = box_noise
         self.label_noise = label_noise
         self.num_classes = model.num_classes
@@ -88,10 +93,11 @@ class Denoising(nn.Module):
         None when the batch has no targets.
         """
         t = max(len(x["labels"]) for x in targets)
-        if t == 0:
+        g = denoising_groups(self.groups, self.queries_budget, t)
+        if g == 0:
             return None
         device = self.label_embed.weight.device
-        b, g = len(targets), self.groups
+        b = len(targets)
         labels = torch.full((b, t), 0, dtype=torch.int64, device=device)
         boxes = torch.full((b, t, 4), 0.5, device=device)  # padding: any valid box
         valid = torch.zeros(b, t, dtype=torch.bool, device=device)
@@ -117,12 +123,12 @@ class Denoising(nn.Module):
         # Padding queries start empty: nothing to denoise.
         pad = ~valid[:, None, None].expand(b, g, 2, t).reshape(b, g * 2 * t)
         content = content.masked_fill(pad[..., None], 0.0)
-        return content, noised, self.mask(t), {"pad": t, "groups": g}
+        return content, noised, self.mask(t, g), {"pad": t, "groups": g}
 
-    def mask(self, t: int) -> Tensor:
+    def mask(self, t: int, groups: int) -> Tensor:
         """``(Q+E, Q+E)`` bool: the model's queries see none of the denoising queries (they hold the
         answers), and each denoising group sees the model's queries and itself only (DINO)."""
-        q, e = self.model_queries, self.groups * 2 * t
+        q, e = self.model_queries, groups * 2 * t
         device = self.label_embed.weight.device
         group = torch.cat([torch.full((q,), -1, device=device), torch.arange(e, device=device) // (2 * t)])
         blocked = group[:, None] != group[None, :]  # (Q+E, Q+E): different groups
@@ -156,14 +162,22 @@ class AidedModel(nn.Module):
         super().__init__()
         self.model = model
         self.groups = QueryGroups(model, loss.query_groups) if loss.query_groups > 1 else None
-        self.denoising = (Denoising(model, loss.denoising, loss.dn_box_noise, loss.dn_label_noise)
-                          if loss.denoising > 0 else None)
+        self.denoising = (Denoising(model, loss.denoising, loss.dn_box_noise, loss.dn_label_noise, loss.denoising_queries)
+                          if loss.denoising > 0 or loss.denoising_queries > 0 else None)
         if self.groups is not None and self.denoising is not None:
             raise ValueError("query groups and denoising queries cannot be combined (choose one)")
         self.hybrid = loss.hybrid_queries
         if self.hybrid and not model.sigmoid_class:
             raise ValueError("hybrid queries are chosen from the encoder: two-stage presets only "
                              "(plain DETR: use query_groups for one-to-many training)")
+
+    def start_from(self, state: dict[str, Tensor]) -> list[str]:
+        """Load the aids' parameters ``state`` holds (names as in this module's state dict, same
+        shapes; e.g. a checkpoint's denoising label table). Returns the names loaded."""
+        own = self.state_dict()
+        kept = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        self.load_state_dict({**own, **kept})
+        return sorted(kept)
 
     def forward(self, images: Images, targets: list[dict]) -> dict:
         if self.groups is not None:
@@ -179,11 +193,11 @@ class AidedModel(nn.Module):
             if self.model.sigmoid_class:
                 extra = ExtraQueries(content, mask, boxes=boxes, hybrid=self.hybrid)
             else:  # plain DETR (no hybrid queries)
-                position = self.denoising.box_position(box_sine_embedding(boxes, self.model.transformer.d_model))
+                position = self.denoising.box_position(box_sine_embedding(boxes, self.model.d_model))
                 extra = ExtraQueries(content, mask, position=position)
         elif self.hybrid:  # no denoising queries: an empty set of extra queries carries the request
             x, _ = DETR._batch(images)
-            d, q = self.model.transformer.d_model, self.model.num_queries
+            d, q = self.model.d_model, self.model.num_queries
             extra = ExtraQueries(x.new_zeros(x.shape[0], 0, d), torch.zeros(q, q, dtype=torch.bool, device=x.device),
                                  boxes=x.new_zeros(x.shape[0], 0, 4), hybrid=self.hybrid)
         out = self.model(images, extra) if extra is not None else self.model(images)

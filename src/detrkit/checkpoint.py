@@ -13,9 +13,9 @@ beside it, then two renames), so a process killed during a save leaves the previ
 whole, training state included.
 
 ``load_model`` also reads an official DETR checkpoint (``.pth``: a dict whose ``model`` entry
-is the state dict, as published for R50/R101/DC5) and a Hugging Face ``DetrForObjectDetection``
-folder (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``), through
-:mod:`detrkit.convert`. Every key and shape is checked; nothing is ever unpickled beyond
+is the state dict, as published for R50/R101/DC5) and a Hugging Face ``DetrForObjectDetection``,
+``RTDetrForObjectDetection`` or ``RTDetrV2ForObjectDetection`` folder (``config.json`` +
+``model.safetensors`` or ``pytorch_model.bin``), through :mod:`detrkit.convert`. Every key and shape is checked; nothing is ever unpickled beyond
 tensors (``torch.load(weights_only=True)``).
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from detrkit.config import ModelConfig, config_from_dict
-from detrkit.convert import COCO_NAMES, HF_MODEL_TYPES, Loaded, load_huggingface, load_official
+from detrkit.convert import COCO_NAMES, HF_MODEL_TYPES, Loaded, hf_model_config, load_huggingface, load_official
 from detrkit.errors import CheckpointError, DetrkitError
 from detrkit.files import read_json
 from detrkit.model.build import build_model
@@ -70,7 +70,7 @@ def save_model(model: DETR, path: PathLike, *, classes: Optional[list[dict]] = N
                inference: Optional[dict] = None) -> Path:
     """Save weights, model config and class mapping into the folder ``path``.
 
-    ``inference`` records how images are sized for this model (``image_size``, ``max_size``);
+    ``inference`` records how images are sized for this model (``image_size``, ``max_size``, ``resize``);
     ``predict`` uses it.
 
     The folder is replaced as a whole (see :func:`checkpoint_folder`), so a process killed
@@ -231,12 +231,22 @@ def _load_detrkit(path: Path) -> Loaded:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights}: not a readable safetensors file ({e}); is it truncated?") from None
+    config, meta = _detrkit_config(weights)
+    return Loaded(config, state, meta.get("classes"), meta.get("inference"))
+
+
+def _detrkit_config(weights: Path) -> tuple[ModelConfig, dict]:
+    """The model config and the whole metadata of a detrkit checkpoint: ``config.json`` beside
+    ``weights``, or the same JSON kept in the safetensors file's metadata."""
     cfg_file = weights.parent / "config.json"
     if cfg_file.exists():
         meta = read_json(cfg_file, CheckpointError, "checkpoint config")
     else:  # the weights file alone carries the same config in its metadata
-        with safe_open(str(weights), "pt") as f:
-            text = (f.metadata() or {}).get("detrkit")
+        try:
+            with safe_open(str(weights), "pt") as f:
+                text = (f.metadata() or {}).get("detrkit")
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{weights}: not a readable safetensors file ({e}); is it truncated?") from None
         if text is None:
             raise CheckpointError(f"{weights}: no config.json beside it and no detrkit metadata inside")
         meta = json.loads(text)
@@ -244,10 +254,9 @@ def _load_detrkit(path: Path) -> Loaded:
         raise CheckpointError(f"{cfg_file}: format version {meta['format_version']} is newer than this detrkit "
                               f"reads ({FORMAT_VERSION}); upgrade detrkit")
     try:
-        config = config_from_dict(ModelConfig, meta["model"])
+        return config_from_dict(ModelConfig, meta["model"]), meta
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{cfg_file}: invalid model config ({e})") from None
-    return Loaded(config, state, meta.get("classes"), meta.get("inference"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,7 +276,8 @@ def detect_format(path: PathLike) -> str:
             return "detrkit"
         if cfg.get("model_type") in HF_MODEL_TYPES:
             return "huggingface"
-        raise CheckpointError(f"{cfg_file}: neither a detrkit nor a Hugging Face DETR config")
+        raise CheckpointError(f"{cfg_file}: neither a detrkit config nor a Hugging Face one of a model_type detrkit "
+                              f"reads ({', '.join(HF_MODEL_TYPES)}); got model_type {cfg.get('model_type')!r}")
     if path.suffix == ".safetensors":
         return "detrkit"
     return "official"
@@ -279,6 +289,19 @@ def load_state(path: PathLike) -> Loaded:
     path = readable_folder(path)
     loader = {"detrkit": _load_detrkit, "huggingface": load_huggingface, "official": load_official}
     return loader[detect_format(path)](path)
+
+
+def checkpoint_config(path: PathLike) -> ModelConfig:
+    """The :class:`ModelConfig` of any checkpoint :func:`load_model` reads; folders are not read
+    beyond their config (an official ``.pth`` is read whole: its config is in its shapes)."""
+    path = readable_folder(path)
+    kind = detect_format(path)
+    if kind == "detrkit":
+        return _detrkit_config(path / "model.safetensors" if path.is_dir() else path)[0]
+    if kind == "huggingface":
+        return hf_model_config(read_json(path / "config.json", CheckpointError, "checkpoint config"),
+                               str(path / "config.json"))
+    return load_official(path).config
 
 
 def check_and_load(model: DETR, state: dict[str, Tensor], source: str) -> None:
@@ -298,7 +321,7 @@ def check_and_load(model: DETR, state: dict[str, Tensor], source: str) -> None:
 
 
 def load_model(path: PathLike, device: Union[str, torch.device] = "cpu", precision: str = "fp32") -> DETR:
-    """Load a detrkit, official DETR or Hugging Face DETR checkpoint, ready for inference.
+    """Load a detrkit, official DETR or Hugging Face DETR / RT-DETR (v1, v2) checkpoint, ready for inference.
 
     Returns the model in eval mode on ``device`` with its class mapping in ``model.classes``.
     Inference is exact (the outputs of the plain modules to float32 rounding) and faster than
@@ -310,7 +333,7 @@ def load_model(path: PathLike, device: Union[str, torch.device] = "cpu", precisi
     """
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
-    config, state, classes, inference = load_state(path)
+    config, state, classes, inference, _ = load_state(path)
     model = build_model(config)
     check_and_load(model, state, str(path))
     set_classes(model, classes)

@@ -17,34 +17,15 @@ from typing import Optional
 
 from detrkit.allocator import tune_allocator
 from detrkit.config import (
-    AUTO_IMAGE_SIZE, CLASS_COST_FORMULAS, CLASS_LOSSES, PRESETS, RECIPES, DataConfig, LossConfig, TrainConfig,
-    config_from_dict, read_config_file, resolve, route,
+    AUTO_IMAGE_SIZE, CLASS_COST_FORMULAS, CLASS_LOSSES, DataConfig, LossConfig, ModelConfig, TrainConfig,
+    config_from_dict, read_config_file, route,
 )
-from detrkit.distributed import select_device
+from detrkit.distributed import note_slow_bf16, select_device
 from detrkit.errors import DetrkitError
+from detrkit.presets import FAMILY_RECIPES, PRESETS, RECIPES, resolve
 
 PRECISION_HELP = ("fp32: exact; bf16: the network under bfloat16 autocast, scores and boxes in float32; faster only "
                   "where bf16 matrix products are (GPUs, CPUs with AMX; docs/benchmarks.md) (default: fp32)")
-
-
-def cpu_flags() -> set[str]:
-    """The instruction-set flags of this CPU as Linux lists them (empty elsewhere)."""
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return next((set(line.split(":", 1)[1].split()) for line in cpuinfo.splitlines() if line.startswith("flags")), set())
-
-
-def note_slow_bf16(precision: str, device: str) -> None:
-    """Tell the user when bf16 was asked for on a CPU whose bf16 products are not fast (no AMX)."""
-    if precision != "bf16" or select_device(device).type != "cpu":
-        return
-    flags = cpu_flags()
-    if flags and "amx_bf16" not in flags:
-        print("note: --precision bf16 on a CPU without AMX: its bfloat16 matrix products are no faster than "
-              "float32 ones (half as fast on the machine of docs/benchmarks.md), so fp32 is likely faster here",
-              file=sys.stderr)
 
 
 def _default(cls, name: str):
@@ -90,6 +71,8 @@ def _data_flags(p) -> None:
     _flag(g, DataConfig, "mosaic", "probability that a training image is a mosaic of four (DEIM's dense one-to-one "
           "matching; DEIM: 0.5); 0 = off", type=float)
     _flag(g, DataConfig, "mosaic_until", "fraction of training after which no mosaics are made", type=float)
+    _flag(g, DataConfig, "resize", "shorter: the shorter side to image-size (DETR); square: image-size x image-size, "
+          "the aspect ratio not kept (RT-DETR)", choices=["shorter", "square"])
 
 
 def _common(p) -> None:
@@ -177,6 +160,8 @@ LOSS_FLAGS = [
     ("hybrid_repeats", "how often each target is repeated for the hybrid queries (H-DETR's k)", int),
     ("query_groups", "training-only groups of learned queries (Group DETR, plain DETR presets); 1 = off", int),
     ("denoising", "training-only denoising query groups (DN-DETR/DINO); 0 = off", int),
+    ("denoising_queries", "training-only denoising queries in all: groups = this // the most objects of an image "
+     "in the batch (RT-DETR's rule); 0 = off; not with --denoising", int),
     ("dn_box_noise", "denoising box noise, in half box sizes", float),
     ("dn_label_noise", "denoising label noise ratio", float),
 ]
@@ -188,8 +173,9 @@ def _train_parser(sub) -> argparse.ArgumentParser:
                    "(lr: 0.0002) or in sections model/loss/data/train; a section model: {preset: NAME, field: value} "
                    "overrides preset fields; flags given here win")
     p.add_argument("--recipe", choices=list(RECIPES), default=None,
-                   help="defaults for every setting: 'paper' (DETR-R50, the paper's optimisation) or 'fast' "
-                        "(two-stage model that learns in minutes from random weights); --config and flags win")
+                   help="defaults for every setting: 'paper' (DETR-R50, the paper's optimisation), 'fast' (learns in "
+                        "minutes from random weights) or 'rtdetr' (RT-DETR's loss, denoising, schedule, 640x640 input); "
+                        f"--config and flags win (default: the model family's own ({FAMILY_RECIPES}), else none)")
     g = p.add_argument_group("model")
     _flag(g, TrainConfig, "model", f"model preset: {', '.join(PRESETS)}")
     _flag(g, TrainConfig, "weights", "start from a checkpoint (detrkit, official .pth or Hugging Face folder); "
@@ -198,6 +184,12 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--conditional-attention", action="store_const", const=True, default=None,
                    help="Conditional DETR's cross-attention in a two-stage preset: the reference point as a "
                         "separate spatial part of each head's query (default: off)")
+    _flag(g, ModelConfig, "num_points", "RT-DETR presets: sampling points per head on each feature level "
+          "(RT-DETRv2: a count per level)", type=int, nargs="+")
+    _flag(g, ModelConfig, "offset_scale", "RT-DETR presets: sampling offsets in units of this x the box size "
+          "(RT-DETRv2's option)", type=float)
+    _flag(g, ModelConfig, "sampling_method", "RT-DETR presets: bilinear sampling, or one cell per point "
+          "(RT-DETRv2's discrete sampling)", choices=["default", "discrete"])
     g = p.add_argument_group("optimisation")
     for name, help, kind in OPTIMISATION_FLAGS:
         _flag(g, TrainConfig, name, help, **({"choices": kind} if isinstance(kind, list) else {"type": kind}))
@@ -434,15 +426,17 @@ def cmd_explain(args) -> int:
     if args.matching:
         return _explain_matching(args, model, data)
 
-    from detrkit.explain import explain
-    from detrkit.visualize import draw_explanation
+    from detrkit.explain import SamplingExplanation, explain
+    from detrkit.visualize import draw_explanation, draw_sampling
 
     result = explain(model, args.image, points=points, threshold=args.threshold, max_objects=args.max_objects)
     out = Path(args.out) if args.out else Path("runs/explain") / f"{Path(args.image).stem}.png"
-    draw_explanation(result, out)
+    sampling = isinstance(result, SamplingExplanation)  # RT-DETR: sampling points instead of attention maps
+    (draw_sampling if sampling else draw_explanation)(result, out)
     for i, (name, score, q) in enumerate(zip(result.names, result.scores.tolist(), result.queries.tolist())):
         print(f"{i + 1}: {name} {score:.2f} (query {q})")
-    print(f"{len(result.names)} detections, {len(result.points)} reference points -> {out}")
+    what = "their sampling points" if sampling else f"{len(result.points)} reference points"
+    print(f"{len(result.names)} detections, {what} -> {out}")
     return 0
 
 

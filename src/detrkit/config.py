@@ -4,8 +4,9 @@ Four dataclasses hold every setting: :class:`ModelConfig` (the network),
 :class:`LossConfig` (matching costs and loss weights), :class:`DataConfig`
 and :class:`TrainConfig`. Each default carries a comment saying where it
 comes from: the paper / official implementation (facebookresearch/detr), or
-our own measurement. The named presets at the bottom are the only other
-place where numbers are chosen.
+our own measurement. The named presets and recipes (:mod:`detrkit.presets`) are the
+only other place where numbers are chosen. The end of the module reads settings: from dicts
+(checkpoints, run folders, ``--config`` files) and from flat options (flags, ``detrkit.train``).
 """
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ from detrkit.errors import DetrkitError
 
 @dataclass
 class ModelConfig:
-    """The DETR network. Defaults are DETR-R50 as published (paper, Table 1)."""
+    """The network. Defaults are DETR-R50 as published (paper, Table 1); ``arch`` chooses the
+    family, and the RT-DETR presets (:data:`PRESETS`) set that family's sizes."""
 
-    backbone: str = "resnet50"  # torchvision ResNet depth: resnet18/34/50/101
+    backbone: str = "resnet50"  # torchvision ResNet depth: resnet18/34/50/101 (RT-DETR: a RESNET_VD name)
     dilation: bool = False  # DC5: dilate layer4 instead of striding it (stride 16, paper sec. 4)
     backbone_stages: int = 4  # ResNet stages kept; 3 cuts after layer3 (stride 16, fewer channels: small presets)
     frozen_stages: int = 1  # stem + layer1 frozen, layer2-4 trained (official backbone.py); 0 = all trainable
@@ -50,30 +52,88 @@ class ModelConfig:
     # cross-attention as a separate spatial part of the query, concatenated with the content part
     # per head, instead of being added to it. False = DETR's addition.
     conditional_attention: bool = False
+    # --- RT-DETR (arch "rtdetr", detrkit.model.rtdetr) only. The fields above keep their meaning:
+    # d_model, nheads, dec_layers, dim_feedforward (the decoder's FFN), dropout, num_queries,
+    # enc_layers (AIFI layers), pre_norm (AIFI only), backbone (a ResNet-vd of RESNET_VD),
+    # backbone_norm, frozen_stages (see ResNetVd). Defaults: Hugging Face's RTDetrConfig, i.e.
+    # PekingU/rtdetr_r50vd; the Hugging Face key is named where the name differs.
+    encoder_dim: int = 256  # encoder_hidden_dim: width of the hybrid encoder's maps
+    encoder_ffn_dim: int = 1024  # encoder_ffn_dim: AIFI's feed-forward width
+    encode_levels: tuple[int, ...] = (2,)  # encode_proj_layers: AIFI on these levels (0 = finest); 2 = stride 32
+    csp_expansion: float = 1.0  # hidden_expansion: CSP branch width / encoder_dim
+    csp_blocks: int = 3  # RepVGG blocks per CSP fusion (Hugging Face: 3; the release: round(3 * depth_mult))
+    pe_temperature: float = 10000.0  # positional_encoding_temperature of AIFI's sin-cos embedding
+    # decoder_n_points: sampling points per head on each level. One count per level: RT-DETRv2's
+    # option (its release trains (4, 4, 4) and fewer); v1 has the same count on every level.
+    num_points: tuple[int, ...] = (4, 4, 4)
+    offset_scale: float = 0.5  # RT-DETRv2 decoder_offset_scale: offsets in units of this x box size (v1: 0.5)
+    sampling_method: str = "default"  # RT-DETRv2 decoder_method: "default" (bilinear) or "discrete" (one cell)
+    learn_initial_query: bool = False  # learned initial decoder content instead of the selected cells' features
+    # A slimmer trunk (ours, for CPU-sized models; 3 / 1.0 / None are the published models):
+    feature_levels: int = 3  # feature maps used: the coarsest N of strides 8, 16, 32 (2: strides 16, 32, as D-FINE-N)
+    backbone_width: float = 1.0  # ResNet-vd channel multiplier (stem and stages, rounded to multiples of 8)
+    backbone_depths: Optional[tuple[int, ...]] = None  # ResNet-vd blocks per stage; None = the named ResNet's
 
     def __post_init__(self) -> None:
+        for name in ("encode_levels", "num_points", "backbone_depths"):  # JSON and YAML give lists
+            if isinstance(getattr(self, name), list):
+                setattr(self, name, tuple(getattr(self, name)))
         if self.arch not in ARCHS:
             raise ValueError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
+        if self.backbone_norm not in ("frozen", "batch"):
+            raise ValueError(f"backbone_norm must be 'frozen' or 'batch', got {self.backbone_norm!r}")
+        if self.d_model % self.nheads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by nheads ({self.nheads})")
+        if self.frozen_stages < 0:
+            raise ValueError(f"frozen_stages must be >= 0, got {self.frozen_stages}")
+        if self.arch == "rtdetr":
+            self._check_rtdetr()
+        else:
+            self._check_detr()
+
+    def _check_detr(self) -> None:
         if self.backbone not in BACKBONE_CHANNELS:
             raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {sorted(BACKBONE_CHANNELS)}")
         if self.dilation and self.backbone in ("resnet18", "resnet34"):
             raise ValueError(f"dilation (DC5) needs a bottleneck ResNet (resnet50/101), not {self.backbone}")
         if self.dilation and self.backbone_stages < 4:
             raise ValueError("dilation dilates layer4, so it needs backbone_stages=4")
-        if self.backbone_norm not in ("frozen", "batch"):
-            raise ValueError(f"backbone_norm must be 'frozen' or 'batch', got {self.backbone_norm!r}")
         if self.position_embedding not in ("sine", "learned"):
             raise ValueError(f"position_embedding must be 'sine' or 'learned', got {self.position_embedding!r}")
-        if self.d_model % self.nheads:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by nheads ({self.nheads})")
         if self.conditional_attention and self.arch != "two_stage":
             raise ValueError("conditional_attention needs the reference boxes of a two-stage model (arch='two_stage')")
         if self.d_model % 2:
             raise ValueError("d_model must be even: half the channels encode y, half x")
 
+    def _check_rtdetr(self) -> None:
+        if self.backbone not in RESNET_VD:
+            raise ValueError(f"unknown RT-DETR backbone {self.backbone!r}; choose one of {sorted(RESNET_VD)}")
+        if self.dilation or self.conditional_attention:
+            raise ValueError("dilation and conditional_attention are DETR options, not RT-DETR's")
+        if self.feature_levels not in (2, 3):
+            raise ValueError(f"feature_levels must be 2 (strides 16, 32) or 3 (8, 16, 32), got {self.feature_levels}")
+        if len(self.num_points) != self.feature_levels or min(self.num_points) < 1:
+            raise ValueError(f"num_points needs one count >= 1 for each of the {self.feature_levels} feature levels, "
+                             f"got {self.num_points}")
+        if not self.encode_levels or not set(self.encode_levels) <= set(range(self.feature_levels)):
+            raise ValueError(f"encode_levels must be among the levels 0..{self.feature_levels - 1}, "
+                             f"got {self.encode_levels}")
+        if self.encoder_dim % self.nheads or self.encoder_dim % 4:
+            raise ValueError(f"encoder_dim ({self.encoder_dim}) must be divisible by nheads ({self.nheads}) "
+                             f"and by 4 (2-D sin-cos embedding)")
+        if self.sampling_method not in ("default", "discrete"):
+            raise ValueError(f"sampling_method must be 'default' or 'discrete', got {self.sampling_method!r}")
+        if self.frozen_stages > 4:
+            raise ValueError(f"frozen_stages must be at most 4 (ResNet-vd has 4 stages), got {self.frozen_stages}")
+        if self.backbone_width <= 0 or self.csp_expansion <= 0 or self.csp_blocks < 1:
+            raise ValueError("backbone_width and csp_expansion must be > 0, csp_blocks >= 1")
+        if self.backbone_depths is not None and (len(self.backbone_depths) != 4 or min(self.backbone_depths) < 1):
+            raise ValueError(f"backbone_depths needs 4 block counts >= 1, got {self.backbone_depths}")
 
-# The architectures build_model makes (detrkit.model.build), by ModelConfig.arch.
-ARCHS = ("detr", "two_stage")
+
+# The architectures build_model makes (detrkit.model.build), by ModelConfig.arch: the paper's
+# DETR, the two-stage model (detrkit.model.two_stage), RT-DETR v1/v2 (detrkit.model.rtdetr).
+ARCHS = ("detr", "two_stage", "rtdetr")
 
 # Output channels of each ResNet stage (layer1..layer4).
 BACKBONE_CHANNELS = {
@@ -81,6 +141,15 @@ BACKBONE_CHANNELS = {
     "resnet34": (64, 128, 256, 512),
     "resnet50": (256, 512, 1024, 2048),
     "resnet101": (256, 512, 1024, 2048),
+}
+
+# ResNet-vd (RT-DETR's backbone): block, blocks per stage, output channels per stage (Hugging Face
+# RTDetrResNetConfig: layer_type, depths, hidden_sizes; RT-DETR's PResNet: depth 18/34/50/101).
+RESNET_VD = {
+    "resnet18vd": ("basic", (2, 2, 2, 2), (64, 128, 256, 512)),
+    "resnet34vd": ("basic", (3, 4, 6, 3), (64, 128, 256, 512)),
+    "resnet50vd": ("bottleneck", (3, 4, 6, 3), (256, 512, 1024, 2048)),
+    "resnet101vd": ("bottleneck", (3, 4, 23, 3), (256, 512, 1024, 2048)),
 }
 
 
@@ -126,6 +195,9 @@ class LossConfig:
     # Training-only aids (detrkit.aids); they leave the model, its checkpoints and its inference unchanged.
     query_groups: int = 1  # Group DETR: groups of learned queries, each matched one-to-one (paper: 11); 1 = off
     denoising: int = 0  # DN-DETR/DINO: groups of noised ground-truth queries (DINO: 100 queries ~ 5-10 groups); 0 = off
+    # Denoising with a budget instead (RT-DETR, DINO): groups = this // the most targets of an image in
+    # the batch, at least 1 (denoising_groups); 0 = off. At most one of the two is set.
+    denoising_queries: int = 0
     dn_box_noise: float = 1.0  # box noise scale, in half box sizes (DINO: 1.0; DN-DETR: 0.4)
     dn_label_noise: float = 0.5  # label noise ratio; half of it is the share of flipped labels (DINO: 0.5)
 
@@ -139,8 +211,11 @@ class LossConfig:
             raise ValueError(f"class_loss must be one of {', '.join(CLASS_LOSSES)}, got {self.class_loss!r}")
         if self.mal_gamma <= 0 or (self.mal_alpha is not None and self.mal_alpha <= 0):
             raise ValueError("mal_gamma and mal_alpha (when given) must be > 0")
-        if self.query_groups < 1 or self.denoising < 0 or self.hybrid_queries < 0:
-            raise ValueError("query_groups must be >= 1, denoising and hybrid_queries >= 0")
+        if self.query_groups < 1 or min(self.denoising, self.denoising_queries, self.hybrid_queries) < 0:
+            raise ValueError("query_groups must be >= 1, denoising, denoising_queries and hybrid_queries >= 0")
+        if self.denoising and self.denoising_queries:
+            raise ValueError(f"denoising ({self.denoising} groups) and denoising_queries ({self.denoising_queries} "
+                             f"in all) are both set: choose one (the other 0; a recipe may have set one)")
         if self.encoder_repeats < 1 or self.hybrid_repeats < 1:
             raise ValueError("encoder_repeats and hybrid_repeats must be >= 1")
         if self.smooth_l1_beta <= 0:
@@ -149,6 +224,15 @@ class LossConfig:
 
 CLASS_COST_FORMULAS = ("neg_prob", "one_minus_prob")
 CLASS_LOSSES = ("focal", "varifocal", "mal")  # LossConfig.class_loss of sigmoid-class models
+
+
+def denoising_groups(groups: int, queries: int, most_targets: int) -> int:
+    """The denoising groups of a batch whose fullest image has ``most_targets`` objects: ``groups``
+    (LossConfig.denoising) when set, else ``queries // most_targets`` at least 1 (LossConfig.denoising_queries,
+    RT-DETR's rule); 0 = no denoising, also when the batch has no targets."""
+    if most_targets == 0:
+        return 0
+    return groups if groups else (max(queries // most_targets, 1) if queries else 0)
 
 
 @dataclass
@@ -166,6 +250,9 @@ class DataConfig:
     max_size: Optional[int] = None  # longer side limit; None = image_size * 1333 / 800 (official ratio)
     workers: int = 2  # DataLoader worker processes
     augment: str = "detr"  # "detr": official flip + multi-scale + crop; "flip": flip only (small images)
+    # "shorter": the shorter side to image_size, the longer at most max_size (DETR). "square": both
+    # sides to image_size, the aspect ratio not kept (RT-DETR's release and image processor: 640 x 640).
+    resize: str = "shorter"
     check_images: bool = True  # open every image before training (ours: 2000 images of 128 px in 5 s on 2 cores); False skips
     # DEIM's dense one-to-one matching: the probability that a training image is a mosaic of four
     # (data/transforms.py Mosaic; DEIM: 0.5), so that each image holds more objects; 0 = off.
@@ -179,6 +266,8 @@ class DataConfig:
             raise ValueError(f"image_size must be a positive number of pixels or 'auto', got {self.image_size!r}")
         if not 0 <= self.mosaic <= 1 or not 0 <= self.mosaic_until <= 1:
             raise ValueError(f"mosaic and mosaic_until must be in [0, 1], got {self.mosaic}, {self.mosaic_until}")
+        if self.resize not in ("shorter", "square"):
+            raise ValueError(f"resize must be 'shorter' or 'square', got {self.resize!r}")
 
 
 # The largest size "auto" picks. Ours: on 2 CPU cores the fast model trains at ~33 img/s at
@@ -240,44 +329,6 @@ class TrainConfig:
             raise ValueError("batch_size and epochs must be >= 1")
         if self.minutes is not None and self.minutes <= 0:
             raise ValueError("minutes must be > 0")
-
-
-# ---------------------------------------------------------------------------------------------
-# Presets. The paper's four (d 256, 8 heads, 6+6 layers, FFN 2048, dropout 0.1, 100 queries)
-# and small ones for CPUs.
-# ---------------------------------------------------------------------------------------------
-PRESETS: dict[str, dict] = {
-    "detr_r50": dict(backbone="resnet50"),
-    "detr_r50_dc5": dict(backbone="resnet50", dilation=True),
-    "detr_r101": dict(backbone="resnet101"),
-    "detr_r101_dc5": dict(backbone="resnet101", dilation=True),
-    # Small presets for CPUs and small data: ResNet-18 trunk, narrower and shallower transformer.
-    "detr_r18_small": dict(
-        backbone="resnet18", d_model=128, nheads=8, enc_layers=3, dec_layers=3,
-        dim_feedforward=512, num_queries=30, frozen_stages=0,
-    ),
-    # The fast-convergence model for CPUs and small data: the small preset's sizes, queries chosen
-    # from the encoder with refined box references (docs/training.md).
-    "detr_r18_fast": dict(
-        backbone="resnet18", d_model=128, nheads=8, enc_layers=3, dec_layers=3,
-        dim_feedforward=512, num_queries=30, frozen_stages=0, arch="two_stage",
-        backbone_stages=2,  # stride 8: at 128 px, stride 16 puts two small objects in one cell (AP 0.15 vs 0.32 at 4 min)
-        dropout=0.0,  # with 0.1 a CPU step takes 586 ms, not 339 (benchmarks/profile_step.py)
-        backbone_norm="batch",  # trained from random weights: frozen identity BN would not normalise
-    ),
-    # The smallest useful model, for tests and smoke runs (seconds per step on a CPU).
-    "detr_r18_tiny": dict(
-        backbone="resnet18", backbone_stages=3, d_model=64, nheads=4, enc_layers=1, dec_layers=2,
-        dim_feedforward=128, num_queries=10, frozen_stages=0,
-    ),
-}
-
-
-def preset(name: str, **overrides) -> ModelConfig:
-    """The :class:`ModelConfig` of a named preset, with optional field overrides."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return ModelConfig(**{**PRESETS[name], **overrides})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,65 +399,3 @@ def read_config_file(path: str) -> dict[str, dict]:
     for section, values in flat.items():
         sections.setdefault(section, {}).update(values)
     return sections
-
-
-# ---------------------------------------------------------------------------------------------
-# Training recipes (`detrkit train --recipe NAME`): defaults for every config section, under
-# the user's --config file and flags. Measurements behind them: docs/benchmarks.md.
-# ---------------------------------------------------------------------------------------------
-RECIPES: dict[str, dict[str, dict]] = {
-    # The paper's: DETR-R50, AdamW 1e-4 / 1e-5, 300 epochs with the lr drop at 200 (the dataclass defaults).
-    "paper": {"train": {"model": "detr_r50"}},
-    # Learns in minutes from random weights on a CPU: the two-stage preset, focal loss weighted as
-    # in Deformable DETR, a 5x larger learning rate with warm-up and cosine decay, flip-only augmentation.
-    "fast": {
-        "train": dict(model="detr_r18_fast", lr=5e-4, lr_backbone=5e-4, schedule="cosine", warmup=0.03,
-                      batch_size=8,  # more updates per minute: AP 0.632 vs 0.592 at batch 16 in 10 min
-                      epochs=1000,
-                      precision="auto"),  # CPUs of one kind differ in whether bf16 trains faster (precision.py)
-        # Varifocal targets and 3 denoising groups: AP 0.261 vs 0.209 (focal, none) after 1000 steps.
-        # Encoder one-to-many matching x4: AP 0.722 vs 0.599 after 10 minutes (docs/benchmarks.md).
-        "loss": dict(loss_ce=2.0, cost_class=2.0, class_loss="varifocal", denoising=3, encoder_repeats=4),
-        # image_size "auto": native size up to 256 px (a larger image costs more than its pixels: the
-        # encoder attends over (side / 8)^2 tokens). On 2 cores a loader process steals more than it gives.
-        "data": dict(augment="flip", workers=0, image_size="auto"),
-    },
-}
-
-
-def recipe(name: str) -> dict[str, dict]:
-    if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
-    return {section: dict(values) for section, values in RECIPES[name].items()}
-
-
-def resolve(recipe_name: Optional[str], *layers: dict[str, dict]):
-    """``(ModelConfig, LossConfig, DataConfig, TrainConfig)`` from a recipe's defaults and layers of
-    ``{"model"|"loss"|"data"|"train": {field: value}}`` applied in order (later layers win).
-
-    ``model`` values override fields of the preset named by ``train.model``.
-    """
-    merged: dict[str, dict] = recipe(recipe_name) if recipe_name else {}
-    for layer in layers:
-        for section, values in layer.items():
-            merged.setdefault(section, {}).update(values)
-    unknown = sorted(set(merged) - {"model", "loss", "data", "train"})
-    if unknown:
-        raise ValueError(f"unknown config sections: {', '.join(unknown)}")
-    train = config_from_dict(TrainConfig, merged.get("train", {}))
-    model = preset(train.model, **merged.get("model", {}))
-    return (model, config_from_dict(LossConfig, merged.get("loss", {})),
-            config_from_dict(DataConfig, merged.get("data", {})), train)
-
-
-# ---------------------------------------------------------------------------------------------
-# The demo: the one place its recipe is chosen (see docs/benchmarks.md for the measurements).
-# ---------------------------------------------------------------------------------------------
-DEMO = dict(
-    recipe="fast",
-    image_size=128,  # the synthetic set's images are 128 x 128
-    num_train=2000,  # synthetic training images
-    num_val=200,  # synthetic validation images
-    minutes=10.0,  # training budget of `make demo`
-    eval_every=2,  # epochs between evaluations (each costs ~5 s)
-)

@@ -1,4 +1,5 @@
-"""Foreign checkpoint layouts -> detrkit: official DETR (facebookresearch/detr) and Hugging Face DETR.
+"""Foreign checkpoint layouts -> detrkit: official DETR (facebookresearch/detr), Hugging Face DETR
+and Hugging Face RT-DETR v1/v2.
 
 Each reader returns a :class:`Loaded`: the :class:`~detrkit.config.ModelConfig` the weights need,
 the state dict in our parameter names, and the class mapping when the source has one. Every
@@ -7,8 +8,9 @@ key and shape is checked later, when the state is loaded into the model
 
 * Official DETR: a ``.pth`` file, a dict whose ``model`` entry is the state dict (as published
   for R50/R101/DC5); two prefixes differ from ours.
-* Hugging Face ``DetrForObjectDetection``: a folder with ``config.json`` (``model_type`` one of
-  :data:`HF_MODEL_TYPES`) and ``model.safetensors`` or ``pytorch_model.bin``.
+* Hugging Face ``DetrForObjectDetection``, ``RTDetrForObjectDetection`` and
+  ``RTDetrV2ForObjectDetection``: a folder with ``config.json`` (``model_type`` one of
+  :data:`HF_MODEL_TYPES`, which chooses the reader) and ``model.safetensors`` or ``pytorch_model.bin``.
 """
 from __future__ import annotations
 
@@ -23,12 +25,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
-from detrkit.config import ModelConfig
+from detrkit.config import RESNET_VD, ModelConfig
 from detrkit.errors import CheckpointError
 from detrkit.files import read_json
+from detrkit.model.backbone import STEM_WIDTH, scaled_width
 
 # The Hugging Face config.json ``model_type`` values load_huggingface reads.
-HF_MODEL_TYPES = ("detr",)
+HF_MODEL_TYPES = ("detr", "rt_detr", "rt_detr_v2")
+HF_RTDETR_TYPES = ("rt_detr", "rt_detr_v2")  # those read by load_hf_rtdetr
 
 
 class Loaded(NamedTuple):
@@ -37,7 +41,10 @@ class Loaded(NamedTuple):
     config: ModelConfig
     state: dict[str, Tensor]  # in detrkit's parameter names
     classes: Optional[list[dict]]  # [{"index", "id", "name"}] in index order; None: index = id
-    inference: Optional[dict]  # {"image_size", "max_size"} the model was trained with; None: unknown
+    inference: Optional[dict]  # {"image_size", "max_size", "resize"} the model was trained with; None: unknown
+    # Trained parameters of the training-only aids (detrkit.aids.AidedModel names), for fine-tuning
+    # to start from: Hugging Face RT-DETR's denoising label table. None: nothing.
+    aids: Optional[dict[str, Tensor]] = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,22 +216,226 @@ def hf_to_detrkit(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def load_huggingface(path: Path) -> Loaded:
-    """A Hugging Face ``DetrForObjectDetection`` folder: ``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``."""
+    """A Hugging Face folder: ``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``, read
+    by the reader of its ``model_type``: DETR here, RT-DETR v1/v2 by :func:`load_hf_rtdetr`."""
     cfg = read_json(path / "config.json", CheckpointError, "checkpoint config")
+    if cfg.get("model_type") in HF_RTDETR_TYPES:
+        return load_hf_rtdetr(path, cfg)
     config = hf_config(cfg, str(path / "config.json"))
-    if (path / "model.safetensors").exists():
-        try:
-            state = load_file(str(path / "model.safetensors"))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path / 'model.safetensors'}: unreadable ({e}); is it truncated?") from None
-    elif (path / "pytorch_model.bin").exists():
-        state = torch_load(path / "pytorch_model.bin")
-    else:
-        raise CheckpointError(f"{path}: a Hugging Face folder needs model.safetensors or pytorch_model.bin")
     id2label = {int(k): v for k, v in cfg.get("id2label", {}).items()}
     classes = [{"index": i, "id": i, "name": id2label.get(i, str(i))} for i in range(config.num_classes)]
-    return Loaded(config, hf_to_detrkit(state), classes, None)
+    return Loaded(config, hf_to_detrkit(_hf_weights(path)), classes, None)
 
+
+def hf_model_config(cfg: dict, source: str = "") -> ModelConfig:
+    """The :class:`ModelConfig` of a Hugging Face ``config.json`` dict, by its ``model_type``."""
+    return rtdetr_config(cfg, source) if cfg.get("model_type") in HF_RTDETR_TYPES else hf_config(cfg, source)
+
+
+def _hf_weights(path: Path) -> dict[str, Tensor]:
+    """The state dict of a Hugging Face folder (safetensors preferred; a .bin holds tensors only)."""
+    if (path / "model.safetensors").exists():
+        try:
+            return load_file(str(path / "model.safetensors"))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path / 'model.safetensors'}: unreadable ({e}); is it truncated?") from None
+    if (path / "pytorch_model.bin").exists():
+        state = torch_load(path / "pytorch_model.bin")
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path / 'pytorch_model.bin'}: not a state dict")
+        return state
+    raise CheckpointError(f"{path}: a Hugging Face folder needs model.safetensors or pytorch_model.bin")
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face RTDetrForObjectDetection / RTDetrV2ForObjectDetection
+# ---------------------------------------------------------------------------------------------
+# Key names are accepted in both Hugging Face layouts: the one it writes to disk
+# (``model.encoder.encoder.0.layers.0.fc1``, ``self_attn.out_proj``) and the one its modules use in
+# memory (``model.encoder.aifi.0.layers.0.mlp.fc1``, ``self_attn.o_proj``). Separate q/k/v projections
+# are packed into our ``in_proj_weight`` (rows q, k, v). RT-DETRv2's per-point scale buffer
+# (``n_points_scale``) is checked against the point counts and dropped (ours follows from them), and
+# its tied copies of the heads at the top level (``class_embed.*``, ``bbox_embed.*``) must equal the
+# decoder's. Every key and shape is then checked against the model the config builds (load_model).
+#
+# Hugging Face options we do not follow: ``anchor_image_size`` (precomputed anchors for one input
+# size; ours are computed for every input, equal at that size) and ``eval_size`` (with it set,
+# Hugging Face's eval mode leaves AIFI's position embedding out; the release and we always add it).
+# Hugging Face -> ours, applied in order to every key (after the in-memory names are mapped to the
+# on-disk ones). Backbone: HF's "embedder.embedder" is our stem, "stages.s.layers.b.layer.j" is
+# block b of layer{s+1}, conv{j+1}; a shortcut after a pool is "shortcut.1".
+_RENAMES = [
+    (r"^model\.backbone\.model\.embedder\.embedder\.(\d+)\.", r"backbone.stem.\1."),
+    (r"^model\.backbone\.model\.encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.",
+     lambda m: f"backbone.layer{int(m[1]) + 1}.{m[2]}.conv{int(m[3]) + 1}."),
+    (r"^model\.backbone\.model\.encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.(?:1\.)?",
+     lambda m: f"backbone.layer{int(m[1]) + 1}.{m[2]}.shortcut."),
+    (r"^model\.encoder_input_proj\.(\d+)\.0\.", r"encoder.input_proj.\1.conv."),
+    (r"^model\.encoder_input_proj\.(\d+)\.1\.", r"encoder.input_proj.\1.bn."),
+    (r"^model\.encoder\.encoder\.(\d+)\.layers\.(\d+)\.", r"encoder.aifi.\1.\2."),
+    (r"^model\.encoder\.", "encoder."),
+    (r"^model\.decoder_input_proj\.(\d+)\.0\.", r"decoder.input_proj.\1.conv."),
+    (r"^model\.decoder_input_proj\.(\d+)\.1\.", r"decoder.input_proj.\1.bn."),
+    (r"^model\.enc_output\.0\.", "decoder.enc_output."),
+    (r"^model\.enc_output\.1\.", "decoder.enc_output_norm."),
+    (r"^model\.enc_score_head\.", "decoder.enc_class."),
+    (r"^model\.enc_bbox_head\.", "decoder.enc_bbox."),
+    (r"^model\.weight_embedding\.", "decoder.tgt_embed."),
+    (r"^model\.decoder\.", "decoder."),
+    # Inside modules.
+    (r"\.convolution\.", ".conv."), (r"\.normalization\.", ".bn."), (r"\.norm\.(?=[a-z_]+$)", ".bn."),
+    (r"\.encoder_attn\.", ".cross_attn."), (r"\.fc1\.", ".linear1."), (r"\.fc2\.", ".linear2."),
+    (r"\.self_attn_layer_norm\.", ".norm1."),
+]
+# The last LayerNorm of a layer: norm2 in AIFI layers, norm3 in decoder layers (after cross-attention's norm2).
+_LAYER_NORMS = [(r"^(encoder\.aifi\.\d+\.\d+)\.final_layer_norm\.", r"\1.norm2."),
+                (r"^(decoder\.layers\.\d+)\.encoder_attn_layer_norm\.", r"\1.norm2."),
+                (r"^(decoder\.layers\.\d+)\.final_layer_norm\.", r"\1.norm3.")]
+_ON_DISK = [(".o_proj.", ".out_proj."), (".mlp.fc", ".fc"), ("model.encoder.aifi.", "model.encoder.encoder.")]
+
+
+def rtdetr_config(cfg: dict, source: str = "") -> ModelConfig:
+    """A Hugging Face ``RTDetrConfig`` / ``RTDetrV2Config`` dict -> :class:`ModelConfig` (``arch="rtdetr"``).
+
+    Raises :class:`CheckpointError` naming ``source`` for anything our model does not build.
+    """
+    def fail(what: str) -> CheckpointError:
+        return CheckpointError(f"{source}: {what} is not supported by detrkit's RT-DETR")
+
+    bb = cfg.get("backbone_config") or {}
+    if cfg.get("use_timm_backbone") or bb.get("model_type", "rt_detr_resnet") != "rt_detr_resnet":
+        raise fail(f"backbone {bb.get('model_type') or cfg.get('backbone')!r} (only RTDetrResNet)")
+    layout = (bb.get("layer_type", "bottleneck"), tuple(bb.get("depths", (3, 4, 6, 3))),
+              tuple(bb.get("hidden_sizes", (256, 512, 1024, 2048))), bb.get("embedding_size", STEM_WIDTH))
+    trunk = _resnet_vd(*layout)
+    if trunk is None:
+        raise fail(f"ResNet layout (layer_type, depths, hidden_sizes, embedding_size) {layout}")
+    checks = {
+        "backbone hidden_act": (bb.get("hidden_act", "relu"), "relu"),
+        "backbone downsample_in_bottleneck": (bb.get("downsample_in_bottleneck", False), False),
+        "backbone downsample_in_first_stage": (bb.get("downsample_in_first_stage", False), False),
+        "backbone out_indices": (list(bb.get("out_indices") or [2, 3, 4]), [2, 3, 4]),
+        "encoder_in_channels": (list(cfg.get("encoder_in_channels", [512, 1024, 2048])), list(layout[2][1:])),
+        "feat_strides": (list(cfg.get("feat_strides", [8, 16, 32])), [8, 16, 32]),
+        "num_feature_levels": (cfg.get("num_feature_levels", 3), 3),
+        "decoder_n_levels": (cfg.get("decoder_n_levels", 3), 3),
+        "decoder_in_channels": (list(cfg.get("decoder_in_channels", [256] * 3)),
+                                [cfg.get("encoder_hidden_dim", 256)] * 3),
+        "activation_function": (cfg.get("activation_function", "silu"), "silu"),
+        "encoder_activation_function": (cfg.get("encoder_activation_function", "gelu"), "gelu"),
+        "decoder_activation_function": (cfg.get("decoder_activation_function", "relu"), "relu"),
+        "layer_norm_eps": (cfg.get("layer_norm_eps", 1e-5), 1e-5),
+        "batch_norm_eps": (cfg.get("batch_norm_eps", 1e-5), 1e-5),
+        "with_box_refine": (cfg.get("with_box_refine", True), True),
+        "decoder_attention_heads": (cfg.get("decoder_attention_heads", 8), cfg.get("encoder_attention_heads", 8)),
+    }
+    for key, (got, want) in checks.items():
+        if got != want:
+            raise fail(f"{key}={got!r} (expected {want!r})")
+    try:
+        return ModelConfig(
+            arch="rtdetr",
+            num_classes=len(cfg["id2label"]) if "id2label" in cfg else int(cfg.get("num_labels", 80)),
+            **trunk,
+            backbone_norm="frozen" if cfg.get("freeze_backbone_batch_norms", True) else "batch",
+            encoder_dim=cfg.get("encoder_hidden_dim", 256),
+            encoder_ffn_dim=cfg.get("encoder_ffn_dim", 1024),
+            enc_layers=cfg.get("encoder_layers", 1),
+            encode_levels=tuple(cfg.get("encode_proj_layers", (2,))),
+            csp_expansion=float(cfg.get("hidden_expansion", 1.0)),
+            pe_temperature=float(cfg.get("positional_encoding_temperature", 10000)),
+            pre_norm=bool(cfg.get("normalize_before", False)),
+            d_model=cfg.get("d_model", 256),
+            nheads=cfg.get("encoder_attention_heads", 8),
+            dec_layers=cfg.get("decoder_layers", 6),
+            dim_feedforward=cfg.get("decoder_ffn_dim", 1024),
+            num_queries=cfg.get("num_queries", 300),
+            num_points=(cfg.get("decoder_n_points", 4),) * 3,
+            offset_scale=float(cfg.get("decoder_offset_scale", 0.5)),
+            sampling_method=cfg.get("decoder_method", "default"),
+            learn_initial_query=bool(cfg.get("learn_initial_query", False)),
+            dropout=float(cfg.get("dropout", 0.0)),
+            aux_loss=True,
+            frozen_stages=0,  # Hugging Face freezes no backbone parameter (only, by default, the BatchNorm statistics)
+        )
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: invalid RT-DETR config ({e})") from None
+
+
+def _resnet_vd(kind: str, depths: tuple, widths: tuple, stem: int) -> Optional[dict]:
+    """The ModelConfig trunk fields (``backbone``, ``backbone_width``, ``backbone_depths``) of a
+    Hugging Face ResNet-vd layout: a published one, or one of them narrower or with other depths."""
+    named = [(n, d, w) for n, (k, d, w) in RESNET_VD.items() if k == kind]
+    named.sort(key=lambda entry: entry[1] != depths)  # the ResNet with these very depths first
+    for name, named_depths, named_widths in named:
+        width = widths[0] / named_widths[0]
+        if [scaled_width(c, width) for c in named_widths] == list(widths) and scaled_width(STEM_WIDTH, width) == stem:
+            return {"backbone": name, "backbone_width": width,
+                    "backbone_depths": None if depths == named_depths else depths}
+    return None
+
+
+def hf_rtdetr_to_detrkit(state: dict[str, Tensor], config: ModelConfig) -> tuple[dict[str, Tensor], Optional[Tensor]]:
+    """Hugging Face RT-DETR keys -> ours. Returns our state dict (keys nothing maps to are kept
+    with an ``unexpected:`` prefix, for the key check to name) and the denoising label table."""
+    out: dict[str, Tensor] = {}
+    packed: dict[str, dict[str, Tensor]] = {}
+    tied: dict[str, Tensor] = {}
+    label_embed = None
+    for key, value in state.items():
+        for old, new in _ON_DISK:
+            key = key.replace(old, new)
+        if key == "model.denoising_class_embed.weight":
+            label_embed = value
+            continue
+        if re.match(r"^(class_embed|bbox_embed)\.\d+\.", key):  # v2's tied top-level copies
+            tied["decoder." + key] = value
+            continue
+        if key.endswith(".encoder_attn.n_points_scale"):
+            _check_point_scale(key, value, config)
+            continue
+        for pattern, repl in _RENAMES + _LAYER_NORMS:
+            key = re.sub(pattern, repl, key)
+        qkv = re.match(r"^(.+\.self_attn)\.([qkv])_proj\.(weight|bias)$", key)
+        if qkv:
+            packed.setdefault(f"{qkv[1]}.in_proj_{qkv[3]}", {})[qkv[2]] = value
+        elif key.startswith(("backbone.", "encoder.", "decoder.")):
+            out[key] = value
+        else:
+            out["unexpected:" + key] = value
+    for key, parts in packed.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise CheckpointError(f"incomplete attention projections for {key}: found {sorted(parts)}")
+        out[key] = torch.cat([parts["q"], parts["k"], parts["v"]])  # in_proj rows: q, k, v
+    for key, value in tied.items():
+        if key not in out or out[key].shape != value.shape or not torch.equal(out[key], value):
+            raise CheckpointError(f"{key[len('decoder.'):]} differs from model.{key}: Hugging Face ties them")
+    return out, label_embed
+
+
+def _check_point_scale(key: str, value: Tensor, config: ModelConfig) -> None:
+    expected = torch.tensor([1.0 / n for n in config.num_points for _ in range(n)])
+    if value.shape != expected.shape or not torch.allclose(value.float(), expected):
+        raise CheckpointError(f"{key}: per-point scales {value.tolist()} do not match decoder_n_points "
+                              f"{config.num_points} (1 / points of each level)")
+
+
+def load_hf_rtdetr(path: Path, cfg: dict) -> Loaded:
+    """A Hugging Face RT-DETR v1/v2 folder whose ``config.json`` is ``cfg`` (see :data:`_RENAMES`).
+
+    Its evaluation size is RT-DETR's (640 x 640, square); its denoising label table
+    (``model.denoising_class_embed``, K + 1 rows, the last the padding row, which detrkit's label table
+    does not have) comes back in :attr:`Loaded.aids`, for fine-tuning with denoising to start from.
+    """
+    config = rtdetr_config(cfg, str(path / "config.json"))
+    state, label_embed = hf_rtdetr_to_detrkit(_hf_weights(path), config)
+    if label_embed is not None and tuple(label_embed.shape) != (config.num_classes + 1, config.d_model):
+        raise CheckpointError(f"{path}: model.denoising_class_embed.weight {tuple(label_embed.shape)} != "
+                              f"{(config.num_classes + 1, config.d_model)}")
+    id2label = {int(k): v for k, v in cfg.get("id2label", {}).items()}
+    classes = [{"index": i, "id": i, "name": id2label.get(i, str(i))} for i in range(config.num_classes)]
+    aids = None if label_embed is None else {"denoising.label_embed.weight": label_embed[:config.num_classes]}
+    return Loaded(config, state, classes, {"image_size": 640, "max_size": None, "resize": "square"}, aids)
 
 
 # COCO 2017 category ids -> names (the ids official DETR checkpoints predict; gaps are "N/A").

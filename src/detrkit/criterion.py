@@ -30,7 +30,7 @@ from torchvision.ops import sigmoid_focal_loss
 
 from detrkit import distributed
 from detrkit.boxes import cxcywh_to_xyxy, elementwise_box_iou, elementwise_generalized_box_iou
-from detrkit.config import LossConfig
+from detrkit.config import LossConfig, denoising_groups
 from detrkit.matcher import HungarianMatcher, build_matcher
 
 Indices = list[tuple[Tensor, Tensor]]
@@ -52,7 +52,8 @@ class SetCriterion(nn.Module):
                  sigmoid_class: bool = False, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
                  encoder_repeats: int = 1, class_loss: str = "focal", vfl_alpha: float = 0.75,
                  mal_gamma: float = LossConfig.mal_gamma, mal_alpha: Optional[float] = LossConfig.mal_alpha,
-                 denoising: int = 0, hybrid_repeats: int = LossConfig.hybrid_repeats) -> None:
+                 denoising: int = 0, denoising_queries: int = 0,
+                 hybrid_repeats: int = LossConfig.hybrid_repeats) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.matcher = matcher
@@ -68,7 +69,10 @@ class SetCriterion(nn.Module):
         self.vfl_alpha = vfl_alpha
         self.mal_gamma, self.mal_alpha = mal_gamma, mal_alpha
         self.hybrid_repeats = hybrid_repeats  # how often the hybrid queries' targets are repeated (H-DETR's k)
-        self.denoising = denoising  # groups of denoising queries the model is trained with (detrkit.aids), 0 = none
+        # The denoising queries the model is trained with (detrkit.aids): fixed groups, or groups from a
+        # budget of queries (config.denoising_groups); both 0 = none.
+        self.denoising = denoising
+        self.denoising_queries = denoising_queries
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight)
@@ -266,9 +270,9 @@ class SetCriterion(nn.Module):
             matched = sum(min(n, num_queries) for n in counts)
             boxes += sum(counts)
             ce += matched + (len(counts) * num_queries - matched) * eos
-            if self.denoising and counts:
-                g, pad = self.denoising, max(counts)
-                dn_ce += sum(g * n + (2 * g * pad - g * n) * eos for n in counts)
+            pad = max(counts, default=0)
+            g = denoising_groups(self.denoising, self.denoising_queries, pad)
+            dn_ce += sum(g * n + (2 * g * pad - g * n) * eos for n in counts)
         totals = distributed.all_sum(torch.tensor([boxes, ce, dn_ce], dtype=torch.float64, device=device)).tolist()
         world = distributed.world_size()
         return Normalizers(max(totals[0] / world, 1.0), totals[1] / world, max(totals[2] / world, 1.0))
@@ -299,7 +303,8 @@ def weight_dict(loss: LossConfig, num_aux: int, encoder: bool = False) -> dict[s
     base = {"loss_ce": loss.loss_ce, "loss_bbox": loss.loss_bbox, "loss_giou": loss.loss_giou}
     weights = dict(base)
     suffixes = [str(i) for i in range(num_aux)] + ["enc"] * encoder
-    suffixes += ["group"] * (loss.query_groups > 1) + ["dn"] * (loss.denoising > 0) + ["hybrid"] * (loss.hybrid_queries > 0)
+    denoising = loss.denoising > 0 or loss.denoising_queries > 0
+    suffixes += ["group"] * (loss.query_groups > 1) + ["dn"] * denoising + ["hybrid"] * (loss.hybrid_queries > 0)
     for suffix in suffixes:
         weights.update({f"{k}_{suffix}": w for k, w in base.items()})
     return weights
@@ -315,4 +320,5 @@ def build_criterion(num_classes: int, loss: LossConfig, num_aux: int, *, sigmoid
                         eos_coef=loss.eos_coef, bbox_loss=loss.bbox_loss, smooth_l1_beta=loss.smooth_l1_beta,
                         sigmoid_class=sigmoid_class, focal_alpha=loss.focal_alpha, focal_gamma=loss.focal_gamma,
                         encoder_repeats=loss.encoder_repeats, class_loss=loss.class_loss, vfl_alpha=loss.vfl_alpha,
-                        mal_gamma=loss.mal_gamma, mal_alpha=loss.mal_alpha, denoising=loss.denoising, hybrid_repeats=loss.hybrid_repeats)
+                        mal_gamma=loss.mal_gamma, mal_alpha=loss.mal_alpha, denoising=loss.denoising,
+                        denoising_queries=loss.denoising_queries, hybrid_repeats=loss.hybrid_repeats)

@@ -1,6 +1,6 @@
 """`detrkit demo`: the synthetic shapes set, a short training run, evaluation and pictures.
 
-The recipe lives in :data:`detrkit.config.DEMO`; this module only strings the steps together.
+The recipe lives in :data:`detrkit.presets.DEMO`; this module only strings the steps together.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from detrkit.checkpoint import load_model
-from detrkit.config import DEMO, resolve
+from detrkit.presets import DEMO, resolve
 from detrkit.data.images import image_tensor
 from detrkit.data.synthetic import make_synthetic
 from detrkit.evaluate import format_metrics

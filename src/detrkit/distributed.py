@@ -8,11 +8,14 @@ Gloo on CPU) and picks the process's GPU (``cuda:LOCAL_RANK``). Without them eve
 is the identity and training runs in one process, as before.
 
 Every helper below is a no-op (or returns its input) in a single process, so the training
-loop is written once.
+loop is written once. The device a process runs on is chosen here too (:func:`select_device`,
+and what its CPU is good at: :func:`note_slow_bf16`).
 """
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -46,6 +49,26 @@ def select_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def cpu_flags() -> set[str]:
+    """The instruction-set flags of this CPU as Linux lists them (empty elsewhere)."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return next((set(line.split(":", 1)[1].split()) for line in cpuinfo.splitlines() if line.startswith("flags")), set())
+
+
+def note_slow_bf16(precision: str, device: str) -> None:
+    """Tell the user when bf16 was asked for on a CPU whose bf16 products are not fast (no AMX)."""
+    if precision != "bf16" or select_device(device).type != "cpu":
+        return
+    flags = cpu_flags()
+    if flags and "amx_bf16" not in flags:
+        print("note: --precision bf16 on a CPU without AMX: its bfloat16 matrix products are no faster than "
+              "float32 ones (half as fast on the machine of docs/benchmarks.md), so fp32 is likely faster here",
+              file=sys.stderr)
 
 
 def setup(device_name: str) -> torch.device:

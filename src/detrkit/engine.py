@@ -380,7 +380,8 @@ def evaluate_model(model: DETR, data: dict, *, batch_size: int = 8,
     ``data=DIR`` or ``val_json``/``val_images``) names, with the model's own class mapping and
     image size: ``(metrics, detections)``."""
     data_cfg = config_from_dict(DataConfig, {"image_size": model.inference["image_size"],
-                                             "max_size": model.inference.get("max_size"), **data})
+                                             "max_size": model.inference.get("max_size"),
+                                             "resize": model.inference.get("resize", "shorter"), **data})
     _, val_set = build_datasets(data_cfg, categories=[{"id": c["id"], "name": c["name"]} for c in model.classes],
                                 train=False)
     if val_set is None:

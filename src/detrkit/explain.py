@@ -1,6 +1,7 @@
-"""Looking inside a trained model: attention maps per detection, and the matching of one image.
+"""Looking inside a trained model: attention maps or sampling points per detection, and the
+matching of one image.
 
-:func:`explain` runs the model once on one image under
+:func:`explain` runs a DETR model once on one image under
 :func:`detrkit.model.transformer.capture_attention` and returns the detections with
 
 * the decoder cross-attention of each detected object: the last decoder layer's attention of
@@ -10,11 +11,16 @@
   the feature cell under each point over all cells (what that part of the image gathers
   context from; for a trained DETR, usually the object it lies on).
 
+RT-DETR has no global attention map to show: its decoder samples a few points per feature level
+around each query's box. For it :func:`explain` returns a :class:`SamplingExplanation`
+(:func:`explain_sampling`, under :func:`detrkit.model.deformable.capture_sampling`): where the
+last decoder layer's cross-attention of each detection sampled, on each level, with what weight.
+
 :func:`match` runs the model on one annotated image and the Hungarian matcher on its output:
 which query was assigned to which target, and the three cost terms of each pair.
 
-Both return plain tensors; :mod:`detrkit.visualize` draws them (:func:`~detrkit.visualize.draw_explanation`,
-:func:`~detrkit.visualize.draw_matching`).
+They return plain tensors; :mod:`detrkit.visualize` draws them (:func:`~detrkit.visualize.draw_explanation`,
+:func:`~detrkit.visualize.draw_sampling`, :func:`~detrkit.visualize.draw_matching`).
 """
 from __future__ import annotations
 
@@ -30,11 +36,13 @@ from torchvision.transforms.v2 import functional as TF
 
 from detrkit.boxes import cxcywh_to_xyxy, scale_boxes
 from detrkit.data.coco import open_rgb
-from detrkit.data.transforms import prepare_image, val_transforms
+from detrkit.data.transforms import inference_transforms, prepare_image
 from detrkit.config import LossConfig
 from detrkit.data.coco import CocoDetection
 from detrkit.matcher import HungarianMatcher, build_matcher
+from detrkit.model.deformable import capture_sampling
 from detrkit.model.detr import DETR
+from detrkit.model.rtdetr import RTDETR
 from detrkit.model.transformer import capture_attention
 
 
@@ -90,12 +98,16 @@ def explain(model: DETR, image, *, points: Optional[Sequence[Sequence[float]]] =
 
     One detection per query: the query's best class (a two-stage model's ``predict`` may list a
     second class of the same query; here it shares that query's map anyway).
+
+    An :class:`~detrkit.model.rtdetr.RTDETR` gets :func:`explain_sampling`'s answer instead
+    (``points`` must then be None: it has no encoder attention map to show).
     """
-    if isinstance(image, (str, Path)):
-        image = open_rgb(image)
-    original = TF.pil_to_tensor(image.convert("RGB")) if isinstance(image, Image.Image) else image  # (3, H, W) uint8
-    x, (height, width) = prepare_image(original, val_transforms(model.inference["image_size"],
-                                                                model.inference.get("max_size")))
+    if isinstance(model, RTDETR):
+        if points is not None:
+            raise ValueError("reference points are for encoder attention maps, which RT-DETR does not have "
+                             "(its explanation shows each detection's sampling points)")
+        return explain_sampling(model, image, threshold=threshold, max_objects=max_objects)
+    original, x, (height, width) = _prepared(model, image)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -112,16 +124,8 @@ def explain(model: DETR, image, *, points: Optional[Sequence[Sequence[float]]] =
     stride = model.backbone.stride
     cell = (stride * height / x.shape[-2], stride * width / x.shape[-1])
 
-    # One candidate per query: its best class, as postprocess scores a DETR query.
-    logits = out["pred_logits"][0].float().cpu()
-    prob = logits.sigmoid() if model.sigmoid_class else logits.softmax(-1)[:, :-1]  # (Q, K)
-    scores, classes = prob.max(-1)  # (Q,)
-    order = scores.argsort(descending=True)
-    queries = order[scores[order] > threshold][:max_objects]
-    boxes = _to_pixels(out["pred_boxes"][0].float().cpu()[queries], height, width)  # (N, 4)
-    lut = [c["id"] for c in model.classes]
-    labels = torch.tensor([lut[int(c)] for c in classes[queries]], dtype=torch.int64)
-    names = [model.classes[int(c)]["name"] for c in classes[queries]]
+    found = _detections(model, out, threshold, max_objects, height, width)  # one per query: its best class
+    queries, boxes = found["queries"], found["boxes"]
 
     captured = {name: calls[0].cpu() for name, calls in maps.items() if calls}
     cross = captured[_last("transformer.decoder.layers", len(model.transformer.decoder.layers), "multihead_attn")]
@@ -140,9 +144,85 @@ def explain(model: DETR, image, *, points: Optional[Sequence[Sequence[float]]] =
     self_attn = captured[_last("transformer.encoder.layers", len(model.transformer.encoder.layers), "self_attn")]
     encoder_attention = self_attn[0].mean(0)[rows * w + cols].view(-1, h, w)  # (P, h, w): row-major cells
 
-    return Explanation(image=original, boxes=boxes, scores=scores[queries], labels=labels, names=names,
-                       queries=queries, decoder_attention=decoder_attention, points=points,
+    return Explanation(image=original, boxes=boxes, scores=found["scores"], labels=found["labels"],
+                       names=found["names"], queries=queries, decoder_attention=decoder_attention, points=points,
                        encoder_attention=encoder_attention, cell_size=cell, attention=captured)
+
+
+def _prepared(model, image) -> tuple[Tensor, Tensor, tuple[int, int]]:
+    """``(original (3, H, W) uint8, model input (3, h, w), (H, W))`` of a path, PIL image or tensor."""
+    if isinstance(image, (str, Path)):
+        image = open_rgb(image)
+    original = TF.pil_to_tensor(image.convert("RGB")) if isinstance(image, Image.Image) else image  # (3, H, W) uint8
+    x, size = prepare_image(original, inference_transforms(model.inference))
+    return original, x, size
+
+
+def _detections(model, out: dict, threshold: float, max_objects: int, height: int, width: int) -> dict:
+    """One candidate per query (its best class), the best above ``threshold``: ``queries``, ``scores``,
+    ``boxes`` (absolute xyxy), ``labels`` (category ids), ``names``."""
+    logits = out["pred_logits"][0].float().cpu()
+    prob = logits.sigmoid() if model.sigmoid_class else logits.softmax(-1)[:, :-1]  # (Q, K)
+    scores, classes = prob.max(-1)  # (Q,)
+    order = scores.argsort(descending=True)
+    queries = order[scores[order] > threshold][:max_objects]
+    lut = [c["id"] for c in model.classes]
+    return {"queries": queries, "scores": scores[queries],
+            "boxes": _to_pixels(out["pred_boxes"][0].float().cpu()[queries], height, width),
+            "labels": torch.tensor([lut[int(c)] for c in classes[queries]], dtype=torch.int64),
+            "names": [model.classes[int(c)]["name"] for c in classes[queries]]}
+
+
+@dataclass
+class SamplingExplanation:
+    """The detections of one image and where RT-DETR's last decoder layer sampled for each.
+
+    Boxes and points are in pixels of the original image ``(H, W)`` (points may lie outside it:
+    those samples read zeros). For detection n, head h, point p: ``points[n, h, p]`` (x, y) with
+    weight ``weights[n, h, p]`` (each detection's weights sum to 1 over all heads' points / heads,
+    i.e. to 1 per head), on feature level ``levels[p]`` (0 = the finest, stride ``strides[0]``).
+    """
+
+    image: Tensor  # (3, H, W) uint8, as given
+    boxes: Tensor  # (N, 4) absolute (x0, y0, x1, y1)
+    scores: Tensor  # (N,)
+    labels: Tensor  # (N,) dataset category ids
+    names: list[str]  # N class names
+    queries: Tensor  # (N,) int64: the decoder query behind each detection
+    points: Tensor  # (N, heads, P, 2) float (x, y) sampling locations
+    weights: Tensor  # (N, heads, P) attention weight of each location (sums to 1 per head)
+    levels: Tensor  # (P,) int64 the feature level each point samples
+    strides: list[int]  # the stride of each level
+    layer: str  # the module whose sampling this is ("decoder.layers.5.cross_attn")
+
+
+@torch.no_grad()
+def explain_sampling(model: RTDETR, image, *, threshold: float = 0.5, max_objects: int = 6) -> SamplingExplanation:
+    """Detect objects in one image (resized as ``predict`` does) and return the sampling points of each
+    detection's query in the last decoder layer (:class:`SamplingExplanation`)."""
+    original, x, (height, width) = _prepared(model, image)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with capture_sampling(model) as records:
+            out = model([x.to(device)])
+    finally:
+        model.train(was_training)
+    found = _detections(model, out, threshold, max_objects, height, width)
+    layer = f"decoder.layers.{len(model.decoder.layers) - 1}.cross_attn"
+    record = records[layer][0]
+    # The canvas is the input padded to a multiple of the stride; locations are in [0, 1] of it.
+    canvas_h, canvas_w = (-(-side // model.stride) * model.stride for side in x.shape[-2:])
+    scale = torch.tensor([canvas_w * width / x.shape[-1], canvas_h * height / x.shape[-2]])
+    counts = record["num_points"]
+    return SamplingExplanation(
+        image=original, queries=found["queries"], boxes=found["boxes"], scores=found["scores"],
+        labels=found["labels"], names=found["names"],
+        points=record["locations"][0].cpu()[found["queries"]] * scale,  # (N, heads, P, 2)
+        weights=record["weights"][0].cpu()[found["queries"]],
+        levels=torch.cat([torch.full((n,), i) for i, n in enumerate(counts)]),
+        strides=model.backbone.strides[-len(counts):], layer=layer)
 
 
 def _last(prefix: str, num_layers: int, module: str) -> str:
@@ -223,6 +303,6 @@ def match_annotated(model: DETR, json_path: Path, image_root: Path, index: int, 
     """:func:`match` on image ``index`` of a COCO file (sized as the model was trained, the model's
     classes), with the matcher training used (:func:`~detrkit.matcher.build_matcher` of ``loss``)."""
     dataset = CocoDetection(json_path, image_root,
-                            transforms=val_transforms(model.inference["image_size"], model.inference.get("max_size")),
+                            transforms=inference_transforms(model.inference),
                             categories=[{"id": c["id"], "name": c["name"]} for c in model.classes])
     return match(model, dataset, index, build_matcher(loss, model.sigmoid_class))

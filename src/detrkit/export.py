@@ -22,7 +22,7 @@ takes ``orig_sizes`` int64 (B, 2) ``(h, w)`` and adds the outputs of
                                 dataset category ids), boxes absolute (x0, y0, x1, y1) in orig_sizes pixels
 
 The file describes itself: its ``metadata_props`` hold JSON strings ``classes``
-(``[{"index", "id", "name"}]``), ``inference`` (``{"image_size", "max_size"}``: how to resize
+(``[{"index", "id", "name"}]``), ``inference`` (``{"image_size", "max_size", "resize"}``: how to resize
 images), ``model_config`` and ``sigmoid_class``.
 
 The exporter is PyTorch's TorchScript-based one (``torch.onnx.export(dynamo=False)``): it
@@ -123,7 +123,7 @@ def _inference_mode(model: nn.Module):
             model.train()
 
 
-def _sample_batch(image_size: tuple[int, int], batch: int, device) -> tuple[Tensor, Tensor]:
+def sample_batch(image_size: tuple[int, int], batch: int, device) -> tuple[Tensor, Tensor]:
     """``batch`` noise images padded into one ``(batch, 3, H, W)`` batch; every image after the
     first is smaller (about 3/4 x 2/3 of the size), so the mask holds padding."""
     h, w = image_size
@@ -175,7 +175,7 @@ def export_onnx(model: nn.Module, path: PathLike, *, image_size: Optional[Sequen
 
     device = next(model.parameters()).device
     # Trace with two images when the batch is dynamic, so no axis is mistaken for a constant 1.
-    images, mask = _sample_batch((int(image_size[0]), int(image_size[1])), 2 if dynamic_batch else batch_size,
+    images, mask = sample_batch((int(image_size[0]), int(image_size[1])), 2 if dynamic_batch else batch_size,
                                  device)
     args = (images, mask)
     input_names = ["images", "mask"]
@@ -359,7 +359,7 @@ def run_export(args: argparse.Namespace) -> int:
     path = export_onnx(model, out, image_size=args.image_size, opset=args.opset,
                        dynamic_batch=args.dynamic_batch, with_postprocess=args.with_postprocess)
     side = int(model.inference["image_size"])
-    images, mask = _sample_batch(tuple(args.image_size) if args.image_size else (side, side), 2, "cpu")
+    images, mask = sample_batch(tuple(args.image_size) if args.image_size else (side, side), 2, "cpu")
     diff = check_onnx(model, path, images=images, mask=mask)
     session = _session(path)
     shapes = ", ".join(f"{i.name} {i.shape}" for i in session.get_inputs())

@@ -1,5 +1,5 @@
-"""Images in, detections out: the one inference path of :meth:`DETR.predict`, the ONNX detector
-and the HTTP server.
+"""Images in, detections out: the one inference path of every model's ``predict`` (:class:`Predicts`),
+the ONNX detector and the HTTP server.
 
 Decoding stays separate (:func:`detrkit.data.images.open_rgb`): :func:`predict_images` takes
 file paths, but equally images already decoded elsewhere (PIL images, uint8 ``(3, H, W)``
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from detrkit.data.batch import pad_images
 from detrkit.data.images import ImageInput
-from detrkit.data.transforms import prepare_image, val_transforms
+from detrkit.data.transforms import inference_transforms, prepare_image
 from detrkit.postprocess import postprocess
 
 # The network: a padded batch (images (B, 3, H, W), mask (B, H, W) bool, True = padding) ->
@@ -39,7 +39,8 @@ def predict_images(forward: Forward, images: Union[ImageInput, Sequence[ImageInp
     Args:
         forward: the network on a padded batch (see :data:`Forward`); an ``nn.Module`` runs in
             eval mode for the call and gets its own mode back afterwards.
-        inference: how the model sizes images, ``{"image_size", "max_size"}`` (a checkpoint's).
+        inference: how the model sizes images, ``{"image_size", "max_size", "resize"}`` (a checkpoint's;
+            :func:`~detrkit.data.transforms.inference_transforms`).
         classes: the class mapping ``[{"index", "id", "name"}]`` in index order.
         sigmoid_class: the model scores classes by per-class sigmoid (no "no object" column).
         threshold: keep detections scoring above it.
@@ -50,7 +51,7 @@ def predict_images(forward: Forward, images: Union[ImageInput, Sequence[ImageInp
     """
     if isinstance(images, (str, Path, Image.Image, Tensor)):
         images = [images]
-    transform = val_transforms(inference["image_size"], inference.get("max_size"))
+    transform = inference_transforms(inference)
     lut = [c["id"] for c in classes]
     names = {c["id"]: c["name"] for c in classes}
     results = []
@@ -64,6 +65,25 @@ def predict_images(forward: Forward, images: Union[ImageInput, Sequence[ImageInp
                 d["names"] = [names[int(i)] for i in d["labels"]]
             results += detections
     return results
+
+
+class Predicts:
+    """``predict`` for a detector module (DETR, RT-DETR): it reads the model's ``inference``,
+    ``classes`` and ``sigmoid_class``."""
+
+    def predict(self, images: Union[ImageInput, Sequence[ImageInput]], threshold: float = 0.5,
+                batch_size: int = 8) -> list[dict]:
+        """Detect objects in image files, PIL images or uint8 ``3 x H x W`` tensors.
+
+        Images are resized as the model was trained (``self.inference``) and normalised.
+        Returns one dict per image: ``boxes (N, 4)`` absolute ``(x0, y0, x1, y1)`` in the
+        original image's pixels, ``scores (N,)``, ``labels (N,)`` dataset category ids and
+        ``names`` (list of N class names), for detections scoring above ``threshold``
+        (:func:`predict_images`).
+        """
+        return predict_images(self, images, inference=self.inference, classes=self.classes,
+                              sigmoid_class=self.sigmoid_class, threshold=threshold, batch_size=batch_size,
+                              device=next(self.parameters()).device)
 
 
 def detection_records(detections: dict) -> list[dict]:

@@ -108,7 +108,7 @@ class Plan:
     @property
     def inference(self) -> dict:
         """How the trained model sizes images (recorded in its checkpoints)."""
-        return {"image_size": self.data.image_size, "max_size": self.data.max_size}
+        return {"image_size": self.data.image_size, "max_size": self.data.max_size, "resize": self.data.resize}
 
 
 def plan(model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig, train_cfg: TrainConfig,
@@ -212,10 +212,12 @@ def _trainable(p: Plan, device: torch.device) -> tuple[DETR, AidedModel, SetCrit
     """What a training step works on, on ``device``: the model (new, or from ``p.start``), the model
     with its training-only aids (the optimiser's parameters), the loss and the optimiser."""
     model = initial_model(p.model, p.train, p.classes, p.start)
-    if distributed.world_size() > 1 and device.type == "cuda" and p.model.backbone_norm == "batch":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over all GPUs
+    if distributed.world_size() > 1 and device.type == "cuda" and any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over all GPUs (RT-DETR's encoder too)
     model.to(device)
     aided = AidedModel(model, p.loss).to(device)  # the model plus its training-only aids (if any)
+    if p.start is not None and p.start.aids and _same_classes(p.start, p.classes):  # e.g. RT-DETR's denoising labels
+        _log(f"fine-tuning: {', '.join(aided.start_from(p.start.aids))} from {p.train.weights}")
     criterion = build_criterion(model.num_classes, p.loss, num_aux=p.model.dec_layers - 1 if p.model.aux_loss else 0,
                                 sigmoid_class=model.sigmoid_class).to(device)
     return model, aided, criterion, make_optimizer(aided, p.train)
@@ -248,8 +250,8 @@ def initial_model(model_cfg: ModelConfig, train_cfg: TrainConfig, classes: list[
     else:
         model = build_model(cfg, train_backbone=train_backbone)
         state = start.state
-        if not _same_classes(start, classes):  # every class head (two-stage models also score encoder tokens) starts afresh
-            fresh = {k: v for k, v in model.state_dict().items() if k.startswith(("class_embed.", "enc_class."))}
+        if not _same_classes(start, classes):  # every class head (encoder scores too, where there are) starts afresh
+            fresh = {k: v for k, v in model.state_dict().items() if k.startswith(model.class_heads)}
             state = {**state, **fresh}
         check_and_load(model, state, str(train_cfg.weights))
     set_classes(model, classes)

@@ -1,5 +1,5 @@
 """Pictures: detections drawn on images, prediction next to ground truth, training curves,
-attention maps and the Hungarian matching (from :mod:`detrkit.explain`), and the evaluation
+attention maps, sampling points and the Hungarian matching (from :mod:`detrkit.explain`), and the evaluation
 extras (precision-recall curves, confusion matrix, F1 against the score threshold).
 
 Boxes are drawn with :func:`torchvision.utils.draw_bounding_boxes`. Figures are
@@ -180,21 +180,8 @@ def draw_explanation(explanation, path: PathLike, *, cols: int = 4, panel: float
     Returns the path.
     """
     e = explanation
-    image = _to_hwc(e.image)
     n, p = len(e.boxes), len(e.points)
-    count = 1 + n + p
-    cols = min(cols, count)
-    rows = math.ceil(count / cols)
-    fig = _figure(figsize=(panel * cols, (panel + 0.2) * rows + 0.3), dpi=dpi)  # room for each panel's title
-    axes = np.atleast_1d(fig.subplots(rows, cols)).reshape(-1)
-    for ax in axes:
-        ax.axis("off")
-    captions = [f"{i + 1} {name} {score:.2f}" for i, (name, score) in enumerate(zip(e.names, e.scores.tolist()))]
-    colors = [class_color(name) for name in e.names]
-    ax = axes[0]
-    ax.imshow(image)
-    _boxes(ax, e.boxes, captions, colors)
-    ax.set_title(f"{n} detection{'s' if n != 1 else ''}" if n else "no detection above the threshold", fontsize=9)
+    fig, axes, image, captions, colors = _detections_grid(e, 1 + n + p, cols, panel, dpi)
     for i in range(n):
         ax = axes[1 + i]
         _overlay(ax, image, e.upsample(e.decoder_attention[i:i + 1])[0])
@@ -210,6 +197,52 @@ def draw_explanation(explanation, path: PathLike, *, cols: int = 4, panel: float
                  "of each point  (mean over heads)", fontsize=9)
     fig.tight_layout()
     return _save_png(fig, path, dpi)
+
+
+def draw_sampling(explanation, path: PathLike, *, cols: int = 3, panel: float = 4.0, dpi: int = 100) -> Path:
+    """One PNG: the detections, then one panel per detection with its box and the points its query
+    sampled in the last decoder layer (every head), coloured by attention weight (scaled to the
+    detection's largest), one marker per feature level. ``explanation`` is a
+    :class:`detrkit.explain.SamplingExplanation`. Returns the path."""
+    e = explanation
+    n = len(e.boxes)
+    fig, axes, image, captions, colors = _detections_grid(e, 1 + n, cols, panel, dpi)
+    height, width = image.shape[:2]
+    for i in range(n):
+        ax = axes[1 + i]
+        ax.imshow(image)
+        _boxes(ax, e.boxes[i:i + 1], [str(i + 1)], [colors[i]])
+        weight = e.weights[i] / e.weights[i].max().clamp(min=1e-12)  # (heads, P)
+        for level, marker in zip(range(len(e.strides)), "osD^v"):
+            xy, w = e.points[i][:, e.levels == level].reshape(-1, 2), weight[:, e.levels == level].reshape(-1)
+            ax.scatter(xy[:, 0], xy[:, 1], c=w, cmap="viridis", vmin=0, vmax=1, s=8 + 40 * w, marker=marker,
+                       edgecolors="white", linewidths=0.3, label=f"stride {e.strides[level]}")
+        ax.set_xlim(-0.5, width - 0.5)
+        ax.set_ylim(height - 0.5, -0.5)
+        ax.legend(loc="lower right", fontsize=6, markerscale=0.8)
+        ax.set_title(f"{captions[i]} (query {int(e.queries[i])})", fontsize=9)
+    fig.suptitle(f"sampling points of each detection's query ({e.layer}); colour, size: attention weight", fontsize=9)
+    fig.tight_layout()
+    return _save_png(fig, path, dpi)
+
+
+def _detections_grid(e, count: int, cols: int, panel: float, dpi: int):
+    """A figure of ``count`` panels, the first showing the explanation's detections: ``(fig, axes, image
+    (H, W, 3), captions, colors)``, one caption and colour per detection."""
+    image = _to_hwc(e.image)
+    cols = min(cols, count)
+    rows = math.ceil(count / cols)
+    fig = _figure(figsize=(panel * cols, (panel + 0.2) * rows + 0.3), dpi=dpi)  # room for each panel's title
+    axes = np.atleast_1d(fig.subplots(rows, cols)).reshape(-1)
+    for ax in axes:
+        ax.axis("off")
+    captions = [f"{i + 1} {name} {score:.2f}" for i, (name, score) in enumerate(zip(e.names, e.scores.tolist()))]
+    colors = [class_color(name) for name in e.names]
+    n = len(e.boxes)
+    axes[0].imshow(image)
+    _boxes(axes[0], e.boxes, captions, colors)
+    axes[0].set_title(f"{n} detection{'s' if n != 1 else ''}" if n else "no detection above the threshold", fontsize=9)
+    return fig, axes, image, captions, colors
 
 
 def draw_matching(matching, path: PathLike, *, dpi: int = 100) -> Path:

@@ -46,12 +46,13 @@ def build_datasets(cfg: DataConfig, categories: Optional[list[dict]] = None, *, 
     if train:
         _need_training_data(paths)
         train_set = CocoDetection(paths["train_json"], paths["train_images"],
-                                  train_transforms(cfg.image_size, cfg.max_size, cfg.augment), categories=categories,
+                                  train_transforms(cfg.image_size, cfg.max_size, cfg.augment, cfg.resize),
+                                  categories=categories,
                                   check_images=cfg.check_images)
         categories = train_set.categories
     if "val_json" in paths and "val_images" in paths:
         val_set = CocoDetection(paths["val_json"], paths["val_images"],
-                                val_transforms(cfg.image_size, cfg.max_size), categories=categories,
+                                val_transforms(cfg.image_size, cfg.max_size, cfg.resize), categories=categories,
                                 check_images=cfg.check_images and train)
     return train_set, val_set
 
@@ -63,7 +64,8 @@ def train_samples(train_set: CocoDetection, cfg: DataConfig, *, mosaic: bool):
     if not mosaic or cfg.mosaic == 0:
         return train_set
     tile = max(1, round(cfg.image_size * MOSAIC_TILE_RATIO))
-    return MosaicSamples(train_set, Mosaic(tile), train_transforms(cfg.image_size, cfg.max_size, "flip"), cfg.mosaic)
+    return MosaicSamples(train_set, Mosaic(tile), train_transforms(cfg.image_size, cfg.max_size, "flip", cfg.resize),
+                         cfg.mosaic)
 
 
 def _need_training_data(paths: dict[str, Path]) -> None:

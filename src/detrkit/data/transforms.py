@@ -87,11 +87,18 @@ def _resize_shorter(size: int, max_size: Optional[int]) -> v2.Resize:
     return v2.Resize(size=size, max_size=max_size)
 
 
-def _random_resize_shorter(scales: Sequence[int], max_size: Optional[int]) -> v2.Transform:
-    """One of ``scales`` (uniformly) as the shorter side, longer side at most ``max_size``."""
+def _resize(size: int, max_size: Optional[int], resize: str) -> v2.Resize:
+    """``resize="shorter"``: :func:`_resize_shorter`; ``"square"``: both sides to ``size``, the aspect
+    ratio not kept (RT-DETR's ``Resize(640, 640)``, bilinear as torchvision's and Hugging Face's)."""
+    return v2.Resize(size=(size, size)) if resize == "square" else _resize_shorter(size, max_size)
+
+
+def _random_resize(scales: Sequence[int], max_size: Optional[int], resize: str = "shorter") -> v2.Transform:
+    """One of ``scales`` (uniformly) as the shorter side, longer side at most ``max_size`` (or as
+    both sides, ``resize="square"``)."""
     if len(scales) == 1:
-        return _resize_shorter(scales[0], max_size)
-    return v2.RandomChoice([_resize_shorter(s, max_size) for s in scales])
+        return _resize(scales[0], max_size, resize)
+    return v2.RandomChoice([_resize(s, max_size, resize) for s in scales])
 
 
 class RandomSizeCrop(v2.Transform):
@@ -200,7 +207,7 @@ def _to_model_input() -> list[v2.Transform]:
 
 
 def train_transforms(image_size: int = REFERENCE_SIZE, max_size: Optional[int] = None,
-                     augment: str = "detr") -> v2.Compose:
+                     augment: str = "detr", resize: str = "shorter") -> v2.Compose:
     """The official DETR training augmentation, scaled to ``image_size``.
 
     Horizontal flip (p = 0.5), then with equal chance either
@@ -211,29 +218,31 @@ def train_transforms(image_size: int = REFERENCE_SIZE, max_size: Optional[int] =
 
     then float conversion and ImageNet normalisation. ``image_size=S`` multiplies every pixel
     number above by ``S / 800``, ``max_size`` included when it is None (1333 at 800, 213 at 128).
-    ``augment="flip"`` keeps only the flip, at the evaluation size.
+    ``augment="flip"`` keeps only the flip, at the evaluation size. ``resize="square"`` makes each
+    final size a square (RT-DETR), and ignores ``max_size``.
     """
     if augment == "flip":
-        return _flip_only(image_size, max_size)
+        return _flip_only(image_size, max_size, resize)
     if augment != "detr":
         raise ValueError(f"augment must be 'detr' or 'flip', got {augment!r}")
     max_size = _max_size(image_size, max_size)
     scales = _scaled(TRAIN_SCALES, image_size)
     pre_crop = _scaled(CROP_PRE_RESIZE, image_size)
     crop_min, crop_max = (_scaled([s], image_size)[0] for s in CROP_SIZE_RANGE)
-    _check_sizes(scales, max_size)
+    if resize != "square":
+        _check_sizes(scales, max_size)
     return v2.Compose(
         [
             v2.RandomHorizontalFlip(p=0.5),
             v2.RandomChoice(
                 [
-                    _random_resize_shorter(scales, max_size),
+                    _random_resize(scales, max_size, resize),
                     v2.Compose(
                         [
                             # No longer-side limit before the crop, as in the official recipe.
-                            _random_resize_shorter(pre_crop, None),
+                            _random_resize(pre_crop, None),
                             RandomSizeCrop(crop_min, crop_max),
-                            _random_resize_shorter(scales, max_size),
+                            _random_resize(scales, max_size, resize),
                         ]
                     ),
                 ]
@@ -244,23 +253,36 @@ def train_transforms(image_size: int = REFERENCE_SIZE, max_size: Optional[int] =
     )
 
 
-def _flip_only(image_size: int, max_size: Optional[int]) -> v2.Compose:
+def _flip_only(image_size: int, max_size: Optional[int], resize: str) -> v2.Compose:
     """Horizontal flip at the evaluation size: for small images, where the official scale
     augmentation shrinks objects below what a stride-16 feature map can separate."""
+    return v2.Compose([v2.RandomHorizontalFlip(p=0.5), _eval_resize(image_size, max_size, resize),
+                       *_to_model_input(), finish_targets()])
+
+
+def _eval_resize(image_size: int, max_size: Optional[int], resize: str) -> v2.Resize:
+    if resize not in ("shorter", "square"):
+        raise ValueError(f"resize must be 'shorter' or 'square', got {resize!r}")
     max_size = _max_size(image_size, max_size)
-    _check_sizes([image_size], max_size)
-    return v2.Compose([v2.RandomHorizontalFlip(p=0.5), _resize_shorter(image_size, max_size), *_to_model_input(),
-                       finish_targets()])
+    if resize == "shorter":
+        _check_sizes([image_size], max_size)
+    return _resize(image_size, max_size, resize)
 
 
-def val_transforms(image_size: int = REFERENCE_SIZE, max_size: Optional[int] = None) -> v2.Compose:
-    """Evaluation: shorter side ``image_size`` (longer side <= ``max_size``), ImageNet normalisation.
+def val_transforms(image_size: int = REFERENCE_SIZE, max_size: Optional[int] = None,
+                   resize: str = "shorter") -> v2.Compose:
+    """Evaluation: shorter side ``image_size`` (longer side <= ``max_size``), ImageNet normalisation;
+    ``resize="square"``: ``image_size x image_size`` (RT-DETR's 640 x 640), ``max_size`` unused.
 
     ``max_size=None`` keeps the official 800 / 1333 ratio: ``round(1333 * image_size / 800)``.
     """
-    max_size = _max_size(image_size, max_size)
-    _check_sizes([image_size], max_size)
-    return v2.Compose([_resize_shorter(image_size, max_size), *_to_model_input(), finish_targets()])
+    return v2.Compose([_eval_resize(image_size, max_size, resize), *_to_model_input(), finish_targets()])
+
+
+def inference_transforms(inference: dict) -> v2.Compose:
+    """:func:`val_transforms` of a model's ``inference`` record (``image_size``, ``max_size``, ``resize``;
+    records written before ``resize`` existed resize the shorter side)."""
+    return val_transforms(inference["image_size"], inference.get("max_size"), inference.get("resize", "shorter"))
 
 
 def prepare_image(image: ImageInput, transform: v2.Transform) -> tuple[Tensor, tuple[int, int]]:

@@ -7,22 +7,19 @@ renaming two prefixes (see :mod:`detrkit.convert`).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from detrkit.data.batch import pad_images
-from detrkit.data.images import ImageInput
 from detrkit.model.backbone import Backbone
-from detrkit.model.heads import MLP, ExtraQueries, layer_outputs
+from detrkit.model.heads import MLP, ExtraQueries, Images, layer_outputs, to_float
 from detrkit.model.transformer import Transformer
-from detrkit.predict import predict_images
-
-Images = Union[Sequence[Tensor], tuple[Tensor, Tensor]]
+from detrkit.predict import Predicts
 
 
-class DETR(nn.Module):
+class DETR(nn.Module, Predicts):
     """The DETR detector.
 
     ``sigmoid_class`` tells how class scores are read: False (DETR) = softmax over
@@ -36,6 +33,7 @@ class DETR(nn.Module):
 
     sigmoid_class = False
     shared_heads = True  # one class head and one box head for every decoder layer (official)
+    class_heads = ("class_embed.",)  # parameters that depend on the classes (fine-tuning re-initialises them)
 
     def __init__(self, backbone: Backbone, position: nn.Module, transformer: Transformer,
                  num_classes: int, num_queries: int, aux_loss: bool = True) -> None:
@@ -50,9 +48,11 @@ class DETR(nn.Module):
         self.bbox_embed = MLP(d, d, 4, 3)
         self.num_classes = num_classes
         self.num_queries = num_queries
+        self.d_model = d  # the width of the queries (training-only aids read it)
         self.aux_loss = aux_loss
         self.precision = "fp32"  # "bf16": run under bfloat16 autocast (fast inference mode)
-        self.inference = {"image_size": 800, "max_size": None}  # how predict() sizes images (official 800/1333)
+        # How predict() sizes images (official 800/1333; data.transforms.inference_transforms).
+        self.inference = {"image_size": 800, "max_size": None, "resize": "shorter"}
         self.classes = [{"index": i, "id": i, "name": str(i)} for i in range(num_classes)]
 
     def forward(self, images: Images, extra: Optional[ExtraQueries] = None) -> dict:
@@ -82,7 +82,7 @@ class DETR(nn.Module):
             return self._forward(x, mask, extra)
         with torch.autocast(x.device.type, dtype=torch.bfloat16):
             out = self._forward(x, mask, extra)
-        return _to_float(out)  # losses, matching and postprocessing always see float32
+        return to_float(out)  # losses, matching and postprocessing always see float32
 
     def _forward(self, x: Tensor, mask: Tensor, extra: Optional[ExtraQueries] = None) -> dict:
         """The network on a padded batch ``x (B, 3, H, W)``, ``mask (B, H, W)``."""
@@ -106,20 +106,6 @@ class DETR(nn.Module):
         boxes = self.bbox_embed(hs).sigmoid()  # (L, B, Q, 4)
         return layer_outputs(logits, boxes, self.aux_loss)
 
-    def predict(self, images: Union[ImageInput, Sequence[ImageInput]], threshold: float = 0.5,
-                batch_size: int = 8) -> list[dict]:
-        """Detect objects in image files, PIL images or uint8 ``3 x H x W`` tensors.
-
-        Images are resized as the model was trained (``self.inference``) and normalised.
-        Returns one dict per image: ``boxes (N, 4)`` absolute ``(x0, y0, x1, y1)`` in the
-        original image's pixels, ``scores (N,)``, ``labels (N,)`` dataset category ids and
-        ``names`` (list of N class names), for detections scoring above ``threshold``
-        (:func:`detrkit.predict.predict_images`).
-        """
-        return predict_images(self, images, inference=self.inference, classes=self.classes,
-                              sigmoid_class=self.sigmoid_class, threshold=threshold, batch_size=batch_size,
-                              device=next(self.parameters()).device)
-
     @staticmethod
     def _batch(images: Images) -> tuple[Tensor, Tensor]:
         if isinstance(images, tuple) and len(images) == 2 and isinstance(images[0], Tensor) \
@@ -137,11 +123,3 @@ class DETR(nn.Module):
             raise ValueError(f"expected a list of 3 x H x W images or a (B, 3, H, W) batch, got {tuple(images.shape)}")
         return pad_images(list(images))
 
-
-def _to_float(out):
-    """Every tensor of a (nested) output dict / list in float32."""
-    if isinstance(out, dict):
-        return {k: _to_float(v) for k, v in out.items()}
-    if isinstance(out, list):
-        return [_to_float(v) for v in out]
-    return out.float()

@@ -1,12 +1,17 @@
-"""What the detectors share around the transformer: the MLP head, training-only extra queries,
-and the per-layer output dict (``pred_logits``, ``pred_boxes``, ``aux_outputs``)."""
+"""What the detectors share around the transformer: the input type, the MLP head, training-only
+extra queries (and the attention block of hybrid ones), the per-layer output dict (``pred_logits``,
+``pred_boxes``, ``aux_outputs``) and its float32 copy."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+# What a detector takes: a list of 3 x H x W images, or a padded batch (images (B, 3, H, W), mask (B, H, W)).
+Images = Union[Sequence[Tensor], tuple[Tensor, Tensor]]
 
 
 class MLP(nn.Module):
@@ -56,3 +61,26 @@ def layer_outputs(logits: Sequence[Tensor], boxes: Sequence[Tensor], aux_loss: b
     if aux_loss:
         out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
     return out
+
+
+def to_float(out):
+    """Every tensor of a (nested) output dict / list in float32."""
+    if isinstance(out, dict):
+        return {k: to_float(v) for k, v in out.items()}
+    if isinstance(out, list):
+        return [to_float(v) for v in out]
+    return out.float()
+
+
+def with_hybrid_block(mask: Tensor, q: int, m: int) -> Tensor:
+    """A ``(Q+E, Q+E)`` attention mask (True = blocked) with ``m`` hybrid queries inserted after
+    the first ``q``: ``(Q+M+E, Q+M+E)``, where the hybrid queries see only each other and no
+    other query sees them (H-DETR keeps its two branches apart)."""
+    if m == 0:
+        return mask
+    n = mask.shape[0] + m
+    full = torch.ones(n, n, dtype=torch.bool, device=mask.device)
+    kept = torch.cat([torch.arange(q, device=mask.device), torch.arange(q + m, n, device=mask.device)])
+    full[kept[:, None], kept[None, :]] = mask
+    full[q:q + m, q:q + m] = False
+    return full

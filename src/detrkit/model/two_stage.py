@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from detrkit.model.backbone import Backbone
 from detrkit.model.detr import DETR
-from detrkit.model.heads import MLP, ExtraQueries, layer_outputs
+from detrkit.model.heads import MLP, ExtraQueries, layer_outputs, with_hybrid_block
 from detrkit.model.position import box_sine_embedding
 from detrkit.model.transformer import DecoderLayer, MultiheadAttention, Transformer
 
@@ -58,6 +58,7 @@ class TwoStageDETR(DETR):
 
     sigmoid_class = True
     shared_heads = False  # a class head and a box head per decoder layer (Deformable DETR's refinement)
+    class_heads = ("class_embed.", "enc_class.")  # the encoder proposals are scored per class too
 
     def __init__(self, backbone: Backbone, position: nn.Module, transformer: Transformer,
                  num_classes: int, num_queries: int, aux_loss: bool = True) -> None:
@@ -121,7 +122,7 @@ class TwoStageDETR(DETR):
         if extra is not None:  # training-only queries (denoising) after the Q (+ M) chosen ones
             tgt = torch.cat([tgt, extra.content.to(tgt.dtype)], 1)  # (B, Q + M + E, D)
             ref = torch.cat([ref, extra.boxes.to(ref.dtype)], 1)  # (B, Q + M + E, 4)
-            attn_mask = _with_hybrid_block(extra.attn_mask, k, m)
+            attn_mask = with_hybrid_block(extra.attn_mask, k, m)
 
         logits, boxes = self._decode(tgt, ref, memory, pos, flat_mask, attn_mask)  # per layer (B, Q + M + E, .)
         out = layer_outputs([a[:, :k] for a in logits], [b[:, :k] for b in boxes], self.aux_loss)
@@ -207,16 +208,3 @@ class ConditionalDecoderLayer(DecoderLayer):
         tgt = self.residual(tgt, cross_attention, self.norm2, self.dropout2)
         return self.residual(tgt, self.feed_forward, self.norm3, self.dropout3)
 
-
-def _with_hybrid_block(mask: Tensor, q: int, m: int) -> Tensor:
-    """A ``(Q+E, Q+E)`` attention mask (True = blocked) with ``m`` hybrid queries inserted after
-    the first ``q``: ``(Q+M+E, Q+M+E)``, where the hybrid queries see only each other and no
-    other query sees them (H-DETR keeps its two branches apart)."""
-    if m == 0:
-        return mask
-    n = mask.shape[0] + m
-    full = torch.ones(n, n, dtype=torch.bool, device=mask.device)
-    kept = torch.cat([torch.arange(q, device=mask.device), torch.arange(q + m, n, device=mask.device)])
-    full[kept[:, None], kept[None, :]] = mask
-    full[q:q + m, q:q + m] = False
-    return full
