@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="detrkit", description="DETR: train, evaluate and run object detectors.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_demo_parser, _synth_parser, _check_data_parser, _train_parser, _eval_parser, _predict_parser,
-                _export_parser, _explain_parser):
+                _export_parser, _serve_parser, _explain_parser):
         _common(add(sub))
     return parser
 
@@ -243,6 +243,16 @@ def _export_parser(sub) -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX and check it against onnxruntime")
     add_export_arguments(p)
+    return p
+
+
+def _serve_parser(sub) -> argparse.ArgumentParser:
+    from detrkit.serve import add_serve_arguments
+
+    p = sub.add_parser("serve", help="serve a detector over HTTP, with a page to try it in a browser",
+                       description="POST /predict (an image: JPEG, PNG or WebP) answers with JSON detections; "
+                       "GET / is a page to try it; GET /health, GET /model. See docs/serving.md.")
+    add_serve_arguments(p)
     return p
 
 
@@ -406,6 +416,13 @@ def cmd_export(args) -> int:
     return run_export(args)
 
 
+def cmd_serve(args) -> int:
+    from detrkit.serve import run_serve
+
+    note_slow_bf16(args.precision, args.device)
+    return run_serve(args)
+
+
 def cmd_explain(args) -> int:
     from detrkit import load_model
 
@@ -475,7 +492,7 @@ def _explain_matching(args, model, data: dict) -> int:
 
 
 COMMANDS = {"explain": cmd_explain, "export": cmd_export, "train": cmd_train, "check-data": cmd_check_data,
-            "eval": cmd_eval, "predict": cmd_predict, "synth": cmd_synth, "demo": cmd_demo}
+            "eval": cmd_eval, "predict": cmd_predict, "synth": cmd_synth, "demo": cmd_demo, "serve": cmd_serve}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
