@@ -31,6 +31,9 @@ Color = Union[str, tuple[int, int, int]]
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
            "#8c564b", "#e377c2", "#ffd92f", "#bcbd22", "#17becf")
 
+# The metrics of results.png, each in its own panel after the losses.
+CURVE_METRICS = ("AP", "AP50", "AP75")
+
 # Captions on a box-coloured band read on any background. Newer torchvision can draw them
 # (fill_labels, label_colors); older versions draw the caption text in the box colour.
 _FILLED_CAPTIONS = {"fill_labels", "label_colors"} <= set(inspect.signature(draw_bounding_boxes).parameters)
@@ -141,31 +144,49 @@ def side_by_side(pred_img: Tensor, gt_img: Tensor, path: PathLike, *,
 
 
 def plot_training_curves(results_csv_path: PathLike, out_png: PathLike) -> Path:
-    """Plot a results.csv: losses per epoch (left) and AP / AP50 per epoch (right), as PNG.
+    """Plot a results.csv as PNG: one small panel per loss term and metric (see
+    :func:`training_curves_figure`). Returns the output path."""
+    return _save_png(training_curves_figure(results_csv_path), out_png, 100)
 
-    The csv has a header row and one row per epoch. Loss columns are those with "loss" in
-    their name (``train_loss``, ``train_loss_ce``, ...); metric columns are ``AP`` and
-    ``AP50``. Empty or non-numeric cells (epochs without evaluation) are skipped, not
-    drawn as 0. Without an ``epoch`` column the row number counts from 1. A file with one
-    row, or without metric columns, still gives a figure. Returns the output path.
+
+def training_curves_figure(results_csv_path: PathLike):
+    """A grid of small panels, one per series of a results.csv, each with its own y axis.
+
+    The series are the loss columns (those with "loss" in their name: ``train_loss``, the
+    weighted total, first, then each term such as ``train_loss_ce``) and the metrics ``AP``,
+    ``AP50``, ``AP75``, in that order, at most five panels a row (as Ultralytics' results.png).
+    Separate axes keep a term of 0.05-2 readable beside a total of ~20. The csv has a header row
+    and one row per epoch; empty or non-numeric cells (epochs without evaluation) are skipped,
+    not drawn as 0; without an ``epoch`` column the row number counts from 1. A file with one
+    row, or a header only, still gives a figure. Returns the matplotlib Figure.
     """
     with open(results_csv_path, newline="") as f:
         reader = csv.DictReader(f)
         columns = list(reader.fieldnames or [])
         rows = list(reader)
     epochs = _column(rows, "epoch") if "epoch" in columns else np.arange(1, len(rows) + 1, dtype=float)
-    loss_columns = [c for c in columns if "loss" in c.lower()]
-    metric_columns = [c for c in ("AP", "AP50") if c in columns]
-
-    fig = _figure(figsize=(11, 4.2), dpi=100)
-    ax_loss, ax_metric = fig.subplots(1, 2, sharex=True)  # same epoch axis, also when AP is sparse
-    _plot_panel(ax_loss, epochs, {c: _column(rows, c) for c in loss_columns}, "loss", "no loss columns")
-    _plot_panel(ax_metric, epochs, {c: _column(rows, c) for c in metric_columns}, "COCO AP",
-                "no evaluation yet")
-    if any(math.isfinite(v) for c in metric_columns for v in _column(rows, c)):
-        ax_metric.set_ylim(bottom=0)  # AP on an absolute scale: 0.30 vs 0.31 should look close
+    # Totals (train_loss) before their terms (train_loss_ce, ...); otherwise the csv's order.
+    losses = sorted((c for c in columns if "loss" in c.lower()), key=lambda c: not c.lower().endswith("loss"))
+    series = losses + [c for c in CURVE_METRICS if c in columns]
+    cols = min(5, max(1, len(series)))
+    nrows = max(1, math.ceil(len(series) / cols))
+    fig = _figure(figsize=(2.7 * cols, 2.2 * nrows), dpi=100)
+    # One epoch axis for all, also where AP is sparse; each panel keeps its tick labels.
+    axes = np.atleast_1d(fig.subplots(nrows, cols, sharex=True)).reshape(-1)
+    for ax in axes:
+        ax.xaxis.set_tick_params(labelbottom=True)
+    for ax in axes[max(1, len(series)):]:
+        fig.delaxes(ax)  # the unused cells of the last row
+    if not series:
+        axes[0].text(0.5, 0.5, "no loss or metric columns", ha="center", va="center", color="gray")
+        axes[0].axis("off")
+    for ax, name in zip(axes, series):
+        metric = name in CURVE_METRICS
+        _plot_panel(ax, epochs, _column(rows, name), name, "no evaluation yet" if metric else "no values yet")
+        if metric and np.isfinite(_column(rows, name)).any():
+            ax.set_ylim(bottom=0)  # AP on an absolute scale: 0.30 vs 0.31 should look close
     fig.tight_layout()
-    return _save_png(fig, out_png, 100)
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,25 +465,20 @@ def _column(rows: list[dict], name: str) -> np.ndarray:
     return np.asarray(values, dtype=float)
 
 
-def _plot_panel(ax, epochs: np.ndarray, series: dict, ylabel: str, empty_note: str) -> None:
+def _plot_panel(ax, epochs: np.ndarray, values: np.ndarray, title: str, empty_note: str) -> None:
     from matplotlib.ticker import MaxNLocator
 
-    drawn = False
-    for name, values in series.items():
-        keep = np.isfinite(values) & np.isfinite(epochs)
-        if not keep.any():
-            continue
-        # Markers make a single epoch (or a metric measured every few epochs) visible.
-        ax.plot(epochs[keep], values[keep], marker="o", markersize=3, label=name)
-        drawn = True
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(ylabel)
+    keep = np.isfinite(values) & np.isfinite(epochs)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("epoch", fontsize=8)
+    ax.tick_params(labelsize=7)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if drawn:
-        ax.legend(fontsize="small")
+    if keep.any():
+        # Markers make a single epoch (or a metric measured every few epochs) visible.
+        ax.plot(epochs[keep], values[keep], marker="o", markersize=2.5, linewidth=1.2)
         ax.grid(alpha=0.3)
     else:
-        ax.text(0.5, 0.5, empty_note, ha="center", va="center", transform=ax.transAxes, color="gray")
+        ax.text(0.5, 0.5, empty_note, ha="center", va="center", transform=ax.transAxes, color="gray", fontsize=8)
 
 
 def _floats(values: Sequence) -> np.ndarray:

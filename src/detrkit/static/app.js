@@ -66,6 +66,8 @@ function draw() {
   const {width, height} = answer.image;
   const svg = $("boxes");
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
+  // As wide as the column allows, at most 75 % of the window's height; the boxes scale with it.
+  $("stage").style.width = `min(100%, ${(75 * width / height).toFixed(2)}vh)`;
   const detections = shown();
   const font = Math.max(10, Math.round(Math.min(width, height) / 28));
   svg.replaceChildren(...detections.map((d) => boxElement(d, font)));
