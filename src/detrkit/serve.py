@@ -21,9 +21,10 @@ that call held.
 Batching: requests that arrive within ``max_wait_ms`` of the first waiting one (up to
 ``max_batch``) go through the model together, in one worker thread, so the event loop keeps
 answering (``/health`` too) while a batch runs. Within a batch, only images of the same size
-share a forward pass: padding an image to a larger neighbour's size changes its backbone
-features near the border, so a padded batch would not give the detections the image gets on its
-own. Same-size images need no padding, so batching on or off gives the same detections.
+share a forward pass: padded to a larger neighbour's size, an image's backbone features near its
+border mix in features of the padding (the mask hides the padding from the transformer only), so
+a padded batch would not give the detections the image gets on its own. Same-size images need no
+padding, so batching on or off gives the same detections.
 
 The server reads no path from a request (the page's files are read once, from the package, at
 start), binds 127.0.0.1 unless told otherwise, and loads weights only through
