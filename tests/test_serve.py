@@ -1,7 +1,9 @@
 """detrkit serve against a real uvicorn server on a free localhost port: the same detections as
 `detrkit predict` (checkpoint and ONNX), every bad request refused with a 4xx and the server still
 up, EXIF orientation, batching on = off, /health during a batch, and a bounded load run."""
+import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -306,3 +308,16 @@ def test_missing_extra_is_named(checkpoint):
 def test_bad_flags_exit_2(checkpoint, capsys, flag, value):
     assert main(["serve", "--weights", str(checkpoint), flag, value]) == 2
     assert flag in capsys.readouterr().err
+
+
+def test_every_serve_flag_is_documented_with_its_default():
+    parser = argparse.ArgumentParser()
+    serve.add_serve_arguments(parser)
+    actions = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert all(a.help and a.help.strip() for a in actions)
+    defaults = serve.ServeConfig()
+    fields = {f.name for f in dataclasses.fields(defaults)}
+    assert fields <= {a.dest for a in actions}  # every setting is a flag
+    for a in actions:
+        if a.dest in fields:
+            assert a.default == getattr(defaults, a.dest) and f"(default: {a.default})" in a.help
