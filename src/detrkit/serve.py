@@ -41,18 +41,17 @@ import io
 import json
 import math
 import socket
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 from PIL import Image, UnidentifiedImageError
 
 from detrkit.checkpoint import load_model
 from detrkit.config import PRESETS, ModelConfig, preset
-from detrkit.data.coco import open_rgb
+from detrkit.data.images import open_rgb
 from detrkit.engine import select_device
 from detrkit.errors import DataError, DetrkitError
 from detrkit.export import OnnxDetector
@@ -117,7 +116,8 @@ class RequestError(Exception):
 # ---------------------------------------------------------------------------------------------
 class Detector:
     """The one place the server calls the model API: a checkpoint through :func:`load_model`,
-    an exported ``.onnx`` file through :class:`detrkit.export.OnnxDetector`.
+    an exported ``.onnx`` file through :class:`detrkit.export.OnnxDetector`. Both ``predict``
+    methods are :func:`detrkit.predict.predict_images`, the inference path of ``detrkit predict``.
 
     :meth:`detect` takes RGB PIL images and returns, per image, every candidate detection
     (threshold 0): ``boxes (N, 4)`` absolute xyxy, ``scores (N,)``, ``labels (N,)`` category ids,

@@ -66,10 +66,11 @@ function draw() {
   const {width, height} = answer.image;
   const svg = $("boxes");
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
-  // As wide as the column allows, at most 75 % of the window's height; the boxes scale with it.
-  $("stage").style.width = `min(100%, ${(75 * width / height).toFixed(2)}vh)`;
+  // As wide as the column allows, at most 70 % of the window's height; the boxes scale with it.
+  $("stage").style.width = `min(100%, ${(70 * width / height).toFixed(2)}vh)`;
   const detections = shown();
-  const font = Math.max(10, Math.round(Math.min(width, height) / 28));
+  // Captions 13 screen pixels high, whatever the image's scale on screen (SVG units are image pixels).
+  const font = 13 * width / Math.max(1, svg.getBoundingClientRect().width);
   svg.replaceChildren(...detections.map((d) => boxElement(d, font)));
   $("json").textContent = JSON.stringify({...answer, threshold: threshold(), detections}, null, 1);
   setStatus(`${detections.length} of ${answer.detections.length} detections above ${threshold().toFixed(2)}; `
@@ -90,10 +91,11 @@ function boxElement(d, font) {
     .forEach(([k, v]) => rect.setAttribute(k, v));
   const caption = `${d.name} ${d.score.toFixed(2)}`;
   const band = document.createElementNS(SVG, "rect");
-  Object.entries({class: "band", x: x0, y: y0, width: caption.length * font * 0.6 + 4, height: font + 4, fill: color})
+  Object.entries({class: "band", x: x0, y: y0, width: caption.length * font * 0.6 + font / 2, height: font * 1.3,
+                  fill: color})
     .forEach(([k, v]) => band.setAttribute(k, v));
   const text = document.createElementNS(SVG, "text");
-  Object.entries({x: x0 + 2, y: y0 + 2, "font-size": font}).forEach(([k, v]) => text.setAttribute(k, v));
+  Object.entries({x: x0 + font / 4, y: y0 + font / 6, "font-size": font}).forEach(([k, v]) => text.setAttribute(k, v));
   text.textContent = caption;
   const title = document.createElementNS(SVG, "title");
   title.textContent = `${caption} [${d.box.map((v) => v.toFixed(1)).join(", ")}]`;
@@ -111,6 +113,7 @@ document.addEventListener("DOMContentLoaded", () => {
   loadModel().catch((error) => setStatus(`cannot read /model: ${error.message}`, true));
   $("file").addEventListener("change", (event) => pick(event.target.files));
   $("threshold").addEventListener("input", () => { showThreshold(); draw(); });
+  window.addEventListener("resize", draw);
   const drop = $("drop");
   drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
