@@ -9,8 +9,8 @@ user would, so the clients (threads of this process, one keep-alive connection e
 share the server's interpreter. "on" is ``--max-batch N --max-wait-ms W``, "off" is
 ``--max-batch 1``. Each mode is warmed up, then the modes alternate for ``--repeats`` rounds
 (ABAB...); reported are the medians over rounds of throughput (answered requests per second of
-wall time), p50 and p99 latency (send to last byte) and the model calls' batch sizes, and the
-ratio on / off. Every answer must be 200; the script stops otherwise. The images are the files
+wall time), p50 and p99 latency (send to last byte), the mean size of the model call each request
+was in, and the ratio of throughputs on / off. Every answer must be 200; the script stops otherwise. The images are the files
 given, or noise JPEGs of ``--image-size`` (H W) when none are.
 """
 from __future__ import annotations
@@ -152,7 +152,7 @@ def main(argv=None) -> dict:
     result["throughput_ratio_on_off"] = on["throughput"] / off["throughput"]
     print(f"{result['machine']}; {args.weights}; {args.requests} requests x {args.repeats} rounds from "
           f"{args.clients} clients; median over rounds")
-    print("| batching | requests/s | p50 ms | p99 ms | images per model call |\n|---|---|---|---|---|")
+    print("| batching | requests/s | p50 ms | p99 ms | mean batch per request |\n|---|---|---|---|---|")
     for mode, label in (("on", f"on (max {args.max_batch}, {args.max_wait_ms:g} ms)"), ("off", "off")):
         m = result["modes"][mode]
         print(f"| {label} | {m['throughput']:.1f} | {m['p50_ms']:.0f} | {m['p99_ms']:.0f} | {m['mean_batch']:.2f} |")
