@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageOps
 
 from detrkit import load_model, serve
+from detrkit.batching import Batcher
 from detrkit.cli import main
 from detrkit.export import export_onnx
 from serve_helpers import (
@@ -245,7 +246,7 @@ def test_batcher_batches_answers_each_item_and_survives_errors():
         return [f"{item}!" for item in items]
 
     async def scenario():
-        batcher = serve.Batcher(run, max_batch=4, max_wait_ms=20)
+        batcher = Batcher(run, max_batch=4, max_wait_ms=20)
         await batcher.start()
         try:
             got = await asyncio.gather(*(batcher.submit(str(i)) for i in range(10)))

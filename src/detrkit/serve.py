@@ -41,16 +41,15 @@ import io
 import json
 import math
 import socket
-import time
-from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from PIL import Image, UnidentifiedImageError
 
+from detrkit.batching import Batcher, run_grouped
 from detrkit.checkpoint import load_model
-from detrkit.config import PRESETS, ModelConfig, preset
+from detrkit.config import PRESETS, ModelConfig, config_from_dict, preset
 from detrkit.data.images import open_rgb
 from detrkit.engine import select_device
 from detrkit.errors import DataError, DetrkitError
@@ -131,8 +130,7 @@ class Detector:
                 raise DetrkitError(f"{self.weights}: an ONNX export runs in float32; --precision {precision} "
                                    f"applies to PyTorch checkpoints")
             self.model, self.backend, self.device = OnnxDetector(self.weights), "onnxruntime", "cpu"
-            config = json.loads(self.model.session.get_modelmeta().custom_metadata_map.get("model_config", "null"))
-            self.config = ModelConfig(**config) if config else None
+            self.config = _onnx_model_config(self.model)
         else:
             self.device = str(select_device(device))
             self.model = load_model(self.weights, device=self.device, precision=precision)
@@ -149,96 +147,21 @@ class Detector:
                 "input": dict(self.model.inference), "classes": self.classes}
 
 
+def _onnx_model_config(detector: OnnxDetector) -> Optional[ModelConfig]:
+    """The model config an export recorded in its metadata; None when it has none this version reads."""
+    try:
+        recorded = json.loads(detector.session.get_modelmeta().custom_metadata_map.get("model_config", "null"))
+        return config_from_dict(ModelConfig, recorded) if isinstance(recorded, dict) else None
+    except (ValueError, TypeError):  # fields of another version: the preset is then unknown
+        return None
+
+
 def preset_name(config: Optional[ModelConfig]) -> Optional[str]:
     """The preset a model config is (classes and auxiliary outputs aside), or None."""
     if config is None:
         return None
     return next((name for name in PRESETS if dataclasses.replace(
         preset(name), num_classes=config.num_classes, aux_loss=config.aux_loss) == config), None)
-
-
-# ---------------------------------------------------------------------------------------------
-# Batching
-# ---------------------------------------------------------------------------------------------
-class Batcher:
-    """Gathers concurrent items into batches for ``run`` (called in one worker thread).
-
-    ``run(items) -> results`` gets at most ``max_batch`` items and returns one result per item.
-    A batch is closed when it is full or ``max_wait_ms`` after its first item was submitted;
-    items that waited while the previous batch ran go at once. An exception in ``run`` is the
-    answer of every item of that batch; the next batch runs as usual.
-    """
-
-    def __init__(self, run: Callable[[list], list], max_batch: int, max_wait_ms: float) -> None:
-        self.run, self.max_batch, self.max_wait = run, max_batch, max_wait_ms / 1000
-        self.queue: Optional[asyncio.Queue] = None
-        self.batches = 0
-        self._task: Optional[asyncio.Task] = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detrkit-model")
-
-    async def start(self) -> None:
-        self.queue = asyncio.Queue()
-        self._task = asyncio.create_task(self._loop())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self._executor.shutdown(wait=True)
-
-    async def submit(self, item):
-        """The result of ``item``, computed in a batch with the items submitted around it."""
-        future = asyncio.get_running_loop().create_future()
-        await self.queue.put((item, future, time.monotonic()))
-        return await future
-
-    async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = [await self.queue.get()]
-            deadline = batch[0][2] + self.max_wait
-            while len(batch) < self.max_batch:
-                try:
-                    batch.append(self.queue.get_nowait())
-                    continue
-                except asyncio.QueueEmpty:
-                    pass
-                if time.monotonic() >= deadline:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), deadline - time.monotonic()))
-                except asyncio.TimeoutError:
-                    break
-            batch = [entry for entry in batch if not entry[1].done()]  # clients that went away
-            if not batch:
-                continue
-            self.batches += 1
-            try:
-                results = await loop.run_in_executor(self._executor, self.run, [item for item, _, _ in batch])
-            except Exception as e:  # noqa: BLE001 - the batch's requests get the error, the server goes on
-                for _, future, _ in batch:
-                    if not future.done():
-                        future.set_exception(e)
-                continue
-            for (_, future, _), result in zip(batch, results):
-                if not future.done():
-                    future.set_result(result)
-
-
-def run_grouped(detect: Callable[[list], list], images: list) -> list[tuple[dict, int, float]]:
-    """``detect`` on ``images`` in groups of one size: ``(detections, group size, ms)`` per image."""
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, image in enumerate(images):
-        groups.setdefault(image.size, []).append(i)
-    results: list = [None] * len(images)
-    for members in groups.values():
-        start = time.perf_counter()
-        dets = detect([images[i] for i in members])
-        ms = (time.perf_counter() - start) * 1000
-        for i, det in zip(members, dets):
-            results[i] = (det, len(members), ms)
-    return results
 
 
 # ---------------------------------------------------------------------------------------------
