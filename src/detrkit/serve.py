@@ -51,7 +51,7 @@ from detrkit.batching import Batcher, run_grouped
 from detrkit.checkpoint import load_model
 from detrkit.config import PRESETS, ModelConfig, config_from_dict, preset
 from detrkit.data.images import open_rgb
-from detrkit.engine import select_device
+from detrkit.distributed import select_device
 from detrkit.errors import DataError, DetrkitError
 from detrkit.export import OnnxDetector
 
