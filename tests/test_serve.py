@@ -236,6 +236,19 @@ def test_health_answers_while_a_batch_runs(images):
                                   "name": "square"}]
 
 
+def test_a_full_server_answers_503_and_recovers(images):
+    blocking, jpeg = BlockingDetector(), images[0].read_bytes()
+    with running(blocking, max_wait_ms=0, max_pending=1) as url, ThreadPoolExecutor(1) as pool:
+        first = pool.submit(predict, url, jpeg)
+        assert blocking.started.wait(60)  # the one request allowed is in the model
+        status, data, headers = call(url, "/predict", jpeg, ctype="image/jpeg")
+        assert status == 503 and headers["retry-after"] == "1" and list(json.loads(data)) == ["error"]
+        assert call(url, "/health")[0] == 200
+        blocking.release.set()
+        assert len(first.result(60)["detections"]) == 1
+        assert len(predict(url, jpeg)["detections"]) == 1  # room again
+
+
 def test_batcher_batches_answers_each_item_and_survives_errors():
     sizes = []
 
