@@ -21,7 +21,7 @@ from detrkit.config import (
     config_from_dict, read_config_file, route,
 )
 from detrkit.distributed import note_slow_bf16, select_device
-from detrkit.errors import DetrkitError
+from detrkit.errors import DataError, DetrkitError
 from detrkit.presets import FAMILY_RECIPES, PRESETS, RECIPES, resolve
 
 PRECISION_HELP = ("fp32: exact; bf16: the network under bfloat16 autocast, scores and boxes in float32; faster only "
@@ -226,7 +226,10 @@ def _eval_parser(sub) -> argparse.ArgumentParser:
 
 
 def _predict_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("predict", help="detect objects in images and draw them")
+    p = sub.add_parser("predict", help="detect objects in images and draw them",
+                       description="Writes OUT/NAME.png (the boxes drawn) for each image and OUT/detections.json. "
+                       "A file that cannot be read as an image is skipped with one line saying why; everything else "
+                       "is written, and the run ends with a summary naming the skipped files and exit status 2.")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
     p.add_argument("--weights", required=True, metavar="PATH",
                    help="checkpoint (detrkit, official or Hugging Face) or an exported .onnx file")
@@ -364,31 +367,16 @@ def cmd_eval(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from detrkit import load_model
-    from detrkit.data.images import image_files, image_tensor
-    from detrkit.predict import detection_records
-    from detrkit.visualize import draw_detections, save_image
+    from detrkit.data.images import image_files
+    from detrkit.detector import Detector, predict_files
 
     files = image_files(args.paths)
-    if str(args.weights).endswith(".onnx"):  # an exported model runs through onnxruntime
-        from detrkit.export import OnnxDetector
-
-        model = OnnxDetector(args.weights)
-    else:
-        note_slow_bf16(args.precision, args.device)
-        model = load_model(args.weights, device=select_device(args.device), precision=args.precision)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    records = []
-    for start in range(0, len(files), args.batch_size):
-        chunk = files[start:start + args.batch_size]
-        images = [image_tensor(f) for f in chunk]
-        for f, img, det in zip(chunk, images, model.predict(images, threshold=args.threshold)):
-            drawn = draw_detections(img, det["boxes"].cpu(), det["names"], det["scores"].cpu())
-            save_image(drawn, out / f"{f.stem}.png")
-            records.append({"file": str(f), "detections": detection_records(det)})
-    (out / "detections.json").write_text(json.dumps(records, indent=1))
-    print(f"{len(files)} images, {sum(len(r['detections']) for r in records)} detections -> {out}")
+    note_slow_bf16(args.precision, args.device)
+    detector = Detector(args.weights, device=args.device, precision=args.precision)
+    done = predict_files(detector, files, Path(args.out), threshold=args.threshold, batch_size=args.batch_size)
+    if done.skipped:  # everything readable is written; the run still fails, as for any data error
+        raise DataError(done.summary(Path(args.out)))
+    print(done.summary(Path(args.out)))
     return 0
 
 

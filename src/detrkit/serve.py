@@ -38,7 +38,6 @@ import asyncio
 import contextlib
 import dataclasses
 import io
-import json
 import math
 import socket
 from importlib import resources
@@ -48,12 +47,9 @@ from typing import Optional
 from PIL import Image, UnidentifiedImageError
 
 from detrkit.batching import Batcher, run_grouped
-from detrkit.checkpoint import load_model
-from detrkit.config import PRESETS, ModelConfig, config_from_dict, preset
 from detrkit.data.images import open_rgb
-from detrkit.distributed import select_device
+from detrkit.detector import Detector
 from detrkit.errors import DataError, DetrkitError
-from detrkit.export import OnnxDetector
 
 try:  # the serve extra; without it this module still gives the CLI its flags and a clear error
     import uvicorn
@@ -108,60 +104,6 @@ class RequestError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
-
-
-# ---------------------------------------------------------------------------------------------
-# The model, behind one adapter
-# ---------------------------------------------------------------------------------------------
-class Detector:
-    """The one place the server calls the model API: a checkpoint through :func:`load_model`,
-    an exported ``.onnx`` file through :class:`detrkit.export.OnnxDetector`. Both ``predict``
-    methods are :func:`detrkit.predict.predict_images`, the inference path of ``detrkit predict``.
-
-    :meth:`detect` takes RGB PIL images and returns, per image, every candidate detection
-    (threshold 0): ``boxes (N, 4)`` absolute xyxy, ``scores (N,)``, ``labels (N,)`` category ids,
-    ``names``. The server filters each answer by the request's own threshold.
-    """
-
-    def __init__(self, weights, *, device: str = "auto", precision: str = "fp32") -> None:
-        self.weights = Path(weights)
-        if self.weights.suffix.lower() == ".onnx":
-            if precision != "fp32":
-                raise DetrkitError(f"{self.weights}: an ONNX export runs in float32; --precision {precision} "
-                                   f"applies to PyTorch checkpoints")
-            self.model, self.backend, self.device = OnnxDetector(self.weights), "onnxruntime", "cpu"
-            self.config = _onnx_model_config(self.model)
-        else:
-            self.device = str(select_device(device))
-            self.model = load_model(self.weights, device=self.device, precision=precision)
-            self.backend, self.config = "pytorch", self.model.config
-        self.precision = precision
-        self.classes = [{"id": c["id"], "name": c["name"]} for c in self.model.classes]
-
-    def detect(self, images: list) -> list[dict]:
-        return self.model.predict(images, threshold=0.0, batch_size=len(images))
-
-    def info(self) -> dict:
-        return {"weights": self.weights.name, "backend": self.backend, "device": self.device,
-                "precision": self.precision, "preset": preset_name(self.config),
-                "input": dict(self.model.inference), "classes": self.classes}
-
-
-def _onnx_model_config(detector: OnnxDetector) -> Optional[ModelConfig]:
-    """The model config an export recorded in its metadata; None when it has none this version reads."""
-    try:
-        recorded = json.loads(detector.session.get_modelmeta().custom_metadata_map.get("model_config", "null"))
-        return config_from_dict(ModelConfig, recorded) if isinstance(recorded, dict) else None
-    except (ValueError, TypeError):  # fields of another version: the preset is then unknown
-        return None
-
-
-def preset_name(config: Optional[ModelConfig]) -> Optional[str]:
-    """The preset a model config is (classes and auxiliary outputs aside), or None."""
-    if config is None:
-        return None
-    return next((name for name in PRESETS if dataclasses.replace(
-        preset(name), num_classes=config.num_classes, aux_loss=config.aux_loss) == config), None)
 
 
 # ---------------------------------------------------------------------------------------------
