@@ -18,7 +18,7 @@ from typing import Optional
 from detrkit.allocator import tune_allocator
 from detrkit.config import (
     AUTO_IMAGE_SIZE, CLASS_COST_FORMULAS, CLASS_LOSSES, DataConfig, LossConfig, ModelConfig, TrainConfig,
-    config_from_dict, read_config_file, route,
+    config_from_dict, load_run_config, read_config_file, route,
 )
 from detrkit.distributed import note_slow_bf16, select_device
 from detrkit.errors import DataError, DetrkitError
@@ -204,8 +204,11 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     _flag(g, TrainConfig, "out", "run folder", metavar="RUN_DIR")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint, with "
                    "its saved settings (--epochs, --minutes, --device, --patience, --eval-every may change; so may the "
-                   "number of processes)")
+                   "number of processes; so may --log)")
     _flag(g, TrainConfig, "device", "cpu, cuda, cuda:1 ... or auto")
+    g.add_argument("--log", action="append", metavar="NAME", default=None,
+                   help="experiment logging: tensorboard, mlflow, wandb (the last two need the log extra); repeat "
+                        "the flag or separate names with commas for several (docs/logging.md) (default: none)")
     return p
 
 
@@ -298,12 +301,12 @@ def _given(args) -> dict[str, dict]:
 
 
 def cmd_train(args) -> int:
-    from detrkit.run import load_run_config, train
+    from detrkit.run import train
 
     if args.resume:
         model_cfg, loss_cfg, data_cfg, train_cfg = load_run_config(Path(args.resume))
         overrides = {k: v for k, v in _given(args).get("train", {}).items()
-                     if k in ("epochs", "minutes", "device", "patience", "eval_every")}
+                     if k in ("epochs", "minutes", "device", "patience", "eval_every", "log")}
         train_cfg = dataclasses.replace(train_cfg, **overrides, out=args.resume, resume=True)
     else:
         from_file = read_config_file(args.config) if args.config else {}
@@ -459,7 +462,6 @@ def _points(values: list[str]) -> list[tuple[float, float]]:
 def _explain_matching(args, model, data: dict) -> int:
     from detrkit.data.build import data_paths
     from detrkit.explain import match_annotated
-    from detrkit.run import load_run_config
     from detrkit.visualize import draw_matching
 
     paths = data_paths(config_from_dict(DataConfig, data))
