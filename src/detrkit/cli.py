@@ -206,9 +206,10 @@ def _train_parser(sub) -> argparse.ArgumentParser:
                    "its saved settings (--epochs, --minutes, --device, --patience, --eval-every may change; so may the "
                    "number of processes; so may --log)")
     _flag(g, TrainConfig, "device", "cpu, cuda, cuda:1 ... or auto")
-    g.add_argument("--log", action="append", metavar="NAME", default=None,
+    g.add_argument("--log", "--logger", dest="log", action="append", metavar="NAME", default=None,
                    help="experiment logging: tensorboard, mlflow, wandb (the last two need the log extra); repeat "
-                        "the flag or separate names with commas for several (docs/logging.md) (default: none)")
+                        "the flag or separate names with commas for several; under torchrun write --logger (its "
+                        "own --log-dir makes --log ambiguous there) (docs/logging.md) (default: none)")
     return p
 
 
