@@ -39,7 +39,6 @@ import os
 import time
 from pathlib import Path
 from typing import Optional
-from typing import Optional
 
 import numpy as np
 import torch
@@ -147,6 +146,8 @@ def open_loggers(names, run_dir: Path, run_id: str, step: int, device: torch.dev
 # The three backends: scalars, config, pictures, close
 # ---------------------------------------------------------------------------------------------
 class TensorBoard:
+    """Event files in the run folder (``torch.utils.tensorboard``), read by TensorBoard."""
+
     def __init__(self, run_dir: Path, step: int) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -174,6 +175,8 @@ class TensorBoard:
 
 
 class MLflow:
+    """One MLflow run per detrkit run, through ``MlflowClient`` (no global active run is touched)."""
+
     def __init__(self, run_dir: Path, run_id: str) -> None:
         import mlflow
         from mlflow.entities import Metric, Param
@@ -215,6 +218,8 @@ class MLflow:
 
 
 class WandB:
+    """One W&B run per detrkit run, its id the run id; created apart from the caller's own ``wandb.run``."""
+
     def __init__(self, run_dir: Path, run_id: str, config: dict) -> None:
         import wandb
 
