@@ -101,7 +101,7 @@ class Loggers:
         """At the end: the best checkpoint's ``detections`` (COCO results, best/detections.json) drawn
         on the first validation images, written to ``best/predictions/`` and logged."""
         if self.backends:
-            paths = best_pictures(val_set, detections, best / "predictions")
+            paths = draw_best_pictures(val_set, detections, best / "predictions")
             for backend in self.backends:
                 backend.pictures("best/predictions", paths, step)
 
@@ -259,7 +259,7 @@ def _flat(config: dict, prefix: str = "") -> dict:
 # ---------------------------------------------------------------------------------------------
 # The best checkpoint's pictures
 # ---------------------------------------------------------------------------------------------
-def best_pictures(val_set: CocoDetection, detections: list[dict], out: Path, count: int = PICTURES,
+def draw_best_pictures(val_set: CocoDetection, detections: list[dict], out: Path, count: int = PICTURES,
                   threshold: float = PICTURE_THRESHOLD) -> list[Path]:
     """The first ``count`` validation images with ``detections`` (COCO results format, the best
     checkpoint's, as saved in best/detections.json) scoring above ``threshold``, beside their
