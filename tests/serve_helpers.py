@@ -17,7 +17,7 @@ import uvicorn
 from PIL import Image
 
 from detrkit import build_model, save_model, serve
-from detrkit.config import preset
+from detrkit.presets import preset
 
 TINY = preset("detr_r18_tiny", num_classes=3)
 CLASSES = [{"id": 3, "name": "circle"}, {"id": 7, "name": "square"}, {"id": 12, "name": "star"}]

@@ -201,14 +201,13 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     _data_flags(p)
     g = p.add_argument_group("run")
     _flag(g, TrainConfig, "out", "run folder", metavar="RUN_DIR")
-    g.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint, with "
-                   "its saved settings (--epochs, --minutes, --device, --patience, --eval-every may change; so may the "
-                   "number of processes; so may --log)")
+    g.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint, with its "
+                   "saved settings (--epochs, --minutes, --device, --patience, --eval-every, --log and the number of "
+                   "processes may change)")
     _flag(g, TrainConfig, "device", "cpu, cuda, cuda:1 ... or auto")
-    g.add_argument("--log", "--logger", dest="log", action="append", metavar="NAME", default=None,
-                   help="experiment logging: tensorboard, mlflow, wandb (the last two need the log extra); repeat "
-                        "the flag or separate names with commas for several; under torchrun write --logger (its "
-                        "own --log-dir makes --log ambiguous there) (docs/logging.md) (default: none)")
+    g.add_argument("--log", "--logger", dest="log", action="append", metavar="NAME", default=None, help="experiment "
+                   "logging: tensorboard, mlflow, wandb (the last two: the log extra); repeat or comma-separate for "
+                   "several; under torchrun write --logger (its --log-dir makes --log ambiguous) (default: none)")
     return p
 
 
@@ -229,10 +228,8 @@ def _eval_parser(sub) -> argparse.ArgumentParser:
 
 
 def _predict_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("predict", help="detect objects in images and draw them",
-                       description="Writes OUT/NAME.png (the boxes drawn) for each image and OUT/detections.json. "
-                       "A file that cannot be read as an image is skipped with one line saying why; everything else "
-                       "is written, and the run ends with a summary naming the skipped files and exit status 2.")
+    p = sub.add_parser("predict", help="detect objects in images and draw them", description="Writes OUT/NAME.png, "
+                       "OUT/detections.json. Unreadable files are skipped (a line each), then named again; exit status 2")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
     p.add_argument("--weights", required=True, metavar="PATH",
                    help="checkpoint (detrkit, official or Hugging Face) or an exported .onnx file")
@@ -255,9 +252,7 @@ def _export_parser(sub) -> argparse.ArgumentParser:
 def _serve_parser(sub) -> argparse.ArgumentParser:
     from detrkit.serve import add_serve_arguments
 
-    p = sub.add_parser("serve", help="serve a detector over HTTP, with a page to try it in a browser",
-                       description="POST /predict (an image: JPEG, PNG or WebP) answers with JSON detections; "
-                       "GET / is a page to try it; GET /health, GET /model. See docs/serving.md.")
+    p = sub.add_parser("serve", help="serve a detector over HTTP, with a page to try it in a browser")
     add_serve_arguments(p)
     return p
 
@@ -410,7 +405,6 @@ def cmd_export(args) -> int:
 def cmd_serve(args) -> int:
     from detrkit.serve import run_serve
 
-    note_slow_bf16(args.precision, args.device)
     return run_serve(args)
 
 

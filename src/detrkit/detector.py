@@ -21,7 +21,8 @@ from typing import Optional, Sequence
 from torch import Tensor
 
 from detrkit.checkpoint import load_model
-from detrkit.config import PRESETS, ModelConfig, config_from_dict, preset
+from detrkit.config import ModelConfig, config_from_dict
+from detrkit.presets import PRESETS, preset
 from detrkit.data.images import image_tensor
 from detrkit.distributed import select_device
 from detrkit.errors import DataError, DetrkitError

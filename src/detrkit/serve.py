@@ -49,6 +49,7 @@ from PIL import Image, UnidentifiedImageError
 from detrkit.batching import Batcher, run_grouped
 from detrkit.data.images import open_rgb
 from detrkit.detector import Detector
+from detrkit.distributed import note_slow_bf16
 from detrkit.errors import DataError, DetrkitError
 
 try:  # the serve extra; without it this module still gives the CLI its flags and a clear error
@@ -304,6 +305,8 @@ def _static(content: bytes, ctype: str):
 # ---------------------------------------------------------------------------------------------
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``detrkit serve`` (``--debug`` is the CLI's common flag, not added here)."""
+    parser.description = ("POST /predict (an image: JPEG, PNG or WebP) answers with JSON detections; GET / is a page "
+                          "to try it; GET /health, GET /model. See docs/serving.md.")
     defaults = ServeConfig()
     parser.add_argument("--weights", required=True, metavar="PATH",
                         help="checkpoint (detrkit, official or Hugging Face) or an exported .onnx file (onnxruntime)")
@@ -343,6 +346,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if MISSING_EXTRA:
         raise DetrkitError(f"{SERVE_EXTRA} (missing: {MISSING_EXTRA})")
     config = ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)})
+    note_slow_bf16(args.precision, args.device)
     detector = Detector(args.weights, device=args.device, precision=args.precision)
     sock = listen(args.host, args.port)
     app = create_app(detector, config)
