@@ -108,7 +108,7 @@ def test_help_documents_every_flag():
         for action in parser._actions:
             assert action.help and action.help != argparse.SUPPRESS, (name, action.option_strings or action.dest)
     train = {a.dest: a for a in commands["train"]._actions}
-    special = {"resume": "RUN_DIR", "check_images": "do not open", "ema": "(default: off)"}  # not plain value flags
+    special = {"resume": "RUN_DIR", "check_images": "do not open", "ema": "(default: off)", "log": "(default: none)"}  # not plain value flags
     for cls in (TrainConfig, LossConfig, DataConfig):
         for f in dataclasses.fields(cls):
             assert f.name in train, f"{cls.__name__}.{f.name} has no `train` flag"

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import detrkit.engine as engine
 from detrkit.checkpoint import load_model
@@ -38,7 +39,7 @@ def runs(tmp_path_factory):
     flags = ["--train-json", str(shapes["train_json"]), "--train-images", str(shapes["train_images"]),
              "--val-json", str(shapes["val_json"]), "--val-images", str(shapes["val_images"]),
              "--config", str(tmp / "cfg.yaml"), "--image-size", "64", "--augment", "flip", "--workers", "0",
-             "--device", "cpu", "--epochs", "2"]
+             "--device", "cpu", "--epochs", "2", "--logger", "tensorboard"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1",
            # Restarted processes must not meet the first attempt's keys in torchrun's shared
@@ -99,6 +100,12 @@ def test_a_killed_rank_is_restarted_and_the_run_resumes_from_its_last_checkpoint
     assert "resuming" in log and "at epoch 2" in log  # the restarted processes resumed epoch 2
     rows = _rows(runs["ddp"])
     assert [r["epoch"] for r in rows] == ["1", "2"] and rows[-1]["steps"] == "2"
+    # TensorBoard: rank 0 alone wrote (one event file per attempt), and each step is logged once.
+    assert len(list(runs["ddp"].glob("events.out.tfevents.*"))) == 2
+    events = EventAccumulator(str(runs["ddp"]))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
+    assert [e.value for e in events.Scalars("epoch/train_loss")] == pytest.approx([float(r["train_loss"]) for r in rows])
     # The finished run matches the uninterrupted single process after both steps.
     ddp = load_file(runs["ddp"] / "last" / "model.safetensors")
     one = load_file(runs["one"] / "last" / "model.safetensors")
@@ -139,6 +146,7 @@ def test_the_multi_node_form_trains_as_one_process_and_only_rank_0_writes(runs, 
     # The run folder is on the machine of rank 0 alone (which machine that is, the rendezvous decides).
     written = [tmp_path / name / "run" for name in ("node0", "node1") if (tmp_path / name / "run").exists()]
     assert len(written) == 1 and (written[0] / "results.csv").exists()
+    assert len(list(written[0].glob("events.out.tfevents.*"))) == 1  # --log tensorboard: rank 0's log only
     ddp = load_file(written[0] / "last" / "model.safetensors")
     for k, v in runs["one_epoch1"].items():
         assert torch.allclose(ddp[k], v, rtol=0, atol=1e-6), k

@@ -12,6 +12,7 @@ from torch.utils.data import DistributedSampler
 import detrkit.engine as engine
 from detrkit.checkpoint import load_model, save_model
 from detrkit.cli import main
+from detrkit.config import load_run_config
 from detrkit.presets import preset, resolve
 from detrkit.data.sampler import EpochSampler
 from detrkit.data.build import auto_image_size
@@ -19,7 +20,7 @@ from detrkit.data.transforms import Mosaic
 from detrkit.ema import ModelEMA
 from detrkit.evaluate import METRIC_KEYS
 from detrkit.model.build import build_model
-from detrkit.run import initial_model, load_run_config, plan
+from detrkit.run import initial_model, plan
 from detrkit.run import train as train_run
 
 

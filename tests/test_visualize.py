@@ -8,7 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from detrkit.visualize import class_color, draw_detections, plot_training_curves, save_image, side_by_side
+from detrkit.visualize import (
+    class_color, draw_detections, plot_training_curves, save_image, side_by_side, training_curves_figure,
+)
 
 
 def gray(h=120, w=160):
@@ -91,6 +93,31 @@ def test_training_curves_with_missing_metrics(tmp_path):
     out = plot_training_curves(tmp_path / "results.csv", tmp_path / "plots" / "curves.png")
     assert out == tmp_path / "plots" / "curves.png"
     assert_png(out)
+
+
+def test_training_curves_one_panel_per_loss_term_and_metric(tmp_path):
+    # As training writes it: the total loss (~20) beside terms of 0.05-2, and counters that are no losses.
+    header = ["epoch", "seconds", "steps", "lr", "train_class_error", "train_loss", "train_loss_bbox",
+              "train_loss_bbox_0", "train_loss_ce", "train_loss_giou", "AP", "AP50", "AP75", "AR100"]
+    rows = [[e, 50.0, 250 * e, 1e-4, 70 - e, 24 - e, 0.5 / e, 0.6 / e, 2.0 - 0.1 * e, 1.2 / e,
+             0.1 * e if e % 2 == 0 else "", 0.2 * e if e % 2 == 0 else "", 0.05 * e if e % 2 == 0 else "", 0.3]
+            for e in range(1, 7)]
+    write_csv(tmp_path / "results.csv", header, rows)
+    fig = training_curves_figure(tmp_path / "results.csv")
+    series = ["train_loss", "train_loss_bbox", "train_loss_bbox_0", "train_loss_ce", "train_loss_giou",
+              "AP", "AP50", "AP75"]
+    assert [ax.get_title() for ax in fig.axes] == series  # one panel each, the total first
+    for ax, name in zip(fig.axes, series):
+        col = header.index(name)
+        want = [(r[0], float(r[col])) for r in rows if r[col] != ""]  # AP only where it was measured
+        (line,) = ax.get_lines()
+        assert np.allclose(line.get_xdata(), [e for e, _ in want]) and np.allclose(line.get_ydata(), [v for _, v in want])
+        low, high = ax.get_ylim()
+        top = max(v for _, v in want)
+        assert high < 1.2 * top  # its own scale: 0.5 is not drawn flat under the total's 23
+        if name.startswith("AP"):
+            assert low == 0
+    assert_png(plot_training_curves(tmp_path / "results.csv", tmp_path / "results.png"))
 
 
 @pytest.mark.parametrize("header,row", [

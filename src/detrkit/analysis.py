@@ -2,7 +2,8 @@
 
 :func:`f1_curve` (precision, recall and F1 against the score threshold), :func:`confusion_matrix`
 and :func:`write_analysis` (those two, the precision-recall curves of :func:`detrkit.evaluate.coco_evaluation`
-and a per-class table, written as files and pictures). Detections are in the COCO results format
+and a per-class table, written as files and pictures, drawn here: :func:`plot_pr_curves`,
+:func:`plot_confusion_matrix`, :func:`plot_f1_curve`). Detections are in the COCO results format
 (:mod:`detrkit.evaluate`).
 
 Detections are matched to targets as COCOeval matches them (per image and class, highest score
@@ -13,6 +14,7 @@ positive here is one at that IoU threshold in the AP computation too.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -20,7 +22,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from detrkit.evaluate import GroundTruth, checked_detections, coco_evaluation, load_ground_truth
-from detrkit.visualize import plot_confusion_matrix, plot_f1_curve, plot_pr_curves
+from detrkit.visualize import class_color, figure, save_png
 
 
 def f1_curve(gt_json_path_or_dict: GroundTruth, detections: Sequence[dict], *, iou_threshold: float = 0.5,
@@ -240,3 +242,120 @@ def format_best_threshold(best: dict, iou_threshold: float) -> str:
 
     return (f"best F1 {best['f1']:.3f} (precision {cell(best['precision'])}, recall {cell(best['recall'])}) at score > "
             f"{best['threshold']:.2f}, IoU >= {iou_threshold:g}: use detrkit predict --threshold {best['threshold']:.2f}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures of the evaluation: precision-recall curves, confusion matrix, F1 curve
+# ---------------------------------------------------------------------------------------------
+def plot_pr_curves(evaluation, path: PathLike, *, dpi: int = 100) -> Path:
+    """Precision-recall curves from COCOeval's precision array, as PNG.
+
+    Left: each class at IoU 0.50 and their mean (legend: AP50). Right: the mean over classes
+    at each IoU threshold 0.50 ... 0.95 (legend: AP at that IoU; their mean is COCO's AP).
+    ``evaluation`` is a :class:`detrkit.evaluate.CocoEvaluation`. The curves are COCO's
+    interpolated precision (the best precision at this recall or higher), 0 past the highest
+    recall reached. Classes without ground truth are left out. Returns the path.
+    """
+    ev = evaluation
+    recall = ev.recall_thresholds
+    has_gt = (ev.precision[0] > -1).all(axis=0)  # (K,): COCO writes -1 for classes without ground truth
+    fig = figure(figsize=(11, 4.5), dpi=dpi)
+    ax_cls, ax_iou = fig.subplots(1, 2)
+    i50 = int(np.argmin(np.abs(ev.iou_thresholds - 0.5)))
+    many = has_gt.sum() > 20
+    for k, cat in enumerate(ev.categories):
+        if has_gt[k]:
+            curve = ev.precision[i50, :, k]
+            ax_cls.plot(recall, curve, linewidth=1 if many else 1.5, color=class_color(str(cat["name"])),
+                        label=None if many else f"{cat['name']} {curve.mean():.3f}")
+    if has_gt.any():
+        mean50 = ev.precision[i50][:, has_gt].mean(axis=1)
+        ax_cls.plot(recall, mean50, color="black", linewidth=2.5, label=f"all classes {mean50.mean():.3f}")
+        cmap = _colormap("viridis")
+        for t, iou in enumerate(ev.iou_thresholds):
+            curve = ev.precision[t][:, has_gt].mean(axis=1)
+            ax_iou.plot(recall, curve, color=cmap(t / max(len(ev.iou_thresholds) - 1, 1)),
+                        label=f"IoU {iou:.2f}: {curve.mean():.3f}")
+    ax_cls.set_title("per class at IoU 0.50 (legend: AP50)", fontsize=10)
+    ax_iou.set_title("all classes at each IoU (legend: AP; mean = COCO AP)", fontsize=10)
+    for ax in (ax_cls, ax_iou):
+        ax.set_xlabel("recall")
+        ax.set_ylabel("precision")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize="x-small", loc="lower left")
+        else:
+            ax.text(0.5, 0.5, "no ground truth", ha="center", va="center", color="gray")
+    fig.tight_layout()
+    return save_png(fig, path, dpi)
+
+
+def plot_confusion_matrix(confusion: dict, path: PathLike, *, dpi: int = 100) -> Path:
+    """The confusion matrix of :func:`detrkit.evaluate.confusion_matrix` as PNG: rows the
+    ground truth, columns the prediction, the last of each "background"; cells coloured by the
+    fraction of their row, counts written in. Returns the path."""
+    labels = confusion["labels"]
+    matrix = np.asarray(confusion["matrix"], dtype=float)
+    rows = matrix.sum(axis=1, keepdims=True)
+    fraction = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
+    n = len(labels)
+    side = min(max(4.5, 0.55 * n + 2.5), 20)
+    fig = figure(figsize=(side + 1, side), dpi=dpi)
+    ax = fig.subplots()
+    im = ax.imshow(fraction, cmap="Blues", vmin=0, vmax=1)
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                if i == j == n - 1:
+                    continue
+                ax.text(j, i, f"{int(matrix[i, j])}", ha="center", va="center", fontsize=8,
+                        color="white" if fraction[i, j] > 0.5 else "black")
+    ax.set_xticks(range(n), labels, rotation=45 if n > 6 else 0, ha="right" if n > 6 else "center", fontsize=8)
+    ax.set_yticks(range(n), labels, fontsize=8)
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("ground truth")
+    ax.set_title(f"IoU >= {confusion['iou_threshold']:g}, score > {confusion['score_threshold']:g}\n"
+                 "row background: false detections; column background: missed targets", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the row")
+    fig.tight_layout()
+    return save_png(fig, path, dpi)
+
+
+def plot_f1_curve(curve: dict, path: PathLike, *, dpi: int = 100) -> Path:
+    """F1 against the score threshold (from :func:`detrkit.evaluate.f1_curve`) as PNG: each
+    class thin, all classes pooled thick, the best threshold marked. Returns the path."""
+    t = np.asarray(curve["thresholds"])
+    fig = figure(figsize=(7, 4.5), dpi=dpi)
+    ax = fig.subplots()
+    many = len(curve["per_class"]) > 20
+    for row in curve["per_class"]:
+        if row["gt"]:
+            ax.plot(t, _floats(row["f1"]), linewidth=1, color=class_color(str(row["name"])),
+                    label=None if many else row["name"])
+    ax.plot(t, _floats(curve["f1"]), color="black", linewidth=2.5, label="all classes")
+    best = curve["best"]
+    if best["f1"] is not None:
+        ax.axvline(best["threshold"], color="black", linestyle="--", linewidth=1)
+        ax.set_title(f"best F1 {best['f1']:.3f} at score > {best['threshold']:.2f} "
+                     f"(precision {best['precision']:.3f}, recall {best['recall']:.3f}), IoU >= {curve['iou_threshold']:g}",
+                     fontsize=9)
+    ax.set_xlabel("score threshold (predict --threshold)")
+    ax.set_ylabel("F1")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="x-small", loc="best")
+    fig.tight_layout()
+    return save_png(fig, path, dpi)
+
+
+def _floats(values: Sequence) -> np.ndarray:
+    return np.asarray([math.nan if v is None else v for v in values], dtype=float)
+
+
+def _colormap(name: str):
+    from matplotlib import colormaps
+
+    return colormaps[name]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import traceback
@@ -18,10 +17,10 @@ from typing import Optional
 from detrkit.allocator import tune_allocator
 from detrkit.config import (
     AUTO_IMAGE_SIZE, CLASS_COST_FORMULAS, CLASS_LOSSES, DataConfig, LossConfig, ModelConfig, TrainConfig,
-    config_from_dict, read_config_file, route,
+    config_from_dict, load_run_config, read_config_file, route,
 )
 from detrkit.distributed import note_slow_bf16, select_device
-from detrkit.errors import DetrkitError
+from detrkit.errors import DataError, DetrkitError
 from detrkit.presets import FAMILY_RECIPES, PRESETS, RECIPES, resolve
 
 PRECISION_HELP = ("fp32: exact; bf16: the network under bfloat16 autocast, scores and boxes in float32; faster only "
@@ -83,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="detrkit", description="DETR: train, evaluate and run object detectors.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_demo_parser, _synth_parser, _check_data_parser, _train_parser, _eval_parser, _predict_parser,
-                _export_parser, _explain_parser):
+                _export_parser, _serve_parser, _explain_parser):
         _common(add(sub))
     return parser
 
@@ -202,10 +201,13 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     _data_flags(p)
     g = p.add_argument_group("run")
     _flag(g, TrainConfig, "out", "run folder", metavar="RUN_DIR")
-    g.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint, with "
-                   "its saved settings (--epochs, --minutes, --device, --patience, --eval-every may change; so may the "
-                   "number of processes)")
+    g.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint, with its "
+                   "saved settings (--epochs, --minutes, --device, --patience, --eval-every, --log and the number of "
+                   "processes may change)")
     _flag(g, TrainConfig, "device", "cpu, cuda, cuda:1 ... or auto")
+    g.add_argument("--log", "--logger", dest="log", action="append", metavar="NAME", default=None, help="experiment "
+                   "logging: tensorboard, mlflow, wandb (the last two: the log extra); repeat or comma-separate for "
+                   "several; under torchrun write --logger (its --log-dir makes --log ambiguous) (default: none)")
     return p
 
 
@@ -226,7 +228,8 @@ def _eval_parser(sub) -> argparse.ArgumentParser:
 
 
 def _predict_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("predict", help="detect objects in images and draw them")
+    p = sub.add_parser("predict", help="detect objects in images and draw them", description="Writes OUT/NAME.png, "
+                       "OUT/detections.json. Unreadable files are skipped (a line each), then named again; exit status 2")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
     p.add_argument("--weights", required=True, metavar="PATH",
                    help="checkpoint (detrkit, official or Hugging Face) or an exported .onnx file")
@@ -243,6 +246,14 @@ def _export_parser(sub) -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX and check it against onnxruntime")
     add_export_arguments(p)
+    return p
+
+
+def _serve_parser(sub) -> argparse.ArgumentParser:
+    from detrkit.serve import add_serve_arguments
+
+    p = sub.add_parser("serve", help="serve a detector over HTTP, with a page to try it in a browser")
+    add_serve_arguments(p)
     return p
 
 
@@ -285,12 +296,12 @@ def _given(args) -> dict[str, dict]:
 
 
 def cmd_train(args) -> int:
-    from detrkit.run import load_run_config, train
+    from detrkit.run import train
 
     if args.resume:
         model_cfg, loss_cfg, data_cfg, train_cfg = load_run_config(Path(args.resume))
         overrides = {k: v for k, v in _given(args).get("train", {}).items()
-                     if k in ("epochs", "minutes", "device", "patience", "eval_every")}
+                     if k in ("epochs", "minutes", "device", "patience", "eval_every", "log")}
         train_cfg = dataclasses.replace(train_cfg, **overrides, out=args.resume, resume=True)
     else:
         from_file = read_config_file(args.config) if args.config else {}
@@ -354,31 +365,16 @@ def cmd_eval(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from detrkit import load_model
-    from detrkit.data.images import image_files, image_tensor
-    from detrkit.predict import detection_records
-    from detrkit.visualize import draw_detections, save_image
+    from detrkit.data.images import image_files
+    from detrkit.detector import Detector, predict_files
 
     files = image_files(args.paths)
-    if str(args.weights).endswith(".onnx"):  # an exported model runs through onnxruntime
-        from detrkit.export import OnnxDetector
-
-        model = OnnxDetector(args.weights)
-    else:
-        note_slow_bf16(args.precision, args.device)
-        model = load_model(args.weights, device=select_device(args.device), precision=args.precision)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    records = []
-    for start in range(0, len(files), args.batch_size):
-        chunk = files[start:start + args.batch_size]
-        images = [image_tensor(f) for f in chunk]
-        for f, img, det in zip(chunk, images, model.predict(images, threshold=args.threshold)):
-            drawn = draw_detections(img, det["boxes"].cpu(), det["names"], det["scores"].cpu())
-            save_image(drawn, out / f"{f.stem}.png")
-            records.append({"file": str(f), "detections": detection_records(det)})
-    (out / "detections.json").write_text(json.dumps(records, indent=1))
-    print(f"{len(files)} images, {sum(len(r['detections']) for r in records)} detections -> {out}")
+    note_slow_bf16(args.precision, args.device)
+    detector = Detector(args.weights, device=args.device, precision=args.precision)
+    done = predict_files(detector, files, Path(args.out), threshold=args.threshold, batch_size=args.batch_size)
+    if done.skipped:  # everything readable is written; the run still fails, as for any data error
+        raise DataError(done.summary(Path(args.out)))
+    print(done.summary(Path(args.out)))
     return 0
 
 
@@ -404,6 +400,12 @@ def cmd_export(args) -> int:
     from detrkit.export import run_export
 
     return run_export(args)
+
+
+def cmd_serve(args) -> int:
+    from detrkit.serve import run_serve
+
+    return run_serve(args)
 
 
 def cmd_explain(args) -> int:
@@ -454,7 +456,6 @@ def _points(values: list[str]) -> list[tuple[float, float]]:
 def _explain_matching(args, model, data: dict) -> int:
     from detrkit.data.build import data_paths
     from detrkit.explain import match_annotated
-    from detrkit.run import load_run_config
     from detrkit.visualize import draw_matching
 
     paths = data_paths(config_from_dict(DataConfig, data))
@@ -475,7 +476,7 @@ def _explain_matching(args, model, data: dict) -> int:
 
 
 COMMANDS = {"explain": cmd_explain, "export": cmd_export, "train": cmd_train, "check-data": cmd_check_data,
-            "eval": cmd_eval, "predict": cmd_predict, "synth": cmd_synth, "demo": cmd_demo}
+            "eval": cmd_eval, "predict": cmd_predict, "synth": cmd_synth, "demo": cmd_demo, "serve": cmd_serve}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

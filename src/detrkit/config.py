@@ -18,6 +18,7 @@ from typing import Optional
 import yaml
 
 from detrkit.errors import DetrkitError
+from detrkit.files import atomic_write_text
 
 
 @dataclass
@@ -313,8 +314,12 @@ class TrainConfig:
     # dominated by the random initial weights early on (YOLOv5; RT-DETR's `warmups`); 0 = constant.
     ema_warmup: int = 2000
     patience: Optional[int] = None  # stop when validation AP has not improved for this many epochs; None = never
+    # Experiment logging (detrkit.loggers): any of LOGGERS, as a list or comma-separated names
+    # ("tensorboard,mlflow"); none by default. Only rank 0 logs.
+    log: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        self.log = logger_names(self.log)
         if self.schedule not in ("step", "cosine"):
             raise ValueError(f"schedule must be 'step' or 'cosine', got {self.schedule!r}")
         if self.precision not in ("fp32", "bf16", "fp16", "auto"):
@@ -329,6 +334,21 @@ class TrainConfig:
             raise ValueError("batch_size and epochs must be >= 1")
         if self.minutes is not None and self.minutes <= 0:
             raise ValueError("minutes must be > 0")
+
+
+LOGGERS = ("tensorboard", "mlflow", "wandb")  # what TrainConfig.log may name (detrkit.loggers)
+
+
+def logger_names(value) -> tuple[str, ...]:
+    """``"tensorboard,mlflow"``, ``["wandb", "tensorboard"]`` (items may hold commas), ``"none"``
+    or nothing -> the logger names, each once, in order; an unknown name is a ValueError."""
+    items = [value] if isinstance(value, str) else list(value or ())
+    names = [n.strip().lower() for item in items for n in str(item).split(",") if n.strip()]
+    names = [n for n in dict.fromkeys(names) if n != "none"]
+    unknown = [n for n in names if n not in LOGGERS]
+    if unknown:
+        raise ValueError(f"log: unknown logger {', '.join(map(repr, unknown))}; choose from {', '.join(LOGGERS)}")
+    return tuple(names)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,3 +419,29 @@ def read_config_file(path: str) -> dict[str, dict]:
     for section, values in flat.items():
         sections.setdefault(section, {}).update(values)
     return sections
+
+
+# ---------------------------------------------------------------------------------------------
+# A run folder's config.yaml: the resolved configuration, written once a run is planned
+# ---------------------------------------------------------------------------------------------
+def save_run_config(path: Path, model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig,
+                    train_cfg: TrainConfig, run_id: Optional[str] = None) -> None:
+    """A run folder's ``config.yaml``: the four config sections as resolved, and the run's id (which
+    checkpoints belong to this run). The experiment loggers log this file as the run's configuration."""
+    text = yaml.safe_dump({"model": dataclasses.asdict(model_cfg), "loss": dataclasses.asdict(loss_cfg),
+                           "data": dataclasses.asdict(data_cfg), "train": dataclasses.asdict(train_cfg),
+                           "run": {"id": run_id}}, sort_keys=False)
+    atomic_write_text(path, text)
+
+
+def load_run_config(run_dir: Path) -> tuple[ModelConfig, LossConfig, DataConfig, TrainConfig]:
+    """The four config sections of a run folder's ``config.yaml`` (:func:`save_run_config`)."""
+    path = Path(run_dir) / "config.yaml"
+    try:
+        raw = yaml.safe_load(path.read_text())
+        return (config_from_dict(ModelConfig, raw["model"]), config_from_dict(LossConfig, raw["loss"]),
+                config_from_dict(DataConfig, raw["data"]), config_from_dict(TrainConfig, raw["train"]))
+    except FileNotFoundError:
+        raise DetrkitError(f"{path}: not a run folder (no config.yaml)") from None
+    except (yaml.YAMLError, KeyError, TypeError, ValueError) as e:
+        raise DetrkitError(f"{path}: invalid run configuration ({e})") from None

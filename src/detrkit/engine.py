@@ -13,7 +13,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -267,10 +267,21 @@ def _groups(loader, k: int):
         yield group
 
 
+def logged(losses: dict) -> dict:
+    """The losses a run logs (results.csv, the loggers): the total and the final layer's terms,
+    without the auxiliary layers' (suffix ``_0``, ``_1``, ...)."""
+    return {k: v for k, v in losses.items() if not k[-1].isdigit()}
+
+
+# What the step loop reports after each optimiser step: (step, logged losses + "lr").
+StepLog = Callable[[int, dict[str, float]], None]
+
+
 def train_one_epoch(trainer: Trainer, loader: DataLoader, state: TrainState, clock: Clock, stop: StopRequest,
-                    epoch_size: int) -> str:
+                    epoch_size: int, log: Optional[StepLog] = None) -> str:
     """Train on ``loader`` (the rest of epoch ``state.epoch``) until it ends, the time budget ends or a stop
-    is requested: returns ``"done"``, ``"time"`` or ``"stop"``. ``state`` follows every step.
+    is requested: returns ``"done"``, ``"time"`` or ``"stop"``. ``state`` follows every step; ``log``
+    (the run's loggers) gets every step's losses, all processes' mean, and learning rate.
 
     Each step ends with one all-reduce that gives every process the same numbers: the mean
     losses (for the log and the non-finite check), whether any process was asked to stop, and
@@ -314,6 +325,8 @@ def train_one_epoch(trainer: Trainer, loader: DataLoader, state: TrainState, clo
             state.count += 1
             for k, v in values.items():
                 state.sums[k] = state.sums.get(k, 0.0) + v
+            if log is not None:
+                log(state.step, {**logged(values), "lr": trainer.optimizer.param_groups[0]["lr"]})
             seen += images
             bar.set_postfix(loss=f"{values['loss']:.3f}", ce=f"{values['loss_ce']:.3f}",
                             lr=f"{trainer.optimizer.param_groups[0]['lr']:.1e}",

@@ -8,6 +8,7 @@ A run folder holds::
     results.csv        one row per epoch: losses, lr, the 12 COCO numbers, seconds
     results.png        loss and mAP curves
     metrics.json, detections.json   the latest evaluation
+    events.out.tfevents.*, mlruns/, wandb/   with --log: the experiment logs (detrkit.loggers)
 
 ``model.safetensors`` holds the weights for inference: with ``--ema`` the moving average (which
 is also what is evaluated), and ``last/train_state.pt`` then keeps the raw weights next to the
@@ -47,19 +48,22 @@ from detrkit.checkpoint import (
     check_and_load, checkpoint_folder, load_state, load_train_state, read_run_checkpoint, save_model, save_run_checkpoint,
     set_classes, write_model_files,
 )
-from detrkit.config import AUTO_IMAGE_SIZE, DataConfig, LossConfig, ModelConfig, TrainConfig, config_from_dict
+from detrkit.config import (
+    AUTO_IMAGE_SIZE, DataConfig, LossConfig, ModelConfig, TrainConfig, load_run_config, save_run_config,
+)
 from detrkit.convert import Loaded
 from detrkit.criterion import SetCriterion, build_criterion
 from detrkit.data.build import auto_image_size, build_datasets, make_train_loader, train_samples
 from detrkit.data.coco import CocoDetection
 from detrkit.ema import ModelEMA
 from detrkit.engine import (
-    Clock, Interrupted, NonFiniteLoss, StopRequest, Trainer, TrainState, evaluate_dataset, make_optimizer,
+    Clock, Interrupted, NonFiniteLoss, StopRequest, Trainer, TrainState, evaluate_dataset, logged, make_optimizer,
     train_one_epoch,
 )
 from detrkit.errors import DetrkitError
 from detrkit.evaluate import METRIC_KEYS, write_metrics
 from detrkit.files import atomic_write_text
+from detrkit.loggers import Loggers, open_loggers, require_loggers
 from detrkit.model.build import build_model
 from detrkit.model.detr import DETR
 from detrkit.rng import rng_state, seed_everything, set_rng_state
@@ -82,7 +86,8 @@ def train(model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig, tr
     try:
         run = build(settle_precision(plan(model_cfg, loss_cfg, data_cfg, train_cfg, device), device), device)
         restore(run)
-        return fit(run)
+        with run.log:  # closed as failed when fit raises
+            return fit(run)
     finally:
         if joined_here:
             distributed.cleanup()
@@ -115,6 +120,7 @@ def plan(model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig, tra
          device: torch.device) -> Plan:
     """Read the data (and the checkpoint to start from) and settle every setting that depends on them."""
     main, run_dir = distributed.is_main(), Path(train_cfg.out)
+    require_loggers(train_cfg.log)  # a missing extra stops every process before anything is read
     if train_cfg.precision == "fp16" and device.type != "cuda":
         raise DetrkitError("--precision fp16 needs a CUDA GPU (its loss scaling is for GPUs); on a CPU use bf16")
     if not train_cfg.resume and distributed.restart_count() > 0:
@@ -176,6 +182,7 @@ class Run:
     state: TrainState
     run_id: Optional[str] = None
     rows: Optional[list] = None  # results.csv so far (rank 0)
+    log: Loggers = dataclasses.field(default_factory=Loggers)  # --log (rank 0; empty elsewhere)
     saved: Optional[dict] = None  # last/ of a resumed run, between build and restore: "train_state", "model", "weights"
 
     @property
@@ -299,7 +306,8 @@ def restore(run: Run) -> None:
     run.run_id = run.run_id or distributed.broadcast_from_main(uuid.uuid4().hex if main else None)
     if main:
         p.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(p.run_dir / "config.yaml", p.model, p.loss, p.data, p.train, run.run_id)
+        save_run_config(p.run_dir / "config.yaml", p.model, p.loss, p.data, p.train, run.run_id)
+        run.log = open_loggers(p.train.log, p.run_dir, run.run_id, run.state.step, run.device)
     run.rows = read_results(p.run_dir)[:run.state.epoch] if main and p.train.resume else []
     if rng is not None:  # last, so that nothing above draws from the restored streams
         rng = rng if isinstance(rng, list) else [rng]  # checkpoints of single-process runs before DDP
@@ -324,7 +332,7 @@ def fit(run: Run) -> Path:
             while state.epoch < p.train.epochs and not clock.out_of_time():
                 loader = make_train_loader(epoch_samples(run, clock), p.train.batch_size, p.data.workers,
                                            seed=p.train.seed, epoch=state.epoch, position=state.position)
-                status = train_one_epoch(run.trainer, loader, state, clock, stop, len(p.train_set))
+                status = train_one_epoch(run.trainer, loader, state, clock, stop, len(p.train_set), run.log.step)
                 if status == "stop":
                     save_last(run, clock)
                     raise Interrupted(_stopped(p.run_dir, state))
@@ -363,7 +371,7 @@ def end_epoch(run: Run, clock: Clock, status: str, last: bool) -> bool:
     p, state, main = run.plan, run.state, distributed.is_main()
     row = {"epoch": state.epoch + 1, "seconds": round(clock.elapsed, 1), "steps": state.step,
            "lr": run.trainer.optimizer.param_groups[0]["lr"]}
-    row.update({f"train_{k}": round(v / max(state.count, 1), 5) for k, v in state.sums.items() if not k[-1].isdigit()})
+    row.update({f"train_{k}": round(v / max(state.count, 1), 5) for k, v in logged(state.sums).items()})
     if status == "done":  # a time budget can end an epoch early: then it stays open
         state.epoch, state.position, state.sums, state.count = state.epoch + 1, 0, {}, 0
     early_stop = False
@@ -387,6 +395,7 @@ def end_epoch(run: Run, clock: Clock, status: str, last: bool) -> bool:
     if main:
         run.rows.append(row)
         write_results(p.run_dir, run.rows)
+        run.log.epoch(row)
     save_last(run, clock)
     if early_stop:
         _log(f"early stop: no AP improvement for {p.train.patience} epochs "
@@ -424,6 +433,7 @@ def _finish(run: Run) -> None:
         detections = json.loads((p.run_dir / "best" / "detections.json").read_text())
         extras = write_analysis(p.run_dir / "best", p.val_set.json_path, detections)
         print(format_best_threshold(extras["best"], 0.5))
+        run.log.best_pictures(p.val_set, detections, p.run_dir / "best", run.state.step)
 
 
 def _stopped(run_dir: Path, state: TrainState) -> str:
@@ -442,28 +452,6 @@ def _log(line: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # The files of a run: last/ to resume from, config.yaml, results
 # ---------------------------------------------------------------------------------------------
-def save_config(path: Path, model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig,
-                train_cfg: TrainConfig, run_id: Optional[str] = None) -> None:
-    """``config.yaml``: the four config sections, and the run's id (which checkpoints belong to this run)."""
-    text = yaml.safe_dump({"model": dataclasses.asdict(model_cfg), "loss": dataclasses.asdict(loss_cfg),
-                           "data": dataclasses.asdict(data_cfg), "train": dataclasses.asdict(train_cfg),
-                           "run": {"id": run_id}}, sort_keys=False)
-    atomic_write_text(path, text)
-
-
-def load_run_config(run_dir: Path) -> tuple[ModelConfig, LossConfig, DataConfig, TrainConfig]:
-    """The four config sections of a run folder's ``config.yaml``."""
-    path = Path(run_dir) / "config.yaml"
-    try:
-        raw = yaml.safe_load(path.read_text())
-        return (config_from_dict(ModelConfig, raw["model"]), config_from_dict(LossConfig, raw["loss"]),
-                config_from_dict(DataConfig, raw["data"]), config_from_dict(TrainConfig, raw["train"]))
-    except FileNotFoundError:
-        raise DetrkitError(f"{path}: not a run folder (no config.yaml)") from None
-    except (yaml.YAMLError, KeyError, TypeError, ValueError) as e:
-        raise DetrkitError(f"{path}: invalid run configuration ({e})") from None
-
-
 def _restartable(run_dir: Path) -> bool:
     """After ``torchrun`` restarted the processes: does ``last/`` hold a checkpoint of this very run?
 

@@ -1,6 +1,7 @@
 """Pictures: detections drawn on images, prediction next to ground truth, training curves,
-attention maps, sampling points and the Hungarian matching (from :mod:`detrkit.explain`), and the evaluation
-extras (precision-recall curves, confusion matrix, F1 against the score threshold).
+attention maps, sampling points and the Hungarian matching (from :mod:`detrkit.explain`). The
+evaluation's pictures (precision-recall curves, confusion matrix, F1 curve) are drawn beside
+their data in :mod:`detrkit.analysis`, with :func:`figure` and :func:`save_png` from here.
 
 Boxes are drawn with :func:`torchvision.utils.draw_bounding_boxes`. Figures are
 matplotlib ``Figure`` objects on an Agg canvas, never pyplot: pyplot keeps global state
@@ -30,6 +31,9 @@ Color = Union[str, tuple[int, int, int]]
 # gray scenes); a class keeps its colour across images.
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
            "#8c564b", "#e377c2", "#ffd92f", "#bcbd22", "#17becf")
+
+# The metrics of results.png, each in its own panel after the losses.
+CURVE_METRICS = ("AP", "AP50", "AP75")
 
 # Captions on a box-coloured band read on any background. Newer torchvision can draw them
 # (fill_labels, label_colors); older versions draw the caption text in the box colour.
@@ -131,41 +135,59 @@ def side_by_side(pred_img: Tensor, gt_img: Tensor, path: PathLike, *,
     height = max(img.shape[0] for img in images)
     width = sum(img.shape[1] for img in images)
     # Roughly one image pixel per figure pixel, plus room for the titles.
-    fig = _figure(figsize=(max(width / dpi, 4.0), max(height / dpi, 2.0) + 0.5), dpi=dpi)
+    fig = figure(figsize=(max(width / dpi, 4.0), max(height / dpi, 2.0) + 0.5), dpi=dpi)
     for ax, img, title in zip(fig.subplots(1, 2), images, titles):
         ax.imshow(img)
         ax.set_title(title)
         ax.axis("off")
     fig.tight_layout()
-    return _save_png(fig, path, dpi)
+    return save_png(fig, path, dpi)
 
 
 def plot_training_curves(results_csv_path: PathLike, out_png: PathLike) -> Path:
-    """Plot a results.csv: losses per epoch (left) and AP / AP50 per epoch (right), as PNG.
+    """Plot a results.csv as PNG: one small panel per loss term and metric (see
+    :func:`training_curves_figure`). Returns the output path."""
+    return save_png(training_curves_figure(results_csv_path), out_png, 100)
 
-    The csv has a header row and one row per epoch. Loss columns are those with "loss" in
-    their name (``train_loss``, ``train_loss_ce``, ...); metric columns are ``AP`` and
-    ``AP50``. Empty or non-numeric cells (epochs without evaluation) are skipped, not
-    drawn as 0. Without an ``epoch`` column the row number counts from 1. A file with one
-    row, or without metric columns, still gives a figure. Returns the output path.
+
+def training_curves_figure(results_csv_path: PathLike):
+    """A grid of small panels, one per series of a results.csv, each with its own y axis.
+
+    The series are the loss columns (those with "loss" in their name: ``train_loss``, the
+    weighted total, first, then each term such as ``train_loss_ce``) and the metrics ``AP``,
+    ``AP50``, ``AP75``, in that order, at most five panels a row (as Ultralytics' results.png).
+    Separate axes keep a term of 0.05-2 readable beside a total of ~20. The csv has a header row
+    and one row per epoch; empty or non-numeric cells (epochs without evaluation) are skipped,
+    not drawn as 0; without an ``epoch`` column the row number counts from 1. A file with one
+    row, or a header only, still gives a figure. Returns the matplotlib Figure.
     """
     with open(results_csv_path, newline="") as f:
         reader = csv.DictReader(f)
         columns = list(reader.fieldnames or [])
         rows = list(reader)
     epochs = _column(rows, "epoch") if "epoch" in columns else np.arange(1, len(rows) + 1, dtype=float)
-    loss_columns = [c for c in columns if "loss" in c.lower()]
-    metric_columns = [c for c in ("AP", "AP50") if c in columns]
-
-    fig = _figure(figsize=(11, 4.2), dpi=100)
-    ax_loss, ax_metric = fig.subplots(1, 2, sharex=True)  # same epoch axis, also when AP is sparse
-    _plot_panel(ax_loss, epochs, {c: _column(rows, c) for c in loss_columns}, "loss", "no loss columns")
-    _plot_panel(ax_metric, epochs, {c: _column(rows, c) for c in metric_columns}, "COCO AP",
-                "no evaluation yet")
-    if any(math.isfinite(v) for c in metric_columns for v in _column(rows, c)):
-        ax_metric.set_ylim(bottom=0)  # AP on an absolute scale: 0.30 vs 0.31 should look close
+    # Totals (train_loss) before their terms (train_loss_ce, ...); otherwise the csv's order.
+    losses = sorted((c for c in columns if "loss" in c.lower()), key=lambda c: not c.lower().endswith("loss"))
+    series = losses + [c for c in CURVE_METRICS if c in columns]
+    cols = min(5, max(1, len(series)))
+    nrows = max(1, math.ceil(len(series) / cols))
+    fig = figure(figsize=(2.7 * cols, 2.2 * nrows), dpi=100)
+    # One epoch axis for all, also where AP is sparse; each panel keeps its tick labels.
+    axes = np.atleast_1d(fig.subplots(nrows, cols, sharex=True)).reshape(-1)
+    for ax in axes:
+        ax.xaxis.set_tick_params(labelbottom=True)
+    for ax in axes[max(1, len(series)):]:
+        fig.delaxes(ax)  # the unused cells of the last row
+    if not series:
+        axes[0].text(0.5, 0.5, "no loss or metric columns", ha="center", va="center", color="gray")
+        axes[0].axis("off")
+    for ax, name in zip(axes, series):
+        metric = name in CURVE_METRICS
+        _plot_panel(ax, epochs, _column(rows, name), name, "no evaluation yet" if metric else "no values yet")
+        if metric and np.isfinite(_column(rows, name)).any():
+            ax.set_ylim(bottom=0)  # AP on an absolute scale: 0.30 vs 0.31 should look close
     fig.tight_layout()
-    return _save_png(fig, out_png, 100)
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +218,7 @@ def draw_explanation(explanation, path: PathLike, *, cols: int = 4, panel: float
     fig.suptitle("last decoder layer: cross-attention of each detection;  last encoder layer: self-attention "
                  "of each point  (mean over heads)", fontsize=9)
     fig.tight_layout()
-    return _save_png(fig, path, dpi)
+    return save_png(fig, path, dpi)
 
 
 def draw_sampling(explanation, path: PathLike, *, cols: int = 3, panel: float = 4.0, dpi: int = 100) -> Path:
@@ -223,7 +245,7 @@ def draw_sampling(explanation, path: PathLike, *, cols: int = 3, panel: float = 
         ax.set_title(f"{captions[i]} (query {int(e.queries[i])})", fontsize=9)
     fig.suptitle(f"sampling points of each detection's query ({e.layer}); colour, size: attention weight", fontsize=9)
     fig.tight_layout()
-    return _save_png(fig, path, dpi)
+    return save_png(fig, path, dpi)
 
 
 def _detections_grid(e, count: int, cols: int, panel: float, dpi: int):
@@ -232,7 +254,7 @@ def _detections_grid(e, count: int, cols: int, panel: float, dpi: int):
     image = _to_hwc(e.image)
     cols = min(cols, count)
     rows = math.ceil(count / cols)
-    fig = _figure(figsize=(panel * cols, (panel + 0.2) * rows + 0.3), dpi=dpi)  # room for each panel's title
+    fig = figure(figsize=(panel * cols, (panel + 0.2) * rows + 0.3), dpi=dpi)  # room for each panel's title
     axes = np.atleast_1d(fig.subplots(rows, cols)).reshape(-1)
     for ax in axes:
         ax.axis("off")
@@ -252,7 +274,7 @@ def draw_matching(matching, path: PathLike, *, dpi: int = 100) -> Path:
     """
     m = matching
     image = _to_hwc(m.image)
-    fig = _figure(figsize=(11, 5.6), dpi=dpi)
+    fig = figure(figsize=(11, 5.6), dpi=dpi)
     ax, ax_text = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 0.95]})
     ax.imshow(image)
     ax.axis("off")
@@ -293,120 +315,14 @@ def draw_matching(matching, path: PathLike, *, dpi: int = 100) -> Path:
     ax_text.text(0.0, 1.0, "\n".join(lines), family="monospace", fontsize=8.5, va="top", ha="left",
                  transform=ax_text.transAxes)
     fig.tight_layout()
-    return _save_png(fig, path, dpi)
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation extras (data from detrkit.evaluate)
-# ---------------------------------------------------------------------------------------------
-def plot_pr_curves(evaluation, path: PathLike, *, dpi: int = 100) -> Path:
-    """Precision-recall curves from COCOeval's precision array, as PNG.
-
-    Left: each class at IoU 0.50 and their mean (legend: AP50). Right: the mean over classes
-    at each IoU threshold 0.50 ... 0.95 (legend: AP at that IoU; their mean is COCO's AP).
-    ``evaluation`` is a :class:`detrkit.evaluate.CocoEvaluation`. The curves are COCO's
-    interpolated precision (the best precision at this recall or higher), 0 past the highest
-    recall reached. Classes without ground truth are left out. Returns the path.
-    """
-    ev = evaluation
-    recall = ev.recall_thresholds
-    has_gt = (ev.precision[0] > -1).all(axis=0)  # (K,): COCO writes -1 for classes without ground truth
-    fig = _figure(figsize=(11, 4.5), dpi=dpi)
-    ax_cls, ax_iou = fig.subplots(1, 2)
-    i50 = int(np.argmin(np.abs(ev.iou_thresholds - 0.5)))
-    many = has_gt.sum() > 20
-    for k, cat in enumerate(ev.categories):
-        if has_gt[k]:
-            curve = ev.precision[i50, :, k]
-            ax_cls.plot(recall, curve, linewidth=1 if many else 1.5, color=class_color(str(cat["name"])),
-                        label=None if many else f"{cat['name']} {curve.mean():.3f}")
-    if has_gt.any():
-        mean50 = ev.precision[i50][:, has_gt].mean(axis=1)
-        ax_cls.plot(recall, mean50, color="black", linewidth=2.5, label=f"all classes {mean50.mean():.3f}")
-        cmap = _colormap("viridis")
-        for t, iou in enumerate(ev.iou_thresholds):
-            curve = ev.precision[t][:, has_gt].mean(axis=1)
-            ax_iou.plot(recall, curve, color=cmap(t / max(len(ev.iou_thresholds) - 1, 1)),
-                        label=f"IoU {iou:.2f}: {curve.mean():.3f}")
-    ax_cls.set_title("per class at IoU 0.50 (legend: AP50)", fontsize=10)
-    ax_iou.set_title("all classes at each IoU (legend: AP; mean = COCO AP)", fontsize=10)
-    for ax in (ax_cls, ax_iou):
-        ax.set_xlabel("recall")
-        ax.set_ylabel("precision")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.02)
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize="x-small", loc="lower left")
-        else:
-            ax.text(0.5, 0.5, "no ground truth", ha="center", va="center", color="gray")
-    fig.tight_layout()
-    return _save_png(fig, path, dpi)
-
-
-def plot_confusion_matrix(confusion: dict, path: PathLike, *, dpi: int = 100) -> Path:
-    """The confusion matrix of :func:`detrkit.evaluate.confusion_matrix` as PNG: rows the
-    ground truth, columns the prediction, the last of each "background"; cells coloured by the
-    fraction of their row, counts written in. Returns the path."""
-    labels = confusion["labels"]
-    matrix = np.asarray(confusion["matrix"], dtype=float)
-    rows = matrix.sum(axis=1, keepdims=True)
-    fraction = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
-    n = len(labels)
-    side = min(max(4.5, 0.55 * n + 2.5), 20)
-    fig = _figure(figsize=(side + 1, side), dpi=dpi)
-    ax = fig.subplots()
-    im = ax.imshow(fraction, cmap="Blues", vmin=0, vmax=1)
-    if n <= 30:
-        for i in range(n):
-            for j in range(n):
-                if i == j == n - 1:
-                    continue
-                ax.text(j, i, f"{int(matrix[i, j])}", ha="center", va="center", fontsize=8,
-                        color="white" if fraction[i, j] > 0.5 else "black")
-    ax.set_xticks(range(n), labels, rotation=45 if n > 6 else 0, ha="right" if n > 6 else "center", fontsize=8)
-    ax.set_yticks(range(n), labels, fontsize=8)
-    ax.set_xlabel("prediction")
-    ax.set_ylabel("ground truth")
-    ax.set_title(f"IoU >= {confusion['iou_threshold']:g}, score > {confusion['score_threshold']:g}\n"
-                 "row background: false detections; column background: missed targets", fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the row")
-    fig.tight_layout()
-    return _save_png(fig, path, dpi)
-
-
-def plot_f1_curve(curve: dict, path: PathLike, *, dpi: int = 100) -> Path:
-    """F1 against the score threshold (from :func:`detrkit.evaluate.f1_curve`) as PNG: each
-    class thin, all classes pooled thick, the best threshold marked. Returns the path."""
-    t = np.asarray(curve["thresholds"])
-    fig = _figure(figsize=(7, 4.5), dpi=dpi)
-    ax = fig.subplots()
-    many = len(curve["per_class"]) > 20
-    for row in curve["per_class"]:
-        if row["gt"]:
-            ax.plot(t, _floats(row["f1"]), linewidth=1, color=class_color(str(row["name"])),
-                    label=None if many else row["name"])
-    ax.plot(t, _floats(curve["f1"]), color="black", linewidth=2.5, label="all classes")
-    best = curve["best"]
-    if best["f1"] is not None:
-        ax.axvline(best["threshold"], color="black", linestyle="--", linewidth=1)
-        ax.set_title(f"best F1 {best['f1']:.3f} at score > {best['threshold']:.2f} "
-                     f"(precision {best['precision']:.3f}, recall {best['recall']:.3f}), IoU >= {curve['iou_threshold']:g}",
-                     fontsize=9)
-    ax.set_xlabel("score threshold (predict --threshold)")
-    ax.set_ylabel("F1")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="x-small", loc="best")
-    fig.tight_layout()
-    return _save_png(fig, path, dpi)
+    return save_png(fig, path, dpi)
 
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
-def _figure(figsize: tuple[float, float], dpi: int):
+def figure(figsize: tuple[float, float], dpi: int):
+    """A matplotlib Figure on its own Agg canvas: no pyplot, no global state."""
     # matplotlib is imported here: it takes a noticeable fraction of a second to load and
     # only these figures need it.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -417,7 +333,8 @@ def _figure(figsize: tuple[float, float], dpi: int):
     return fig
 
 
-def _save_png(fig, path: PathLike, dpi: int) -> Path:
+def save_png(fig, path: PathLike, dpi: int) -> Path:
+    """Save ``fig`` as PNG at ``path`` (parent folders made). Returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=dpi)
@@ -444,35 +361,20 @@ def _column(rows: list[dict], name: str) -> np.ndarray:
     return np.asarray(values, dtype=float)
 
 
-def _plot_panel(ax, epochs: np.ndarray, series: dict, ylabel: str, empty_note: str) -> None:
+def _plot_panel(ax, epochs: np.ndarray, values: np.ndarray, title: str, empty_note: str) -> None:
     from matplotlib.ticker import MaxNLocator
 
-    drawn = False
-    for name, values in series.items():
-        keep = np.isfinite(values) & np.isfinite(epochs)
-        if not keep.any():
-            continue
-        # Markers make a single epoch (or a metric measured every few epochs) visible.
-        ax.plot(epochs[keep], values[keep], marker="o", markersize=3, label=name)
-        drawn = True
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(ylabel)
+    keep = np.isfinite(values) & np.isfinite(epochs)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("epoch", fontsize=8)
+    ax.tick_params(labelsize=7)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if drawn:
-        ax.legend(fontsize="small")
+    if keep.any():
+        # Markers make a single epoch (or a metric measured every few epochs) visible.
+        ax.plot(epochs[keep], values[keep], marker="o", markersize=2.5, linewidth=1.2)
         ax.grid(alpha=0.3)
     else:
-        ax.text(0.5, 0.5, empty_note, ha="center", va="center", transform=ax.transAxes, color="gray")
-
-
-def _floats(values: Sequence) -> np.ndarray:
-    return np.asarray([math.nan if v is None else v for v in values], dtype=float)
-
-
-def _colormap(name: str):
-    from matplotlib import colormaps
-
-    return colormaps[name]
+        ax.text(0.5, 0.5, empty_note, ha="center", va="center", transform=ax.transAxes, color="gray", fontsize=8)
 
 
 def _overlay(ax, image: np.ndarray, heat: Tensor) -> None:

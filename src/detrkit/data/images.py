@@ -59,9 +59,16 @@ def open_rgb(path: PathLike, listed_in: Optional[PathLike] = None) -> Image.Imag
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found{where}; fix: add the file or remove its record") from None
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)
-        raise DataError(
-            f"{path}: cannot read the image{where} ({type(e).__name__}: {e}); fix: re-export it or remove its record"
-        ) from None
+        fix = "re-export it or remove its record" if listed_in else "re-export it"
+        why = "empty file: 0 bytes" if _is_empty(path) else f"{type(e).__name__}: {e}"
+        raise DataError(f"{path}: cannot read the image{where} ({why}); fix: {fix}") from None
+
+
+def _is_empty(path) -> bool:
+    try:
+        return os.path.getsize(path) == 0
+    except (OSError, TypeError):  # an in-memory file (BytesIO) has no size on disk
+        return False
 
 
 def image_tensor(image: ImageInput) -> Tensor:
