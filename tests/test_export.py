@@ -238,7 +238,7 @@ def test_rtdetr_r18_equals_pytorch_at_two_image_sizes(tmp_path):
     is one-to-one and unambiguous, only queries whose encoder scores tie (within 1e-5) changed slots,
     and every paired output is within 1e-4. A different set of queries (a cell in the top 300 on one
     side only) would change every query a little through self-attention and leave one unpaired: a failure.
-    About 25 s on a 2-core machine.
+    About 5 s on an idle 2-core machine (25 s on a busy one).
     """
     torch.manual_seed(0)
     model = build_model(preset("rtdetr_r18", num_classes=3)).eval()
