@@ -19,7 +19,8 @@ demo: .venv/installed
 test: .venv/installed
 	$(PY) -m pytest -q tests
 
-# detrkit against Hugging Face DETR-R50, side by side (docs/benchmarks.md); about 5 minutes on 2 cores.
+# detrkit against Hugging Face DETR-R50 and RT-DETR-R18 (--only rtdetr), side by side (docs/benchmarks.md);
+# about 6 minutes on 2 cores.
 bench: .venv/installed
 	$(PY) benchmarks/bench.py --ablation --json runs/bench.json
 

@@ -1,9 +1,11 @@
-"""detrkit against Hugging Face transformers' DETR, side by side in one process, run by hand.
+"""detrkit against Hugging Face transformers' DETR (and RT-DETR), side by side in one process, run by hand.
 
-    make bench                                  # the full run (about 5 minutes on 2 cores)
+    make bench                                  # the full run (about 6 minutes on 2 cores)
     python benchmarks/bench.py --quick          # smaller images, fewer repeats: a smoke run
     python benchmarks/bench.py --only matcher   # one section (peak, inference, train, memory, matcher,
-                                                #   optimizer, dropout, agreement)
+                                                #   optimizer, dropout, agreement, rtdetr)
+    python benchmarks/bench.py --only rtdetr    # RT-DETR-R18 at 640 x 640 against Hugging Face's
+                                                #   RTDetrForObjectDetection (benchmarks/bench_rtdetr.py)
 
 Both sides are DETR-R50 in the configuration of the published ``facebook/detr-resnet-50``
 (timm ResNet-50, 6+6 layers, 100 queries, 92 logits), built from random weights (nothing can
@@ -60,7 +62,7 @@ SIZES = {
 }
 TARGETS_PER_IMAGE = 5
 NUM_LABELS = 91  # COCO, as facebook/detr-resnet-50: 92 logits with "no object"
-SECTIONS = ("peak", "inference", "train", "memory", "matcher", "optimizer", "dropout", "agreement")
+SECTIONS = ("peak", "inference", "train", "memory", "matcher", "optimizer", "dropout", "agreement", "rtdetr")
 # FlopCounterMode knows the GPU attention kernels; the CPU one does the same arithmetic.
 def _sdpa_cpu_flops(query, key, value, *args, **kwargs) -> int:
     return sdpa_flop_count(query.shape, key.shape, value.shape)
@@ -613,6 +615,10 @@ def main(argv: list[str] | None = None) -> dict:
             section_optimizer(folder, size, results)
         if "dropout" in sections:
             section_dropout(size, results)
+        if "rtdetr" in sections:
+            from bench_rtdetr import section_rtdetr  # beside this file; imports this one's helpers
+
+            section_rtdetr(Path(tmp) / "rtdetr", args.size, size["repeats"], size["warmup"], results)
     results["seconds"] = time.perf_counter() - t0
     print(f"\n({results['seconds']:.0f} s)")
     if args.json:

@@ -75,6 +75,9 @@ def test_f1_curve_on_a_hand_made_case():
     assert best == {"threshold": 0.2, "f1": pytest.approx(0.75), "precision": pytest.approx(0.75),
                     "recall": pytest.approx(0.75)}  # the lowest threshold of the 0.2..0.29 plateau
     assert "--threshold 0.20" in format_best_threshold(best, 0.5)
+    # Nothing found at any threshold (an untrained model): no threshold is recommended.
+    missed = f1_curve(gt, [{**d, "bbox": _box(500, 10)} for d in dets])["best"]
+    assert missed["f1"] == 0.0 and "--threshold" not in format_best_threshold(missed, 0.5)
     b = curve["per_class"][1]
     assert b["name"] == "B" and b["gt"] == 0 and set(b["f1"]) == {None}  # no target, no detection
 

@@ -66,3 +66,17 @@ def test_top_class_agreement_pairs_queries_by_box_not_by_slot(bench):
     fp32 = Fixed([0, 1, 2])
     assert bench["top_class_agreement"](fp32, Fixed([1, 0, 2]), [None]) == (2, 2)  # swapped slots, same objects
     assert bench["top_class_agreement"](fp32, Fixed([0, 1, 2], flip=[1]), [None]) == (1, 2)  # one class changed
+
+
+def test_rtdetr_section_on_its_tiny_setting(tmp_path, monkeypatch):
+    """The RT-DETR section (benchmarks/bench_rtdetr.py, beside bench.py) on a quarter-width model at
+    64 x 64: the same weights on both sides, every case timed once, ratios reported."""
+    monkeypatch.syspath_prepend(str(BENCH.parent))  # as when bench.py runs as a script
+    bench = runpy.run_path(str(BENCH), run_name="bench")
+    results = bench["main"](["--tiny", "--only", "rtdetr", "--malloc", "default"])["rtdetr"]
+    assert results["arch"] == "tiny" and results["inference"]["max_abs_diff_vs_peer"] < 1e-3
+    assert set(results["inference"]["times"]) == {"peer fp32", "detrkit fp32", "detrkit bf16"}
+    assert set(results["train"]["times"]) == {"peer fp32", "detrkit fp32"}
+    assert all(t["median"] > 0 and t["ratio_to_peer"] > 0 for t in results["train"]["times"].values())
+    # The two sides run the same network (detrkit boxes only the selected cells: a little less).
+    assert 0.9 < results["train"]["flops"]["detrkit fp32"] / results["train"]["flops"]["peer fp32"] <= 1.0

@@ -237,6 +237,8 @@ def format_best_threshold(best: dict, iou_threshold: float) -> str:
     """One line for the console: the score threshold with the best F1 (``f1_curve(...)["best"]``)."""
     if best["f1"] is None:
         return "best F1: undefined (no ground-truth boxes)"
+    if best["f1"] == 0:  # no threshold to recommend
+        return f"best F1 0.000: no detection overlaps a ground-truth box at IoU >= {iou_threshold:g}"
     def cell(v: Optional[float]) -> str:
         return "n/a" if v is None else f"{v:.3f}"
 

@@ -146,15 +146,15 @@ LOSS_FLAGS = [
     ("eos_coef", "relative weight of the 'no object' class in the cross-entropy (softmax models)", float),
     ("bbox_loss", "box regression loss", ["l1", "smooth_l1"]),
     ("smooth_l1_beta", "Smooth L1 switch point, in normalised box units", float),
-    ("class_loss", "sigmoid (two-stage) classification loss: focal; varifocal (IoU targets); mal (DEIM's "
-     "matchability-aware loss: IoU^gamma targets, every positive weighted 1)", list(CLASS_LOSSES)),
+    ("class_loss", "classification loss of sigmoid models (two-stage, RT-DETR): focal; varifocal (IoU targets); mal "
+     "(DEIM's matchability-aware loss: IoU^gamma targets, every positive weighted 1)", list(CLASS_LOSSES)),
     ("focal_alpha", "focal loss alpha (sigmoid models)", float), ("focal_gamma", "focal loss gamma", float),
     ("vfl_alpha", "varifocal weight of the negatives", float),
     ("mal_gamma", "MAL exponent of the IoU target and of the negatives' weight p^gamma", float),
     ("mal_alpha", "MAL factor on the negatives' weight (None: 1)", float),
-    ("encoder_repeats", "two-stage presets: match the encoder proposals against every target repeated K times "
+    ("encoder_repeats", "two-stage and RT-DETR presets: match the encoder proposals against every target repeated K times "
      "(one-to-many, H-DETR); 1 = off", int),
-    ("hybrid_queries", "two-stage presets: M more encoder-chosen queries trained as a separate one-to-many "
+    ("hybrid_queries", "two-stage and RT-DETR presets: M more encoder-chosen queries trained as a separate one-to-many "
      "branch (H-DETR hybrid matching; training only); 0 = off", int),
     ("hybrid_repeats", "how often each target is repeated for the hybrid queries (H-DETR's k)", int),
     ("query_groups", "training-only groups of learned queries (Group DETR, plain DETR presets); 1 = off", int),
@@ -173,8 +173,8 @@ def _train_parser(sub) -> argparse.ArgumentParser:
                    "overrides preset fields; flags given here win")
     p.add_argument("--recipe", choices=list(RECIPES), default=None,
                    help="defaults for every setting: 'paper' (DETR-R50, the paper's optimisation), 'fast' (learns in "
-                        "minutes from random weights) or 'rtdetr' (RT-DETR's loss, denoising, schedule, 640x640 input); "
-                        f"--config and flags win (default: the model family's own ({FAMILY_RECIPES}), else none)")
+                        "minutes from random weights) or 'rtdetr' (RT-DETR's loss, denoising, schedule, 640x640 input); --config "
+                        f"and flags win (default: {', '.join(f'{r} for {a}* presets' for a, r in FAMILY_RECIPES.items())}, else none)")
     g = p.add_argument_group("model")
     _flag(g, TrainConfig, "model", f"model preset: {', '.join(PRESETS)}")
     _flag(g, TrainConfig, "weights", "start from a checkpoint (detrkit, official .pth or Hugging Face folder); "
@@ -259,8 +259,8 @@ def _serve_parser(sub) -> argparse.ArgumentParser:
 
 def _explain_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("explain", help="draw what a model attends to, or how the matcher assigned its predictions",
-                       description="Without --matching: one PNG with the detections of IMAGE, the decoder "
-                       "cross-attention of each detection and the encoder self-attention of a few reference points. "
+                       description="Without --matching: one PNG with the detections of IMAGE, the decoder cross-attention "
+                       "of each and the encoder self-attention of a few reference points (RT-DETR: each one's sampling points). "
                        "With --matching: a training image with each target, the prediction the Hungarian matcher "
                        "assigned to it (and the cost terms), and the unmatched queries faded.")
     p.add_argument("image", nargs="?", metavar="IMAGE", help="image file to explain (not with --matching)")
@@ -270,11 +270,11 @@ def _explain_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda ... (default: auto)")
     g = p.add_argument_group("attention maps")
     g.add_argument("--points", nargs="+", metavar="X,Y", default=None,
-                   help="reference points in image pixels for the encoder maps; put IMAGE before this flag (default: the centres of the best "
+                   help="DETR models: reference points in image pixels for the encoder maps; put IMAGE before this flag (default: the centres of the best "
                         "detections, or four fixed points when nothing is detected)")
     g.add_argument("--threshold", type=float, default=0.5, help="minimum detection score (default: 0.5)")
     g.add_argument("--max-objects", type=int, default=6,
-                   help="at most this many detections, each with its decoder map (default: 6)")
+                   help="at most this many detections, each with its decoder map or sampling points (default: 6)")
     g = p.add_argument_group("matching view")
     g.add_argument("--matching", action="store_true", help="draw the matching of one annotated image instead")
     _data_sources(g)
@@ -438,7 +438,7 @@ def cmd_explain(args) -> int:
     for i, (name, score, q) in enumerate(zip(result.names, result.scores.tolist(), result.queries.tolist())):
         print(f"{i + 1}: {name} {score:.2f} (query {q})")
     what = "their sampling points" if sampling else f"{len(result.points)} reference points"
-    print(f"{len(result.names)} detections, {what} -> {out}")
+    print(f"{len(result.names)} detections{'' if result.names else f' above --threshold {args.threshold:g}'}, {what} -> {out}")
     return 0
 
 

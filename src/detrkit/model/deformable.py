@@ -123,16 +123,15 @@ class MSDeformableAttention(nn.Module):
         # (B, Q, h, P, .) -> (B*h, Q, P, .): the layout grid_sample and the weighted sum want.
         locations = locations.transpose(1, 2).reshape(b * h, q, total, 2)
         weights = weights.transpose(1, 2).reshape(b * h, 1, q, total)
+        # split, not one slice per level: its backward is one concatenation, where each slice's
+        # would fill a whole (B*h, D/h, S) gradient with zeros.
+        levels = value.split([hh * ww for hh, ww in shapes], dim=-1)
         out = None
-        start_cell, start_point = 0, 0
-        for (hh, ww), n in zip(shapes, self.num_points):
-            level = value[:, :, start_cell:start_cell + hh * ww].view(b * h, d // h, hh, ww)
-            where = locations[:, :, start_point:start_point + n]  # (B*h, Q, n, 2)
-            sampled = self._sample(level, where)  # (B*h, D/h, Q, n)
-            part = (sampled * weights[..., start_point:start_point + n]).sum(-1)  # (B*h, D/h, Q)
+        for (hh, ww), level, where, weight in zip(shapes, levels, locations.split(self.num_points, dim=2),
+                                                  weights.split(self.num_points, dim=-1)):
+            sampled = self._sample(level.view(b * h, d // h, hh, ww), where)  # (B*h, D/h, Q, n); where (B*h, Q, n, 2)
+            part = (sampled * weight).sum(-1)  # (B*h, D/h, Q)
             out = part if out is None else out + part
-            start_cell += hh * ww
-            start_point += n
         out = out.view(b, d, q).transpose(1, 2)  # (B, Q, D): heads' channels side by side
         return self.output_proj(out)
 
