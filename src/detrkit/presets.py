@@ -167,8 +167,8 @@ def resolve(recipe_name: Optional[str], *layers: dict[str, dict]):
     ``{"model"|"loss"|"data"|"train": {field: value}}`` applied in order (later layers win).
 
     ``model`` values override fields of the preset named by ``train.model`` or, fine-tuning
-    (``train.weights``), of the checkpoint's own model config (its architecture, and its dropout
-    and frozen stages unless the layers set them). Without a recipe name, a model family with its
+    (``train.weights``), of the checkpoint's own model config (its architecture, and its dropout,
+    frozen stages and backbone BatchNorm unless the layers set them). Without a recipe name, a model family with its
     own recipe (:data:`FAMILY_RECIPES`) gets that one; the recipe's entry in :data:`RECIPE_BACKBONES`
     for the model's backbone adds to its defaults.
     """

@@ -150,10 +150,11 @@ def plan(model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig, tra
 def _model_config(model_cfg: ModelConfig, train_cfg: TrainConfig, num_classes: int, most: int,
                   start: Optional[Loaded]) -> ModelConfig:
     """The model to train: ``model_cfg`` for the data's classes, with a query for every object of the
-    fullest image; or, fine-tuning, the checkpoint's architecture with the run's training settings."""
+    fullest image; or, fine-tuning, the checkpoint's architecture with the run's training settings
+    (auxiliary losses, dropout, frozen stages, frozen or trained BatchNorm)."""
     if start is not None:
         model_cfg = dataclasses.replace(start.config, aux_loss=model_cfg.aux_loss, dropout=model_cfg.dropout,
-                                        frozen_stages=model_cfg.frozen_stages)
+                                        frozen_stages=model_cfg.frozen_stages, backbone_norm=model_cfg.backbone_norm)
     model_cfg = dataclasses.replace(model_cfg, num_classes=num_classes)
     if most > model_cfg.num_queries and not train_cfg.resume and start is None:
         # DETR predicts at most one object per query: a new model gets enough of them.
