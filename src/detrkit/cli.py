@@ -127,7 +127,7 @@ OPTIMISATION_FLAGS = [
     ("no_decay", "parameters without weight decay, comma-separated: norm (of norm layers), bias; or none", str),
     ("schedule", "learning-rate schedule", ["step", "cosine"]),
     ("lr_drop", "epoch of the x0.1 learning-rate drop (None: at 2/3 of training)", float),
-    ("warmup", "linear warm-up as a fraction of training", float), ("warmup_steps", "or over this many steps", int),
+    ("warmup", "linear warm-up as a fraction of training", float), ("warmup_steps", "linear warm-up over N optimiser steps instead", int),
     ("eval_every", "evaluate every N epochs", int), ("seed", "random seed", int),
     ("precision", "fp32; bf16 autocast; fp16 autocast with loss scaling (CUDA only); auto: fp32 or bf16, whichever "
      "trains faster here (a few steps of each timed at start-up). Matching and losses stay fp32",
@@ -173,7 +173,7 @@ def _train_parser(sub) -> argparse.ArgumentParser:
                    "overrides preset fields; flags given here win")
     p.add_argument("--recipe", choices=list(RECIPES), default=None,
                    help="defaults for every setting: 'paper' (DETR-R50, the paper's optimisation), 'fast' (learns in "
-                        "minutes from random weights) or 'rtdetr' (RT-DETR's loss, denoising, schedule, 640x640 input); --config "
+                        "minutes from random weights) or 'rtdetr' (the RT-DETR release's training at 640x640); --config "
                         f"and flags win (default: {', '.join(f'{r} for {a}* presets' for a, r in FAMILY_RECIPES.items())}, else none)")
     g = p.add_argument_group("model")
     _flag(g, TrainConfig, "model", f"model preset: {', '.join(PRESETS)}")
