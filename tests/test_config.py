@@ -4,7 +4,8 @@ import dataclasses
 import pytest
 
 from detrkit.config import (
-    ARCHS, CLASS_COST_FORMULAS, RENAMED, SECTIONS, LossConfig, ModelConfig, config_from_dict, read_config_file, route,
+    ARCHS, CLASS_COST_FORMULAS, RENAMED, SECTIONS, DataConfig, LossConfig, ModelConfig, TrainConfig, config_from_dict,
+    load_run_config, read_config_file, route, save_run_config,
 )
 from detrkit.presets import resolve
 from detrkit.errors import DetrkitError
@@ -55,3 +56,19 @@ def test_yaml_config_file_flat_keys_and_sections(tmp_path):
     path.write_text("lrr: 1\n")
     with pytest.raises(DetrkitError, match="unknown keys lrr"):
         read_config_file(str(path))
+
+
+def test_no_decay_augment_and_warm_up_are_validated_and_read_as_written(tmp_path):
+    """no_decay reads as the loggers do (comma lists, lists, "none"); a run's config.yaml keeps it."""
+    assert TrainConfig(no_decay="norm, bias").no_decay == ("norm", "bias")
+    assert TrainConfig(no_decay=["bias"]).no_decay == TrainConfig(no_decay="bias,bias").no_decay == ("bias",)
+    assert TrainConfig(no_decay="none").no_decay == TrainConfig().no_decay == ()
+    with pytest.raises(ValueError, match="no_decay: unknown kind 'weights'; choose from norm, bias"):
+        TrainConfig(no_decay="norm,weights")
+    with pytest.raises(ValueError, match="augment must be one of detr, flip, rtdetr"):
+        DataConfig(augment="mosaic")
+    with pytest.raises(ValueError, match="warmup must be a fraction"):
+        TrainConfig(warmup_steps=-1)
+    cfgs = resolve(None, {"train": {"model": "rtdetr_tiny"}})
+    save_run_config(tmp_path / "config.yaml", *cfgs)
+    assert load_run_config(tmp_path) == cfgs and cfgs[3].no_decay == ("norm", "bias")

@@ -1,8 +1,10 @@
 """RT-DETR everywhere DETR goes: its recipe, train (with the training-only options), eval, predict
 (640 x 640 square sizing), ONNX export, explain, bf16, EMA and resume, two processes, and fine-tuning
 from a Hugging Face folder. On the ``rtdetr_tiny`` preset and 64 px synthetic images."""
+import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import detrkit.engine as engine
+from detrkit.aids import AidedModel
 from detrkit.checkpoint import load_model, save_model
 from detrkit.cli import main
 from detrkit.config import LossConfig
@@ -45,6 +48,14 @@ def test_the_rtdetr_recipe_is_the_familys_default_and_flags_win():
     assert loss == LossConfig(**recipe("rtdetr")["loss"]) and loss.class_loss == "varifocal"
     assert (loss.cost_class, loss.loss_ce, loss.vfl_alpha, loss.focal_alpha, loss.denoising_queries) == (2, 1, .75, .25, 100)
     assert (data.image_size, data.resize, train.ema, train.epochs) == (640, "square", True, 72)
+    assert (data.augment, data.augment_stop_epoch, train.batch_size, train.no_decay) == ("rtdetr", -1, 16, ("norm", "bias"))
+    # Per backbone, as the release's configs: R18/R34 train their BatchNorm, R101's backbone learns at 1e-6.
+    norms = {m: resolve(None, {"train": {"model": m}})[0].backbone_norm for m in ("rtdetr_r18", "rtdetr_r34", "rtdetr_r50")}
+    assert norms == {"rtdetr_r18": "batch", "rtdetr_r34": "batch", "rtdetr_r50": "frozen"}
+    assert resolve(None, {"train": {"model": "rtdetr_r50"}})[3].lr_backbone == 1e-5
+    assert resolve(None, {"train": {"model": "rtdetrv2_r101"}})[3].lr_backbone == 1e-6
+    assert resolve(None, {"train": {"model": "rtdetrv2_r101", "lr_backbone": 2e-5}})[3].lr_backbone == 2e-5  # flags win
+    assert resolve(None, {"train": {"model": "rtdetr_r18"}, "model": {"backbone_norm": "frozen"}})[0].backbone_norm == "frozen"
     assert resolve(None, {"train": {"model": "detr_r18_tiny"}})[1] == LossConfig()  # DETR keeps the paper's
     assert resolve("fast", {"train": {"model": "rtdetr_tiny"}})[1].encoder_repeats == 4  # a named recipe wins
     with pytest.raises(ValueError, match="denoising .* and denoising_queries .* both set"):
@@ -52,14 +63,74 @@ def test_the_rtdetr_recipe_is_the_familys_default_and_flags_win():
     assert resolve(None, {"train": {"model": "rtdetr_tiny"}, "loss": {"denoising": 2, "denoising_queries": 0}})[1].denoising == 2
 
 
+# The release's parameter groups (lyuwenyu/RT-DETR rtdetrv2_pytorch/configs/rtdetr/): regexes over its
+# parameter names, each with its lr / weight decay over AdamW's lr 1e-4, weight decay 1e-4. The first
+# match wins (the release asserts none matches twice).
+RELEASE_GROUPS = {
+    "resnet18vd": [(r"^(?=.*backbone)(?!.*(?:norm|bn)).*$", 1e-5, 1e-4),  # include/optimizer.yml, as rtdetr_r18vd_6x
+                   (r"^(?=.*backbone)(?=.*(?:norm|bn)).*$", 1e-5, 0.0),
+                   (r"^(?=.*(?:encoder|decoder))(?=.*(?:norm|bn|bias)).*$", 1e-4, 0.0)],
+    "resnet101vd": [(r"^(?=.*backbone)(?!.*norm|bn).*$", 1e-6, 1e-4),  # rtdetr_r101vd_6x_coco.yml
+                    (r"^(?=.*(?:encoder|decoder))(?=.*(?:norm|bn)).*$", 1e-4, 0.0)],
+}
+
+
+@pytest.mark.parametrize("backbone", ["resnet18vd", "resnet101vd"])
+def test_the_optimiser_groups_are_the_releases(backbone):
+    """Our groups (norm layers found by type, biases by name) equal the release's regexes applied to our
+    names, whose norm layers are all named ...bn or ...norm...: R18 (trained BatchNorm, no decay on any
+    norm nor on the encoder's and decoder's biases) and R101 (frozen BatchNorm, backbone lr 1e-6, no
+    decay on the encoder's and decoder's norms only). The denoising table is the decoder's in the release."""
+    model_cfg, loss_cfg, _, train_cfg = resolve(None, {"train": {"model": "rtdetr_tiny"}, "model": {
+        "backbone": backbone, "backbone_depths": (1, 1, 1, 1), "backbone_norm": "batch" if backbone == "resnet18vd" else "frozen"}})
+    assert model_cfg.backbone_norm == ("batch" if backbone == "resnet18vd" else "frozen")
+    aided = AidedModel(build_model(dataclasses.replace(model_cfg, num_classes=3)), loss_cfg)
+    optimizer = engine.make_optimizer(aided, train_cfg)
+    ours = {id(p): (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+    named = [(n.removeprefix("model.").replace("denoising.", "decoder.denoising."), p)
+             for n, p in aided.named_parameters()]
+    assert len(ours) == len(named) == sum(len(g["params"]) for g in optimizer.param_groups)  # each once
+    for name, param in named:
+        release = [(lr, wd) for pattern, lr, wd in RELEASE_GROUPS[backbone] if re.search(pattern, name)]
+        assert len(release) <= 1 and ours[id(param)] == (release or [(1e-4, 1e-4)])[0], name
+    kinds = {wd for _, wd in ours.values()}, {lr for lr, _ in ours.values()}
+    assert kinds == ({0.0, 1e-4}, {1e-4, 1e-5 if backbone == "resnet18vd" else 1e-6})
+
+
+def test_detr_recipes_decay_every_parameter():
+    model_cfg, _, _, train_cfg = resolve("paper", {"train": {"model": "detr_r18_tiny"}})
+    optimizer = engine.make_optimizer(build_model(model_cfg), train_cfg)
+    assert [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups] == [(1e-4, 1e-4), (1e-5, 1e-4)]
+
+
+def test_the_learning_rate_warms_up_over_2000_steps_and_never_drops():
+    """LinearWarmup(2000): (step + 1) / 2000 from the first step, then MultiStepLR's milestone 1000
+    (epochs), which no run reaches, also under a time budget."""
+    train = resolve(None, {"train": {"model": "rtdetr_r18"}})[3]
+    assert (train.warmup_steps, train.warmup, train.lr_drop) == (2000, 0.0, 1000)
+    factors = [engine.lr_factor(0.01, train, step) for step in (0, 999, 1998, 1999, 5000)]
+    assert factors == pytest.approx([1 / 2000, 0.5, 1999 / 2000, 1.0, 1.0])
+    assert engine.lr_factor(0.999, train, 10 ** 6) == 1.0
+    assert engine.lr_factor(0.9, dataclasses.replace(train, minutes=5.0), 10 ** 6) == 1.0
+    # The warm-up multiplies the schedule: a drop at epoch 1 of 2 during it.
+    drop = dataclasses.replace(train, epochs=2, lr_drop=1, warmup_steps=10)
+    assert engine.lr_factor(0.6, drop, 4) == pytest.approx(0.05) and engine.lr_factor(0.4, drop, 4) == 0.5
+    paper = resolve("paper", {})[3]  # DETR's: no warm-up, the drop at 2/3
+    assert [engine.lr_factor(p, paper, 7) for p in (0.6, 0.7)] == [1.0, pytest.approx(0.1)]
+    with pytest.raises(ValueError, match="warmup .* and warmup_steps .* are both set"):
+        resolve("fast", {"train": {"warmup_steps": 100}})
+    assert resolve("fast", {"train": {"warmup_steps": 100, "warmup": 0}})[3].warmup_steps == 100
+
+
 def test_train_with_every_option_then_eval_predict_export_explain(shapes, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", *_data(shapes), *TINY, "--epochs", "1", "--batch-size", "2", "--out", str(run),
                  "--denoising-queries", "0", "--denoising", "2", "--encoder-repeats", "2", "--hybrid-queries", "4",
                  "--class-loss", "focal", "--num-points", "3", "2", "1", "--sampling-method", "discrete"]) == 0
-    header = (run / "results.csv").read_text().splitlines()[0]
+    header, row = (line.split(",") for line in (run / "results.csv").read_text().splitlines()[:2])
     for key in ("train_loss_ce_dn", "train_loss_ce_hybrid", "train_loss_ce_enc", "train_loss_giou", "AP"):
         assert key in header, key
+    assert float(dict(zip(header, row))["lr"]) == pytest.approx(1e-4 * 2 / 2000)  # step 2 of the recipe's warm-up
     model = load_model(run / "best")
     assert model.config.num_points == (3, 2, 1) and model.config.sampling_method == "discrete"
     assert model.inference == {"image_size": 64, "max_size": None, "resize": "square"}  # the rtdetr recipe's sizing
@@ -226,6 +297,12 @@ def test_fine_tuning_a_hugging_face_folder(shapes, tmp_path, capsys):
     assert not torch.equal(tuned["decoder.enc_class.weight"], start["decoder.enc_class.weight"])
     assert torch.equal(tuned["decoder.layers.0.linear1.weight"], start["decoder.layers.0.linear1.weight"])
     assert "new class head for 4 classes" in capsys.readouterr().out
+    # Hugging Face freezes this ResNet-18-vd's BatchNorm; the recipe trains it, as the release's R18:
+    # the frozen statistics and affine loaded, then batch statistics (2 steps of batch 2).
+    assert load_model(tmp_path / "hf").config.backbone_norm == "frozen"
+    assert load_model(tmp_path / "other" / "last").config.backbone_norm == "batch"
+    assert tuned["backbone.stem.0.bn.num_batches_tracked"] == 2
+    assert torch.equal(tuned["backbone.stem.0.bn.weight"], start["backbone.stem.0.bn.weight"])  # lr 0
 
     data = json.loads(Path(shapes["train_json"]).read_text())  # the same images, category ids 0..3
     ids = {c["id"]: i for i, c in enumerate(data["categories"])}

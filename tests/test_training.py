@@ -16,7 +16,7 @@ from detrkit.config import load_run_config
 from detrkit.presets import preset, resolve
 from detrkit.data.sampler import EpochSampler
 from detrkit.data.build import auto_image_size
-from detrkit.data.transforms import Mosaic
+from detrkit.data.transforms import IoUCrop, Mosaic
 from detrkit.ema import ModelEMA
 from detrkit.evaluate import METRIC_KEYS
 from detrkit.model.build import build_model
@@ -140,6 +140,18 @@ def test_mosaics_stop_at_mosaic_until(shapes, tmp_path, monkeypatch, capsys):
     assert len(made) == 4
     assert torch.load(run / "last" / "train_state.pt", weights_only=True)["mosaic_stopped"] == 1
     assert "mosaic off from epoch 2 (50% of training done)" in capsys.readouterr().out
+
+
+def test_the_augmentation_stops_at_augment_stop_epoch(shapes, tmp_path, monkeypatch, capsys):
+    """Two epochs of 4 images with RT-DETR's augmentation stopped for the last epoch (-1): every image of
+    epoch 1 goes through its IoU crop step, none of epoch 2 (8 if it never stopped)."""
+    seen = []
+    real = IoUCrop.forward
+    monkeypatch.setattr(IoUCrop, "forward", lambda self, *inputs: seen.append(1) or real(self, *inputs))
+    _run(shapes, tmp_path / "s", val=False, batch_size=4, epochs=2,
+         data={"augment": "rtdetr", "augment_stop_epoch": -1, "resize": "square"})
+    assert len(seen) == 4
+    assert "augmentation 'rtdetr' off from epoch 2: flip and resize only" in capsys.readouterr().out
 
 
 def test_fp16_on_a_cpu_is_a_clear_error(shapes, tmp_path, capsys):

@@ -9,8 +9,10 @@ from torchvision.transforms import v2
 
 from detrkit.data.coco import CocoDetection
 from detrkit.data.transforms import (
-    IMAGENET_MEAN, IMAGENET_STD, Mosaic, finish_targets, train_transforms, val_transforms,
+    IMAGENET_MEAN, IMAGENET_STD, IoUCrop, Mosaic, finish_targets, rtdetr_train_transforms, train_transforms,
+    val_transforms,
 )
+from detrkit.presets import resolve
 
 
 def _random_sample(rng: np.random.Generator, h: int, w: int, n: int):
@@ -189,3 +191,46 @@ def test_mosaic_holds_the_objects_of_four_images():
     assert (image[:, 56:56 + 32, :32] != 0).any(0).all()  # the third tile itself
     with pytest.raises(ValueError, match="4 images"):
         Mosaic(32)(sources[:3])
+
+
+def test_rtdetr_augmentation_keeps_valid_boxes_inside_the_square_image():
+    """RT-DETR's photometric distortion, zoom-out, IoU crop and flip on random images and boxes: the
+    output is the recipe's size, its boxes are non-empty, inside the image, their labels in sync."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    transform = rtdetr_train_transforms(image_size=96)
+    kept = given = 0
+    for _ in range(60):
+        h, w = int(rng.integers(20, 300)), int(rng.integers(20, 300))
+        image, target = _random_sample(rng, h, w, int(rng.integers(0, 6)))
+        labels_in = target["labels"].tolist()
+        out, t = transform(image, target)
+        assert out.shape == (3, 96, 96) and out.dtype == torch.float32
+        assert t["boxes"].shape == (len(t["labels"]), 4)
+        assert set(t["labels"].tolist()) <= set(labels_in)  # boxes dropped with their labels, none invented
+        cx, cy, bw, bh = t["boxes"].unbind(-1)
+        assert (bw * 96 >= 1 - 1e-4).all() and (bh * 96 >= 1 - 1e-4).all()  # at least 1 px (min_size 1)
+        assert (cx - bw / 2 >= -1e-6).all() and (cx + bw / 2 <= 1 + 1e-6).all()
+        assert (cy - bh / 2 >= -1e-6).all() and (cy + bh / 2 <= 1 + 1e-6).all()
+        kept, given = kept + len(t["labels"]), given + len(labels_in)
+    assert 0.3 * given < kept < given  # the crop drops some boxes, keeps most
+    # The recipe's own size: 640 x 640 whatever the photo's shape.
+    data = resolve(None, {"train": {"model": "rtdetr_r18"}})[2]
+    image, target = _random_sample(rng, 120, 200, 3)
+    out, _ = train_transforms(data.image_size, data.max_size, data.augment, data.resize)(image, target)
+    assert (data.augment, out.shape) == ("rtdetr", (3, 640, 640))
+
+
+def test_the_iou_crop_runs_with_probability_p():
+    """p 0 never crops; p 1 crops (the canvas shrinks) unless it draws the no-crop option; p 0.8 in between."""
+    image = tv_tensors.Image(torch.zeros(3, 100, 100, dtype=torch.uint8))
+    target = {"boxes": tv_tensors.BoundingBoxes([[40, 40, 60, 60]], format="XYXY", canvas_size=(100, 100)),
+              "labels": torch.tensor([1])}
+    torch.manual_seed(0)
+    assert all(IoUCrop(p=0.0)(image, target)[0].shape == (3, 100, 100) for _ in range(20))
+    cropped = {p: sum(IoUCrop(p=p)(image, target)[0].shape != (3, 100, 100) for _ in range(400)) for p in (1.0, 0.8)}
+    # torchvision's crop also keeps the image whole on its "no crop" option (drawn again and again
+    # while the IoU options find no crop in 40 trials); p = 0.8 crops 80 % as often.
+    assert 150 < cropped[1.0] < 400 and 0.7 * cropped[1.0] < cropped[0.8] < 0.9 * cropped[1.0]
+    with pytest.raises(ValueError):
+        IoUCrop(p=1.5)

@@ -16,7 +16,7 @@ from typing import Optional
 
 from detrkit.allocator import tune_allocator
 from detrkit.config import (
-    AUTO_IMAGE_SIZE, CLASS_COST_FORMULAS, CLASS_LOSSES, DataConfig, LossConfig, ModelConfig, TrainConfig,
+    AUGMENTS, AUTO_IMAGE_SIZE, CLASS_COST_FORMULAS, CLASS_LOSSES, DataConfig, LossConfig, ModelConfig, TrainConfig,
     config_from_dict, load_run_config, read_config_file, route,
 )
 from detrkit.distributed import note_slow_bf16, select_device
@@ -65,8 +65,9 @@ def _data_flags(p) -> None:
     _flag(g, DataConfig, "workers", "data loader worker processes", type=int)
     g.add_argument("--no-check-images", dest="check_images", action="store_const", const=False, default=None,
                    help="do not open every image file (training and check-data open each once by default)")
-    _flag(g, DataConfig, "augment", "training augmentation: detr (official multi-scale + crop) or flip",
-          choices=["detr", "flip"])
+    _flag(g, DataConfig, "augment", "training augmentation: detr (official multi-scale + crop), flip, or rtdetr "
+          "(photometric distortion, zoom-out, IoU crop, flip)", choices=list(AUGMENTS))
+    _flag(g, DataConfig, "augment_stop_epoch", "from this epoch on (from 0; -1 = the last) flip and resize only", type=int)
     _flag(g, DataConfig, "mosaic", "probability that a training image is a mosaic of four (DEIM's dense one-to-one "
           "matching; DEIM: 0.5); 0 = off", type=float)
     _flag(g, DataConfig, "mosaic_until", "fraction of training after which no mosaics are made", type=float)
@@ -123,16 +124,16 @@ OPTIMISATION_FLAGS = [
     ("batch_size", "images per process and micro-batch", int), ("lr", "learning rate of transformer and heads", float),
     ("lr_backbone", "learning rate of the backbone (0 freezes it)", float),
     ("weight_decay", "AdamW weight decay", float), ("clip", "gradient norm clipping (0 = off)", float),
+    ("no_decay", "parameters without weight decay, comma-separated: norm (of norm layers), bias; or none", str),
     ("schedule", "learning-rate schedule", ["step", "cosine"]),
     ("lr_drop", "epoch of the x0.1 learning-rate drop (None: at 2/3 of training)", float),
-    ("warmup", "linear warm-up as a fraction of training", float),
+    ("warmup", "linear warm-up as a fraction of training", float), ("warmup_steps", "linear warm-up over N optimiser steps instead", int),
     ("eval_every", "evaluate every N epochs", int), ("seed", "random seed", int),
     ("precision", "fp32; bf16 autocast; fp16 autocast with loss scaling (CUDA only); auto: fp32 or bf16, whichever "
      "trains faster here (a few steps of each timed at start-up). Matching and losses stay fp32",
      ["fp32", "bf16", "fp16", "auto"]),
     ("accumulate", "micro-batches per optimiser step (a step sees batch-size x accumulate x processes images, "
-     "exactly as one larger batch)", int),
-    ("ema_decay", "EMA decay", float),
+     "exactly as one larger batch)", int), ("ema_decay", "EMA decay", float),
     ("ema_warmup", "EMA warm-up: the decay ramps up as decay x (1 - exp(-steps / N)); 0 = constant", int),
     ("patience", "stop when validation AP has not improved for this many epochs (None: never)", int),
 ]
@@ -161,8 +162,7 @@ LOSS_FLAGS = [
     ("denoising", "training-only denoising query groups (DN-DETR/DINO); 0 = off", int),
     ("denoising_queries", "training-only denoising queries in all: groups = this // the most objects of an image "
      "in the batch (RT-DETR's rule); 0 = off; not with --denoising", int),
-    ("dn_box_noise", "denoising box noise, in half box sizes", float),
-    ("dn_label_noise", "denoising label noise ratio", float),
+    ("dn_box_noise", "denoising box noise, in half box sizes", float), ("dn_label_noise", "denoising label noise ratio", float),
 ]
 
 
@@ -173,7 +173,7 @@ def _train_parser(sub) -> argparse.ArgumentParser:
                    "overrides preset fields; flags given here win")
     p.add_argument("--recipe", choices=list(RECIPES), default=None,
                    help="defaults for every setting: 'paper' (DETR-R50, the paper's optimisation), 'fast' (learns in "
-                        "minutes from random weights) or 'rtdetr' (RT-DETR's loss, denoising, schedule, 640x640 input); --config "
+                        "minutes from random weights) or 'rtdetr' (the RT-DETR release's training at 640x640); --config "
                         f"and flags win (default: {', '.join(f'{r} for {a}* presets' for a, r in FAMILY_RECIPES.items())}, else none)")
     g = p.add_argument_group("model")
     _flag(g, TrainConfig, "model", f"model preset: {', '.join(PRESETS)}")

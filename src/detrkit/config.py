@@ -250,7 +250,13 @@ class DataConfig:
     image_size: int | str = 800
     max_size: Optional[int] = None  # longer side limit; None = image_size * 1333 / 800 (official ratio)
     workers: int = 2  # DataLoader worker processes
-    augment: str = "detr"  # "detr": official flip + multi-scale + crop; "flip": flip only (small images)
+    # One of AUGMENTS. "detr": official flip + multi-scale + crop; "flip": flip only (small images);
+    # "rtdetr": RT-DETR's photometric distortion, zoom-out, IoU crop and flip (data/transforms.py).
+    augment: str = "detr"
+    # From this epoch on (counted from 0; negative: from the end, -1 = the last) the training images
+    # get only the flip and the resize, whatever `augment` (RT-DETRv2's stop_epoch policy: 71 of its
+    # 72 epochs); None = never. Under a time budget the end is `epochs`'.
+    augment_stop_epoch: Optional[int] = None
     # "shorter": the shorter side to image_size, the longer at most max_size (DETR). "square": both
     # sides to image_size, the aspect ratio not kept (RT-DETR's release and image processor: 640 x 640).
     resize: str = "shorter"
@@ -269,6 +275,11 @@ class DataConfig:
             raise ValueError(f"mosaic and mosaic_until must be in [0, 1], got {self.mosaic}, {self.mosaic_until}")
         if self.resize not in ("shorter", "square"):
             raise ValueError(f"resize must be 'shorter' or 'square', got {self.resize!r}")
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}")
+
+
+AUGMENTS = ("detr", "flip", "rtdetr")  # DataConfig.augment (detrkit.data.transforms.train_transforms)
 
 
 # The largest size "auto" picks. Ours: on 2 CPU cores the fast model trains at ~33 img/s at
@@ -294,6 +305,12 @@ class TrainConfig:
     schedule: str = "step"  # "step" (official lr drop x0.1) or "cosine"
     lr_drop: Optional[float] = None  # epoch of the x0.1 drop; None = at 2/3 of training (official 200 of 300)
     warmup: float = 0.0  # linear warm-up, as a fraction of training (official: none)
+    # Or a linear warm-up over this many optimiser steps, the factor (step + 1) / warmup_steps from
+    # step 0 (RT-DETRv2's LinearWarmup); at most one of the two is set.
+    warmup_steps: int = 0
+    # Parameters trained without weight decay, any of NO_DECAY: "norm", the weights and biases of
+    # normalisation layers (BatchNorm, LayerNorm, GroupNorm); "bias", every bias. Official DETR: none.
+    no_decay: tuple[str, ...] = ()
     eval_every: int = 1  # evaluate every N epochs (and always after the last)
     out: str = "runs/train"  # run folder
     resume: bool = False  # continue the run in `out` from its last checkpoint
@@ -320,6 +337,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.log = logger_names(self.log)
+        self.no_decay = names(self.no_decay, NO_DECAY, "no_decay", "kind")
+        if not 0 <= self.warmup <= 1 or self.warmup_steps < 0:
+            raise ValueError(f"warmup must be a fraction in [0, 1] and warmup_steps >= 0, got {self.warmup}, "
+                             f"{self.warmup_steps}")
+        if self.warmup and self.warmup_steps:
+            raise ValueError(f"warmup ({self.warmup} of training) and warmup_steps ({self.warmup_steps}) are both set: "
+                             f"choose one (the other 0; a recipe may have set one)")
         if self.schedule not in ("step", "cosine"):
             raise ValueError(f"schedule must be 'step' or 'cosine', got {self.schedule!r}")
         if self.precision not in ("fp32", "bf16", "fp16", "auto"):
@@ -336,19 +360,26 @@ class TrainConfig:
             raise ValueError("minutes must be > 0")
 
 
+NO_DECAY = ("norm", "bias")  # what TrainConfig.no_decay may name (detrkit.engine.make_optimizer)
 LOGGERS = ("tensorboard", "mlflow", "wandb")  # what TrainConfig.log may name (detrkit.loggers)
 
 
 def logger_names(value) -> tuple[str, ...]:
     """``"tensorboard,mlflow"``, ``["wandb", "tensorboard"]`` (items may hold commas), ``"none"``
     or nothing -> the logger names, each once, in order; an unknown name is a ValueError."""
+    return names(value, LOGGERS, "log", "logger")
+
+
+def names(value, allowed: tuple[str, ...], field: str, what: str) -> tuple[str, ...]:
+    """A list setting: ``"a,b"``, ``["a", "b"]`` (items may hold commas), ``"none"`` or nothing -> the
+    names, each once, in order; a name not in ``allowed`` is a ValueError naming ``field`` and ``what`` it is."""
     items = [value] if isinstance(value, str) else list(value or ())
-    names = [n.strip().lower() for item in items for n in str(item).split(",") if n.strip()]
-    names = [n for n in dict.fromkeys(names) if n != "none"]
-    unknown = [n for n in names if n not in LOGGERS]
+    found = [n.strip().lower() for item in items for n in str(item).split(",") if n.strip()]
+    found = [n for n in dict.fromkeys(found) if n != "none"]
+    unknown = [n for n in found if n not in allowed]
     if unknown:
-        raise ValueError(f"log: unknown logger {', '.join(map(repr, unknown))}; choose from {', '.join(LOGGERS)}")
-    return tuple(names)
+        raise ValueError(f"{field}: unknown {what} {', '.join(map(repr, unknown))}; choose from {', '.join(allowed)}")
+    return tuple(found)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,36 +38,65 @@ MAX_BAD_STEPS = 5  # consecutive non-finite losses before a run stops
 # ---------------------------------------------------------------------------------------------
 # Optimiser and schedule
 # ---------------------------------------------------------------------------------------------
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with two groups: the backbone at ``lr_backbone``, everything else at ``lr`` (official).
+# The layers whose weights and biases TrainConfig.no_decay's "norm" names.
+NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
-    ``model`` is a :class:`DETR` or an :class:`AidedModel` (whose aids train at ``lr``).
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW: the backbone at ``lr_backbone``, everything else at ``lr`` (official), each part split
+    by ``cfg.no_decay`` into parameters with and without weight decay (empty groups left out).
+
+    ``model`` is a :class:`DETR` or an :class:`AidedModel` (whose aids train at ``lr``). Each group
+    carries ``base_lr``, the learning rate :func:`set_lr` scales.
     """
     named = [(n.removeprefix("model."), p) for n, p in model.named_parameters() if p.requires_grad]
-    backbone = [p for n, p in named if n.startswith("backbone.")]
-    rest = [p for n, p in named if not n.startswith("backbone.")]
-    groups = [{"params": rest, "lr": cfg.lr, "base_lr": cfg.lr}]
-    if backbone:
-        groups.append({"params": backbone, "lr": cfg.lr_backbone, "base_lr": cfg.lr_backbone})
+    undecayed = no_decay(model, cfg.no_decay)
+    groups = []
+    for lr, part in ((cfg.lr, [(n, p) for n, p in named if not n.startswith("backbone.")]),
+                     (cfg.lr_backbone, [(n, p) for n, p in named if n.startswith("backbone.")])):
+        for decayed in (True, False):
+            params = [p for _, p in part if (id(p) not in undecayed) == decayed]
+            if params:
+                groups.append({"params": params, "lr": lr, "base_lr": lr,
+                               "weight_decay": cfg.weight_decay if decayed else 0.0})
     # fused: the whole update of a tensor in one kernel (CPU and CUDA). On a CPU, a third of the
     # time of PyTorch's default there (a Python loop over the tensors): docs/benchmarks.md.
     fused = all(p.device.type in ("cpu", "cuda") for _, p in named)
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
-def lr_factor(progress: float, cfg: TrainConfig) -> float:
-    """The learning-rate multiplier at ``progress`` in [0, 1] of the run (steps or time).
+def no_decay(model: nn.Module, kinds: tuple[str, ...]) -> set[int]:
+    """The ids of ``model``'s parameters that ``kinds`` (TrainConfig.no_decay) exempt from weight decay:
+    ``"norm"``, the parameters of :data:`NORM_LAYERS`, found by layer type (the RT-DETR release selects
+    them by name, ``norm`` or ``bn``); ``"bias"``, every parameter whose name ends in ``bias``."""
+    ids = set()
+    if "norm" in kinds:
+        ids |= {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
+    if "bias" in kinds:
+        ids |= {id(p) for n, p in model.named_parameters() if n.endswith("bias")}
+    return ids
+
+
+def lr_factor(progress: float, cfg: TrainConfig, step: int = 0) -> float:
+    """The learning-rate multiplier at ``progress`` in [0, 1] of the run (steps or time), at optimiser
+    step ``step`` (from 0).
 
     Linear warm-up over the first ``warmup`` fraction, then either the official step decay
-    (x0.1 at ``lr_drop`` epochs, by default at 2/3 of the run: epoch 200 of 300) or a cosine.
+    (x0.1 at ``lr_drop`` epochs, by default at 2/3 of the run: epoch 200 of 300; never when
+    ``lr_drop`` is past the last epoch, as RT-DETR's milestone 1000) or a cosine. With
+    ``warmup_steps`` instead, that schedule times ``(step + 1) / warmup_steps`` until it reaches 1
+    (RT-DETRv2's LinearWarmup, which sets the learning rate step by step over its MultiStepLR's).
     """
+    warm = min((step + 1) / cfg.warmup_steps, 1.0) if cfg.warmup_steps else 1.0
     if cfg.warmup > 0 and progress < cfg.warmup:
         return max(progress / cfg.warmup, 1e-3)
     if cfg.schedule == "cosine":
         p = (progress - cfg.warmup) / max(1 - cfg.warmup, 1e-8)
-        return 0.5 * (1 + math.cos(math.pi * min(max(p, 0.0), 1.0)))
+        return warm * 0.5 * (1 + math.cos(math.pi * min(max(p, 0.0), 1.0)))
+    if cfg.lr_drop is not None and cfg.lr_drop >= cfg.epochs:  # a milestone no run reaches, also under --minutes
+        return warm
     drop_at = cfg.lr_drop / cfg.epochs if cfg.lr_drop is not None and cfg.minutes is None else 2 / 3
-    return 0.1 if progress >= drop_at else 1.0
+    return warm * (0.1 if progress >= drop_at else 1.0)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
@@ -299,7 +328,7 @@ def train_one_epoch(trainer: Trainer, loader: DataLoader, state: TrainState, clo
     seen, t0 = 0, time.perf_counter()
     for micro_batches in bar:
         progress = clock.progress() if cfg.minutes is not None else state.progress(cfg, epoch_size)
-        set_lr(trainer.optimizer, lr_factor(progress, cfg))
+        set_lr(trainer.optimizer, lr_factor(progress, cfg, state.step))
         losses = trainer.forward_backward(micro_batches)
         flags = torch.tensor([float(stop.signal is not None), clock.now()], dtype=torch.float64, device=trainer.device)
         agreed = distributed.all_mean(torch.cat([torch.stack(list(losses.values())).double(), flags])).tolist()

@@ -3,7 +3,8 @@
 
 * :data:`PRESETS`: model presets, each a set of :class:`~detrkit.config.ModelConfig` fields;
 * :data:`RECIPES`: training recipes (``detrkit train --recipe NAME``), defaults for every config
-  section; :data:`FAMILY_RECIPES` names the recipe a model family trains with when none is given;
+  section, and :data:`RECIPE_BACKBONES` what one changes per backbone; :data:`FAMILY_RECIPES` names
+  the recipe a model family trains with when none is given;
 * :func:`resolve`: a recipe and layers of settings -> the four config dataclasses;
 * :data:`DEMO`: the demo's choices.
 """
@@ -100,26 +101,53 @@ RECIPES: dict[str, dict[str, dict]] = {
         "data": dict(augment="flip", workers=0, image_size="auto"),
     },
     # RT-DETR's own recipe: the loss of Hugging Face's RTDetrConfig (= the release's
-    # rtdetr_criterion: varifocal loss, its weights and matching costs, 100 denoising queries),
-    # the release's 6x schedule with EMA, and its 640 x 640 input. The one place these live.
+    # rtdetr_criterion: varifocal loss, its weights and matching costs, 100 denoising queries), and
+    # the release's optimisation, augmentation and 640 x 640 input. The one place these live.
     # Every loss term then equals Hugging Face's (tests/test_rtdetr_loss.py), with its
     # normalisations: boxes of the step (the denoising terms: times the groups), the encoder's
     # term on the Q selected proposals. One difference, under DDP only: Hugging Face divides by
     # its own process's boxes, the release and detrkit by the all-processes count / processes.
+    # The files named are lyuwenyu/RT-DETR's rtdetrv2_pytorch/configs/rtdetr/ (the release's RT-DETR
+    # training; rtdetr_pytorch/configs/rtdetr/ has the same numbers but for no learning-rate warm-up
+    # and R101's weight decay on everything).
+    # What changes with the backbone: RECIPE_BACKBONES.
     "rtdetr": {
+        # AdamW lr 1e-4, backbone 1e-5, weight decay 1e-4, betas (0.9, 0.999), clip_max_norm 0.1:
+        # TrainConfig's defaults are the release's too (include/optimizer.yml).
         "train": dict(model="rtdetr_r18",
-                      epochs=72,  # the release's 6x schedule (rtdetr_r*vd_6x_coco)
-                      lr_drop=1000,  # its MultiStepLR milestone 1000: no drop within the schedule
-                      ema=True),  # EMA 0.9999 with warm-up 2000 (TrainConfig's defaults are the release's)
+                      epochs=72,  # the 6x schedule (include/optimizer.yml epoches)
+                      batch_size=16,  # total_batch_size 16 (include/dataloader.yml: 4 GPUs x 4); per process here
+                      lr_drop=1000,  # MultiStepLR milestones [1000], gamma 0.1: no drop within the schedule
+                      warmup_steps=2000,  # lr_warmup_scheduler: LinearWarmup, warmup_duration 2000 (steps)
+                      # weight_decay 0. for the norms (backbone, encoder, decoder) and the encoder's and
+                      # decoder's biases (the backbone's convolutions have none): include/optimizer.yml's regexes
+                      no_decay=("norm", "bias"),
+                      ema=True),  # use_ema, decay 0.9999, warmups 2000 (TrainConfig's defaults are the release's)
         "loss": dict(class_loss="varifocal", vfl_alpha=0.75,  # focal_loss_alpha (varifocal negatives), gamma 2
                      loss_ce=1.0, loss_bbox=5.0, loss_giou=2.0,  # weight_loss_vfl / _bbox / _giou
                      cost_class=2.0, cost_bbox=5.0, cost_giou=2.0,  # matcher_class_cost / _bbox_cost / _giou_cost
                      focal_alpha=0.25, focal_gamma=2.0,  # matcher_alpha, matcher_gamma (= the varifocal gamma)
                      # num_denoising 100, label_noise_ratio 0.5, box_noise_scale 1.0
                      denoising_queries=100, dn_label_noise=0.5, dn_box_noise=1.0),
-        # The evaluation size of the release and of Hugging Face's image processor: 640 x 640, the
-        # aspect ratio not kept. (Training augmentation: ours, DETR's, with square sizes.)
-        "data": dict(image_size=640, resize="square"),
+        # 640 x 640, the aspect ratio not kept (include/dataloader.yml Resize [640, 640]; Hugging Face's
+        # image processor), and the release's augmentation (data/transforms.py rtdetr_train_transforms),
+        # off for the last epoch: RT-DETRv2's stop_epoch 71 of 72 (rtdetrv2_pytorch/configs/rtdetrv2/
+        # include/dataloader.yml; the RT-DETR configs keep it to the end).
+        "data": dict(image_size=640, resize="square", augment="rtdetr", augment_stop_epoch=-1),
+    },
+}
+
+# What a recipe changes for the backbone it trains (a preset's, or a fine-tuned checkpoint's): its
+# defaults over the recipe's, under the user's settings.
+RECIPE_BACKBONES: dict[str, dict[str, dict[str, dict]]] = {
+    "rtdetr": {
+        # rtdetr_r18vd_6x_coco.yml, rtdetr_r34vd_6x_coco.yml: PResNet freeze_norm False, the backbone's
+        # BatchNorm trains (Hugging Face's PekingU/rtdetr_r18vd and _r34vd freeze it, as R50/R101).
+        "resnet18vd": {"model": dict(backbone_norm="batch")},
+        "resnet34vd": {"model": dict(backbone_norm="batch")},
+        # rtdetr_r101vd_6x_coco.yml: backbone lr 0.000001; weight decay 0 for the encoder's and
+        # decoder's norms alone (its regex leaves out the biases).
+        "resnet101vd": {"train": dict(lr_backbone=1e-6, no_decay=("norm",))},
     },
 }
 
@@ -139,9 +167,10 @@ def resolve(recipe_name: Optional[str], *layers: dict[str, dict]):
     ``{"model"|"loss"|"data"|"train": {field: value}}`` applied in order (later layers win).
 
     ``model`` values override fields of the preset named by ``train.model`` or, fine-tuning
-    (``train.weights``), of the checkpoint's own model config (its architecture, and its dropout
-    and frozen stages unless the layers set them). Without a recipe name, a model family with its
-    own recipe (:data:`FAMILY_RECIPES`) gets that one.
+    (``train.weights``), of the checkpoint's own model config (its architecture, and its dropout,
+    frozen stages and backbone BatchNorm unless the layers set them). Without a recipe name, a model family with its
+    own recipe (:data:`FAMILY_RECIPES`) gets that one; the recipe's entry in :data:`RECIPE_BACKBONES`
+    for the model's backbone adds to its defaults.
     """
     merged: dict[str, dict] = {}
     for layer in layers:
@@ -158,6 +187,11 @@ def resolve(recipe_name: Optional[str], *layers: dict[str, dict]):
         recipe_name = FAMILY_RECIPES.get(arch)
     if recipe_name:
         defaults = recipe(recipe_name)
+        with_recipe = {s: {**defaults.get(s, {}), **merged.get(s, {})} for s in set(merged) | set(defaults)}
+        backbone = with_recipe.get("model", {}).get("backbone") or (base.backbone if base is not None else PRESETS.get(
+            with_recipe["train"].get("model", TrainConfig.model), {}).get("backbone"))
+        for section, values in RECIPE_BACKBONES.get(recipe_name, {}).get(backbone, {}).items():
+            defaults.setdefault(section, {}).update(values)
         merged = {s: {**defaults.get(s, {}), **merged.get(s, {})} for s in set(merged) | set(defaults)}
     train = config_from_dict(TrainConfig, merged.get("train", {}))
     model = (dataclasses.replace(base, **merged.get("model", {})) if base is not None

@@ -53,7 +53,7 @@ from detrkit.config import (
 )
 from detrkit.convert import Loaded
 from detrkit.criterion import SetCriterion, build_criterion
-from detrkit.data.build import auto_image_size, build_datasets, make_train_loader, train_samples
+from detrkit.data.build import augments, auto_image_size, build_datasets, make_train_loader, train_samples
 from detrkit.data.coco import CocoDetection
 from detrkit.ema import ModelEMA
 from detrkit.engine import (
@@ -150,10 +150,11 @@ def plan(model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig, tra
 def _model_config(model_cfg: ModelConfig, train_cfg: TrainConfig, num_classes: int, most: int,
                   start: Optional[Loaded]) -> ModelConfig:
     """The model to train: ``model_cfg`` for the data's classes, with a query for every object of the
-    fullest image; or, fine-tuning, the checkpoint's architecture with the run's training settings."""
+    fullest image; or, fine-tuning, the checkpoint's architecture with the run's training settings
+    (auxiliary losses, dropout, frozen stages, frozen or trained BatchNorm)."""
     if start is not None:
         model_cfg = dataclasses.replace(start.config, aux_loss=model_cfg.aux_loss, dropout=model_cfg.dropout,
-                                        frozen_stages=model_cfg.frozen_stages)
+                                        frozen_stages=model_cfg.frozen_stages, backbone_norm=model_cfg.backbone_norm)
     model_cfg = dataclasses.replace(model_cfg, num_classes=num_classes)
     if most > model_cfg.num_queries and not train_cfg.resume and start is None:
         # DETR predicts at most one object per query: a new model gets enough of them.
@@ -256,7 +257,11 @@ def initial_model(model_cfg: ModelConfig, train_cfg: TrainConfig, classes: list[
         model = build_model(cfg, train_backbone=train_backbone, backbone_weights=train_cfg.backbone_weights)
     else:
         model = build_model(cfg, train_backbone=train_backbone)
-        state = start.state
+        # BatchNorm frozen in the checkpoint and trained here (RT-DETR R18/R34's recipe on Hugging Face's
+        # weights), or the other way round: the same statistics and affine; only the update counter,
+        # which a frozen BatchNorm lacks, is left out or starts at 0.
+        own = {k: v for k, v in model.state_dict().items() if k.endswith(".num_batches_tracked")}
+        state = {**own, **{k: v for k, v in start.state.items() if k in own or not k.endswith(".num_batches_tracked")}}
         if not _same_classes(start, classes):  # every class head (encoder scores too, where there are) starts afresh
             fresh = {k: v for k, v in model.state_dict().items() if k.startswith(model.class_heads)}
             state = {**state, **fresh}
@@ -357,12 +362,16 @@ def fit(run: Run) -> Path:
 
 
 def epoch_samples(run: Run, clock: Clock):
-    """The training samples of the epoch at ``run.state``: with DEIM's mosaics until ``mosaic_until`` of training."""
+    """The training samples of the epoch at ``run.state``: with DEIM's mosaics until ``mosaic_until`` of
+    training, with ``augment`` until ``augment_stop_epoch``, then with the flip and the resize only."""
     p, state = run.plan, run.state
     progress = clock.progress() if p.train.minutes is not None else state.progress(p.train, len(p.train_set))
     if p.data.mosaic > 0 and state.stop_mosaics(progress, p.data.mosaic_until):
         _log(f"mosaic off from epoch {state.epoch + 1} ({progress:.0%} of training done)")
-    return train_samples(p.train_set, p.data, mosaic=state.mosaic_stopped is None)
+    augment = augments(p.data, state.epoch, p.train.epochs)
+    if not augment and state.position == 0 and (state.epoch == 0 or augments(p.data, state.epoch - 1, p.train.epochs)):
+        _log(f"augmentation {p.data.augment!r} off from epoch {state.epoch + 1}: flip and resize only")
+    return train_samples(p.train_set, p.data, mosaic=state.mosaic_stopped is None, augment=augment)
 
 
 def end_epoch(run: Run, clock: Clock, status: str, last: bool) -> bool:

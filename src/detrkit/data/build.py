@@ -7,6 +7,7 @@ same images (:mod:`detrkit.data.sampler`).
 """
 from __future__ import annotations
 
+import copy
 import signal
 from pathlib import Path
 from typing import Optional
@@ -57,15 +58,30 @@ def build_datasets(cfg: DataConfig, categories: Optional[list[dict]] = None, *, 
     return train_set, val_set
 
 
-def train_samples(train_set: CocoDetection, cfg: DataConfig, *, mosaic: bool):
+def train_samples(train_set: CocoDetection, cfg: DataConfig, *, mosaic: bool, augment: bool = True):
     """What the training loader reads: ``train_set``, or with ``mosaic`` (and ``cfg.mosaic > 0``) DEIM's
     mosaics of it (:class:`~detrkit.data.sampler.MosaicSamples`): tiles of half the training size, and
-    after the mosaic only a flip and the resize to the training size (as DEIM), whatever ``cfg.augment``."""
+    after the mosaic only a flip and the resize to the training size (as DEIM), whatever ``cfg.augment``.
+    ``augment=False`` (past ``cfg.augment_stop_epoch``, :func:`augments`): the images that are no mosaic
+    get that flip and resize too, instead of ``cfg.augment``."""
+    if not augment:  # the same images and annotations, other transforms
+        train_set = copy.copy(train_set)
+        train_set.transforms = train_transforms(cfg.image_size, cfg.max_size, "flip", cfg.resize)
     if not mosaic or cfg.mosaic == 0:
         return train_set
     tile = max(1, round(cfg.image_size * MOSAIC_TILE_RATIO))
     return MosaicSamples(train_set, Mosaic(tile), train_transforms(cfg.image_size, cfg.max_size, "flip", cfg.resize),
                          cfg.mosaic)
+
+
+def augments(cfg: DataConfig, epoch: int, epochs: int) -> bool:
+    """Whether epoch ``epoch`` (from 0) of ``epochs`` trains with ``cfg.augment``: before
+    ``cfg.augment_stop_epoch`` (negative: counted back from ``epochs``, -1 = the last epoch), always
+    when it is None. A rule of the epoch number alone: a resumed epoch gets what it began with."""
+    stop = cfg.augment_stop_epoch
+    if stop is None:
+        return True
+    return epoch < (stop if stop >= 0 else max(epochs + stop, 0))
 
 
 def _need_training_data(paths: dict[str, Path]) -> None:

@@ -15,7 +15,8 @@ All box geometry (flip, resize, crop, clamping, sanitising) is torchvision's: th
 along as ``BoundingBoxes`` and only the last step, :class:`NormalizeBoxes`, leaves them.
 
 The numbers are the official DETR recipe (facebookresearch/detr ``datasets/coco.py``) at
-``image_size=800``; ``image_size=S`` scales every pixel number by ``S / 800``.
+``image_size=800``; ``image_size=S`` scales every pixel number by ``S / 800``. RT-DETR's recipe
+(:func:`rtdetr_train_transforms`) works at the evaluation size.
 
 :class:`Mosaic` composes four ``(image, target)`` pairs of that input contract into one, before
 a preset runs on it (DEIM's dense one-to-one matching; the dataset side is
@@ -53,6 +54,14 @@ MOSAIC_DEGREES = 10.0  # rotation uniform in [-10, 10] degrees
 MOSAIC_TRANSLATE = (0.1, 0.1)  # shift uniform within +-10 % of the canvas width and height
 MOSAIC_SCALE = (0.5, 1.5)  # zoom factor uniform in this range
 MOSAIC_FILL = 0  # value of the pixels no image covers (DEIM: black canvas, fill_value 0)
+
+# RT-DETR's training augmentation (lyuwenyu/RT-DETR rtdetrv2_pytorch/configs/rtdetrv2/include/dataloader.yml;
+# the same ops in rtdetr_pytorch/configs/rtdetr/include/dataloader.yml): torchvision's transforms, with
+# torchvision's defaults except these numbers.
+RTDETR_DISTORT_P = 0.5  # RandomPhotometricDistort(p=0.5): each of its five distortions with probability 0.5
+RTDETR_ZOOM_OUT_FILL = 0  # RandomZoomOut(fill=0): on a black canvas of 1 to 4 times the side, half the time
+RTDETR_IOU_CROP_P = 0.8  # RandomIoUCrop(p=0.8): the release's subclass makes the SSD crop on 80 % of the images
+RTDETR_MIN_BOX = 1  # SanitizeBoundingBoxes(min_size=1): boxes under 1 px dropped after the crop and at the end
 
 
 def _scaled(values: Sequence[int], image_size: int) -> list[int]:
@@ -131,6 +140,27 @@ class RandomSizeCrop(v2.Transform):
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         return self._call_kernel(F.crop, inpt, **params)
+
+
+class IoUCrop(v2.RandomIoUCrop):
+    """torchvision's SSD crop (:class:`~torchvision.transforms.v2.RandomIoUCrop`) with probability ``p``,
+    otherwise the input unchanged: RT-DETR's ``RandomIoUCrop(p=0.8)``.
+
+    As torchvision's, it zeroes the boxes whose centre falls outside the crop, for a following
+    ``SanitizeBoundingBoxes`` to drop; on an image without boxes it keeps the whole image (its
+    "no crop" option, drawn with probability 1/7 per round, is the only one that needs no box).
+    """
+
+    def __init__(self, p: float = 1.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not 0 <= p <= 1:
+            raise ValueError(f"p must be in [0, 1], got {p}")
+        self.p = p
+
+    def forward(self, *inputs: Any) -> Any:
+        if torch.rand(()) >= self.p:
+            return inputs if len(inputs) > 1 else inputs[0]
+        return super().forward(*inputs)
 
 
 class Mosaic:
@@ -218,13 +248,16 @@ def train_transforms(image_size: int = REFERENCE_SIZE, max_size: Optional[int] =
 
     then float conversion and ImageNet normalisation. ``image_size=S`` multiplies every pixel
     number above by ``S / 800``, ``max_size`` included when it is None (1333 at 800, 213 at 128).
-    ``augment="flip"`` keeps only the flip, at the evaluation size. ``resize="square"`` makes each
-    final size a square (RT-DETR), and ignores ``max_size``.
+    ``augment="flip"`` keeps only the flip, at the evaluation size; ``augment="rtdetr"`` is RT-DETR's
+    (:func:`rtdetr_train_transforms`). ``resize="square"`` makes each final size a square (RT-DETR),
+    and ignores ``max_size``.
     """
     if augment == "flip":
         return _flip_only(image_size, max_size, resize)
+    if augment == "rtdetr":
+        return rtdetr_train_transforms(image_size, max_size, resize)
     if augment != "detr":
-        raise ValueError(f"augment must be 'detr' or 'flip', got {augment!r}")
+        raise ValueError(f"augment must be 'detr', 'flip' or 'rtdetr', got {augment!r}")
     max_size = _max_size(image_size, max_size)
     scales = _scaled(TRAIN_SCALES, image_size)
     pre_crop = _scaled(CROP_PRE_RESIZE, image_size)
@@ -251,6 +284,26 @@ def train_transforms(image_size: int = REFERENCE_SIZE, max_size: Optional[int] =
             finish_targets(),
         ]
     )
+
+
+def rtdetr_train_transforms(image_size: int = 640, max_size: Optional[int] = None,
+                            resize: str = "square") -> v2.Compose:
+    """RT-DETR's training augmentation, in the release's order: photometric distortion (brightness,
+    contrast, saturation, hue, channel order; each with p 0.5), zoom-out onto a black canvas (p 0.5),
+    the SSD IoU crop (p 0.8), drop the boxes the crop left out, horizontal flip (p 0.5), then the
+    evaluation resize (the release: 640 x 640, ``resize="square"``), ImageNet normalisation and
+    the boxes clamped, those under 1 px dropped, normalised.
+    """
+    return v2.Compose([
+        v2.RandomPhotometricDistort(p=RTDETR_DISTORT_P),
+        v2.RandomZoomOut(fill=RTDETR_ZOOM_OUT_FILL),
+        IoUCrop(p=RTDETR_IOU_CROP_P),
+        v2.SanitizeBoundingBoxes(min_size=RTDETR_MIN_BOX),
+        v2.RandomHorizontalFlip(p=0.5),
+        _eval_resize(image_size, max_size, resize),
+        *_to_model_input(),
+        finish_targets(),
+    ])
 
 
 def _flip_only(image_size: int, max_size: Optional[int], resize: str) -> v2.Compose:
