@@ -7,6 +7,7 @@ import runpy
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("timm")
@@ -80,3 +81,17 @@ def test_rtdetr_section_on_its_tiny_setting(tmp_path, monkeypatch):
     assert all(t["median"] > 0 and t["ratio_to_peer"] > 0 for t in results["train"]["times"].values())
     # The two sides run the same network (detrkit boxes only the selected cells: a little less).
     assert 0.9 < results["train"]["flops"]["detrkit fp32"] / results["train"]["flops"]["peer fp32"] <= 1.0
+
+
+def test_train_speed_rows_for_two_presets():
+    """benchmarks/train_speed.py: each model trains real optimiser steps of the fast recipe (its
+    parameters change), one row per model, the first the peer of the ratios."""
+    speed = runpy.run_path(str(BENCH.parent / "train_speed.py"), run_name="train_speed")
+    trainer, cfg = speed["trainer_for"]("rtdetr_tiny", "fp32", {"batch_size": 2})
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.forward_backward(speed["random_batch"](2, 64))
+    trainer.optimizer_step()
+    assert cfg.arch == "rtdetr" and any(not torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
+    rows = speed["measure"](["rtdetr_tiny", "detr_r18_tiny"], 64, 2, 1, "fp32")
+    assert [r["model"] for r in rows] == ["rtdetr_tiny", "detr_r18_tiny"] and rows[0]["vs_first"] == 1.0
+    assert all(r["img_s"] > 0 and r["gflops"] > 0 and len(r["runs_ms"]) == 1 for r in rows)

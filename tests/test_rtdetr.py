@@ -280,6 +280,18 @@ def test_slim_trunks_are_config_knobs_and_cost_fewer_flops():
         preset("rtdetr_r18", feature_levels=2, encode_levels=(1,))
 
 
+def test_the_cpu_sized_preset_costs_what_yolo11n_costs():
+    """rtdetr_n: a YOLO11n budget (6.5 GFLOPs, 2.6 M parameters at 640 px, 80 classes), all three
+    levels kept (stride 8 is where small objects are)."""
+    cfg = preset("rtdetr_n")
+    model = build_model(cfg)
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    gflops = count_flops(cfg, (640, 640)) / 1e9
+    assert 2.0 < params < 3.2 and 5.5 < gflops < 7.5
+    assert len(model.decoder.input_proj) == 3
+    assert gflops < 0.15 * count_flops(preset("rtdetr_r18"), (640, 640)) / 1e9
+
+
 # --- Deformable attention ---------------------------------------------------------------------------------------
 def _naive(value, shapes, locations, weights, counts):
     """Per point, per head, bilinear interpolation written out: ``value (B, S, h, c)``,

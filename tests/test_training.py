@@ -249,10 +249,14 @@ def test_auto_image_size_is_the_median_shorter_side_never_enlarged_at_most_the_c
     from detrkit.config import AUTO_IMAGE_SIZE, DataConfig
 
     small = _coco_set(tmp_path / "small", [(64, 80), (48, 64), (70, 60)])
-    assert auto_image_size(DataConfig(**small)) == 60  # median of 64, 48, 60
-    large = _coco_set(tmp_path / "large", [(300, 400), (600, 500), (290, 280)])
-    assert AUTO_IMAGE_SIZE < 300
-    assert auto_image_size(DataConfig(**large)) == AUTO_IMAGE_SIZE
+    assert auto_image_size(DataConfig(**small), "two_stage") == 60  # median of 64, 48, 60
+    assert auto_image_size(DataConfig(**small), "rtdetr") == 60  # never enlarged
+    large = _coco_set(tmp_path / "large", [(300, 400), (1000, 900), (800, 700)])  # median shorter side 700
+    assert AUTO_IMAGE_SIZE["two_stage"] == AUTO_IMAGE_SIZE["detr"] < 300
+    assert auto_image_size(DataConfig(**large), "two_stage") == AUTO_IMAGE_SIZE["two_stage"]
+    # The multi-scale family's cost grows with the pixels, not their square: it keeps more of them.
+    assert 300 < AUTO_IMAGE_SIZE["rtdetr"] < 700
+    assert auto_image_size(DataConfig(**large), "rtdetr") == AUTO_IMAGE_SIZE["rtdetr"]
     with pytest.raises(ValueError, match="auto"):
         DataConfig(image_size="big")
 

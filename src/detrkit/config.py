@@ -246,7 +246,7 @@ class DataConfig:
     val_json: Optional[str] = None
     val_images: Optional[str] = None
     # Shorter side at evaluation; training scales 480..800 scale with it (official). "auto": the
-    # training images' median shorter side, at most AUTO_IMAGE_SIZE (the fast recipe's choice).
+    # training images' median shorter side, at most AUTO_IMAGE_SIZE[arch] (the fast recipe's choice).
     image_size: int | str = 800
     max_size: Optional[int] = None  # longer side limit; None = image_size * 1333 / 800 (official ratio)
     workers: int = 2  # DataLoader worker processes
@@ -282,10 +282,13 @@ class DataConfig:
 AUGMENTS = ("detr", "flip", "rtdetr")  # DataConfig.augment (detrkit.data.transforms.train_transforms)
 
 
-# The largest size "auto" picks. Ours: on 2 CPU cores the fast model trains at ~33 img/s at
-# 128 px, ~8 at 256 px and ~4 at 320 px (stride 8; benchmarks/profile_step.py), so 256 px still
-# gives a few thousand images several epochs in a quarter of an hour; larger images are scaled down.
-AUTO_IMAGE_SIZE = 256
+# The largest size "auto" picks, per model family (ModelConfig.arch). DETR and the two-stage model
+# attend over every stride-8 (or 32) cell, so their cost grows with the square of the pixels: on 2
+# CPU cores detr_r18_fast trains at ~33 img/s at 128 px, ~8 at 256 px and ~4 at 320 px, and 256 px
+# still gives a few thousand images several epochs in a quarter of an hour. RT-DETR attends only at
+# stride 32 and samples a few points elsewhere, so its cost grows with the pixels: 640 px, the size
+# its published weights know (training speeds: docs/benchmarks.md). Larger images are scaled down.
+AUTO_IMAGE_SIZE = {"detr": 256, "two_stage": 256, "rtdetr": 640}
 
 
 @dataclass

@@ -63,6 +63,16 @@ PRESETS: dict[str, dict] = {
     "rtdetrv2_r34": dict(_RTDETR, backbone="resnet34vd", csp_expansion=0.5, dec_layers=4),
     "rtdetrv2_r50": dict(_RTDETR, backbone="resnet50vd"),
     "rtdetrv2_r101": dict(_RTDETR, backbone="resnet101vd", encoder_dim=384, encoder_ffn_dim=2048),
+    # The CPU-sized RT-DETR, at Ultralytics YOLO11n's cost (6.5 GFLOPs, 2.6 M parameters at 640 px;
+    # this: 6.9 GFLOPs, 2.7 M with 80 classes), in the spirit of D-FINE-N: a ResNet-18-vd trunk at
+    # 3/8 width with one block per stage, a 128-wide hybrid encoder with one CSP block, and a
+    # 3-layer 128-wide decoder. Trained from random weights (batch statistics). Its measurements
+    # against detr_r18_fast: docs/benchmarks.md.
+    "rtdetr_n": dict(
+        _RTDETR, backbone="resnet18vd", backbone_width=0.375, backbone_depths=(1, 1, 1, 1), backbone_norm="batch",
+        encoder_dim=128, encoder_ffn_dim=512, csp_blocks=1, csp_expansion=0.5, d_model=128, nheads=8, dec_layers=3,
+        dim_feedforward=512, num_queries=30, num_points=(4, 4, 4),
+    ),
     # The smallest RT-DETR, for tests and smoke runs (a step in well under a second on a CPU).
     "rtdetr_tiny": dict(
         _RTDETR, backbone="resnet18vd", backbone_width=0.25, backbone_depths=(1, 1, 1, 1), backbone_norm="batch",

@@ -127,9 +127,9 @@ def plan(model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig, tra
         if distributed.broadcast_from_main(main and _restartable(run_dir)):
             train_cfg = dataclasses.replace(train_cfg, resume=True)
     if data_cfg.image_size == "auto":
-        data_cfg = dataclasses.replace(data_cfg, image_size=auto_image_size(data_cfg))
+        data_cfg = dataclasses.replace(data_cfg, image_size=auto_image_size(data_cfg, model_cfg.arch))
         _log(f"image size: {data_cfg.image_size} px (auto: the training images' median shorter side, "
-             f"at most {AUTO_IMAGE_SIZE})")
+             f"at most {AUTO_IMAGE_SIZE[model_cfg.arch]} for this model family)")
     # Only rank 0 opens every image; a broken file stops it, and torchrun then stops the others.
     train_set, val_set = build_datasets(dataclasses.replace(data_cfg, check_images=data_cfg.check_images and main))
     if main:

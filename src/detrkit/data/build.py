@@ -89,16 +89,17 @@ def _need_training_data(paths: dict[str, Path]) -> None:
         raise DataError("no training data: give --data DIR or --train-json FILE --train-images DIR")
 
 
-def auto_image_size(cfg: DataConfig) -> int:
+def auto_image_size(cfg: DataConfig, arch: str) -> int:
     """``image_size="auto"``: the training images' median shorter side (from the annotation
-    file's width/height), at most :data:`~detrkit.config.AUTO_IMAGE_SIZE`: small images are
+    file's width/height), at most ``AUTO_IMAGE_SIZE[arch]`` (:data:`~detrkit.config.AUTO_IMAGE_SIZE`,
+    per model family): small images are
     never enlarged, large ones are scaled down to what a CPU can train on in minutes."""
     paths = data_paths(cfg)
     _need_training_data(paths)
     sizes = load_coco(paths["train_json"], paths["train_images"]).sizes  # (I, 2) h, w
     if len(sizes) == 0:
         raise DataError(f"{paths['train_json']}: no images")
-    return int(min(np.median(sizes.min(1)), AUTO_IMAGE_SIZE))
+    return int(min(np.median(sizes.min(1)), AUTO_IMAGE_SIZE[arch]))
 
 
 def make_train_loader(dataset, batch_size: int, workers: int, *, seed: int, epoch: int, position: int = 0) -> DataLoader:

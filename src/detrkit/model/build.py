@@ -60,7 +60,9 @@ def count_flops(config: ModelConfig, image_size: Sequence[int] = (640, 640), bat
     benchmarks/flops.py on real tensors.
     """
     with torch.device("meta"):
-        model = build_model(config).eval()
+        # No parameter needs a gradient: the counter's module hooks refuse a module input that is a
+        # parameter requiring one (DETR passes its query embedding's weight to the decoder).
+        model = build_model(config).eval().requires_grad_(False)
         images = torch.zeros(batch, 3, *image_size)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(images)
