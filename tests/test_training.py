@@ -289,3 +289,35 @@ def test_the_papers_model_from_random_weights_on_a_cpu_points_to_the_fast_recipe
     assert notes(device="cuda") == []
     save_model(build_model(preset("detr_r18_tiny", num_classes=4)), tmp_path / "w")
     assert notes(weights=str(tmp_path / "w")) == []  # fine-tuning
+
+
+def test_auto_size_on_large_images_names_the_multi_scale_preset(tmp_path, capsys):
+    """Images scaled down to DETR's cap: the plan says so and names rtdetr_n; an RT-DETR keeps them."""
+    data = {**_coco_set(tmp_path / "large", [(300, 400), (320, 330), (310, 500)]), "image_size": "auto"}
+
+    def planned(model: str) -> tuple[int, list[str]]:
+        cfg = resolve("fast", {"train": {"model": model, "out": str(tmp_path / model)}, "data": data})
+        capsys.readouterr()
+        p = plan(*cfg, torch.device("cpu"))
+        return p.data.image_size, [line for line in capsys.readouterr().out.splitlines() if "rtdetr_n" in line]
+
+    size, hints = planned("detr_r18_tiny")
+    assert size == 256 and len(hints) == 1 and "scaled down to 256 px" in hints[0]
+    assert planned("rtdetr_tiny") == (310, [])  # the median shorter side, under RT-DETR's cap
+
+
+def test_the_fast_recipe_takes_the_multi_scale_preset_for_large_images(tmp_path):
+    """--recipe fast with no --model: rtdetr_n when auto sizing would scale the images down to the
+    two-stage model's cap; the two-stage model otherwise, or when the user names a model or a size."""
+    large = _coco_set(tmp_path / "large", [(300, 400), (320, 330), (310, 500)])  # median shorter side 310
+    small = _coco_set(tmp_path / "small", [(128, 128), (120, 160)])
+
+    def chosen(data: dict, **train) -> tuple[str, str]:
+        model_cfg, _, _, train_cfg = resolve("fast", {"train": train, "data": data})
+        return train_cfg.model, model_cfg.arch
+
+    assert chosen(large) == ("rtdetr_n", "rtdetr")
+    assert chosen(small) == ("detr_r18_fast", "two_stage")
+    assert chosen(large, model="detr_r18_fast") == ("detr_r18_fast", "two_stage")  # the user's choice
+    assert chosen({**large, "image_size": 256}) == ("detr_r18_fast", "two_stage")  # a size given: no auto
+    assert chosen({}) == ("detr_r18_fast", "two_stage")  # auto, but no data named (e.g. a config check)

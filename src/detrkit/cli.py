@@ -59,9 +59,8 @@ def _data_sources(g) -> None:
 def _data_flags(p) -> None:
     g = p.add_argument_group("data (a folder in a common layout, or explicit COCO files)")
     _data_sources(g)
-    _flag(g, DataConfig, "image_size", "shorter image side at evaluation; training scales follow it; 'auto': "
-          "the training images' median shorter side, at most "
-          f"{', '.join(f'{size} ({arch})' for arch, size in AUTO_IMAGE_SIZE.items())} px", type=_image_size)
+    _flag(g, DataConfig, "image_size", "shorter image side at evaluation; training scales follow it; 'auto': the training "
+          f"images' median shorter side, at most {AUTO_IMAGE_SIZE['detr']} px (RT-DETR: {AUTO_IMAGE_SIZE['rtdetr']})", type=_image_size)
     _flag(g, DataConfig, "max_size", "longer image side limit (None: image-size * 1333 / 800)", type=int)
     _flag(g, DataConfig, "workers", "data loader worker processes", type=int)
     g.add_argument("--no-check-images", dest="check_images", action="store_const", const=False, default=None,

@@ -48,12 +48,12 @@ from detrkit.checkpoint import (
     check_and_load, checkpoint_folder, load_state, load_train_state, read_run_checkpoint, save_model, save_run_checkpoint,
     set_classes, write_model_files,
 )
-from detrkit.config import (
-    AUTO_IMAGE_SIZE, DataConfig, LossConfig, ModelConfig, TrainConfig, load_run_config, save_run_config,
-)
+from detrkit.config import DataConfig, LossConfig, ModelConfig, TrainConfig, load_run_config, save_run_config
 from detrkit.convert import Loaded
 from detrkit.criterion import SetCriterion, build_criterion
-from detrkit.data.build import augments, auto_image_size, build_datasets, make_train_loader, train_samples
+from detrkit.data.build import (
+    augments, auto_image_size, auto_size_notes, build_datasets, make_train_loader, train_samples,
+)
 from detrkit.data.coco import CocoDetection
 from detrkit.ema import ModelEMA
 from detrkit.engine import (
@@ -128,8 +128,9 @@ def plan(model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig, tra
             train_cfg = dataclasses.replace(train_cfg, resume=True)
     if data_cfg.image_size == "auto":
         data_cfg = dataclasses.replace(data_cfg, image_size=auto_image_size(data_cfg, model_cfg.arch))
-        _log(f"image size: {data_cfg.image_size} px (auto: the training images' median shorter side, "
-             f"at most {AUTO_IMAGE_SIZE[model_cfg.arch]} for this model family)")
+        model = train_cfg.model if train_cfg.weights is None else "the checkpoint's model"
+        for note in auto_size_notes(data_cfg.image_size, model_cfg.arch, model):
+            _log(note)
     # Only rank 0 opens every image; a broken file stops it, and torchrun then stops the others.
     train_set, val_set = build_datasets(dataclasses.replace(data_cfg, check_images=data_cfg.check_images and main))
     if main:

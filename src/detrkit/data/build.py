@@ -89,17 +89,33 @@ def _need_training_data(paths: dict[str, Path]) -> None:
         raise DataError("no training data: give --data DIR or --train-json FILE --train-images DIR")
 
 
-def auto_image_size(cfg: DataConfig, arch: str) -> int:
-    """``image_size="auto"``: the training images' median shorter side (from the annotation
-    file's width/height), at most ``AUTO_IMAGE_SIZE[arch]`` (:data:`~detrkit.config.AUTO_IMAGE_SIZE`,
-    per model family): small images are
-    never enlarged, large ones are scaled down to what a CPU can train on in minutes."""
+def median_shorter_side(cfg: DataConfig) -> float:
+    """The training images' median shorter side in pixels (from the annotation file's width/height)."""
     paths = data_paths(cfg)
     _need_training_data(paths)
     sizes = load_coco(paths["train_json"], paths["train_images"]).sizes  # (I, 2) h, w
     if len(sizes) == 0:
         raise DataError(f"{paths['train_json']}: no images")
-    return int(min(np.median(sizes.min(1)), AUTO_IMAGE_SIZE[arch]))
+    return float(np.median(sizes.min(1)))
+
+
+def auto_image_size(cfg: DataConfig, arch: str) -> int:
+    """``image_size="auto"``: the training images' median shorter side (from the annotation
+    file's width/height), at most ``AUTO_IMAGE_SIZE[arch]`` (:data:`~detrkit.config.AUTO_IMAGE_SIZE`,
+    per model family): small images are
+    never enlarged, large ones are scaled down to what a CPU can train on in minutes."""
+    return int(min(median_shorter_side(cfg), AUTO_IMAGE_SIZE[arch]))
+
+
+def auto_size_notes(size: int, arch: str, model: str) -> list[str]:
+    """What a run says of its ``auto`` image size: the rule, and, when the images were scaled down to a
+    single-scale model's cap, the multi-scale preset that keeps more of their pixels."""
+    cap = AUTO_IMAGE_SIZE[arch]
+    notes = [f"image size: {size} px (auto: the training images' median shorter side, at most {cap} for {model})"]
+    if size == cap and cap < AUTO_IMAGE_SIZE["rtdetr"]:
+        notes.append(f"your images are scaled down to {cap} px; --model rtdetr_n keeps up to {AUTO_IMAGE_SIZE['rtdetr']} "
+                     "px at a cost that grows with the pixels, not their square (docs/custom-data.md)")
+    return notes
 
 
 def make_train_loader(dataset, batch_size: int, workers: int, *, seed: int, epoch: int, position: int = 0) -> DataLoader:
