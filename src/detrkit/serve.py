@@ -357,4 +357,9 @@ def run_serve(args: argparse.Namespace) -> int:
           f"max batch {config.max_batch}, max wait {config.max_wait_ms:g} ms); Ctrl+C stops", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning", access_log=args.access_log))
     server.run(sockets=[sock])
+    if server.should_exit:
+        # Stopped by Ctrl+C (or SIGTERM). uvicorn re-raises the signal after its shutdown, but
+        # asyncio's runner may swallow that KeyboardInterrupt when the serving task is already
+        # done: end as every other command does on Ctrl+C, whichever way the race went.
+        raise KeyboardInterrupt
     return 0
