@@ -72,3 +72,14 @@ def test_no_decay_augment_and_warm_up_are_validated_and_read_as_written(tmp_path
     cfgs = resolve(None, {"train": {"model": "rtdetr_tiny"}})
     save_run_config(tmp_path / "config.yaml", *cfgs)
     assert load_run_config(tmp_path) == cfgs and cfgs[3].no_decay == ("norm", "bias")
+
+
+def test_the_fast_recipe_trains_the_backbone_norm_of_a_random_backbone():
+    """--recipe fast from random weights: BatchNorm with batch statistics, whatever the preset's; a
+    pretrained backbone (--backbone-weights) or the user's own setting keeps its norm."""
+    assert resolve("fast", {"train": {"model": "rtdetr_r18"}})[0].backbone_norm == "batch"
+    assert resolve("fast", {"train": {"model": "detr_r50"}})[0].backbone_norm == "batch"
+    assert resolve("fast", {"train": {"model": "rtdetr_r18", "backbone_weights": "r18.pth"}})[0].backbone_norm == "frozen"
+    assert resolve("fast", {"train": {"model": "rtdetr_r18"}, "model": {"backbone_norm": "frozen"}})[0].backbone_norm \
+        == "frozen"
+    assert resolve(None, {"train": {"model": "detr_r50"}})[0].backbone_norm == "frozen"  # the paper's recipe

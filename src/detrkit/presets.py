@@ -227,6 +227,10 @@ def resolve(recipe_name: Optional[str], *layers: dict[str, dict]):
         merged = {s: {**defaults.get(s, {}), **merged.get(s, {})} for s in set(merged) | set(defaults)}
     if recipe_name == "fast" and not chosen_model:
         merged["train"]["model"] = fast_model(config_from_dict(DataConfig, merged.get("data", {})))
+    if recipe_name == "fast" and base is None and not merged["train"].get("backbone_weights"):
+        # From random weights, so the backbone's BatchNorm trains: a frozen one (the published presets'
+        # setting, for pretrained statistics) would keep identity statistics and normalise nothing.
+        merged.setdefault("model", {}).setdefault("backbone_norm", "batch")
     train = config_from_dict(TrainConfig, merged.get("train", {}))
     model = (dataclasses.replace(base, **merged.get("model", {})) if base is not None
              else preset(train.model, **merged.get("model", {})))
