@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from detrkit.data.batch import pad_images
 from detrkit.model.backbone import Backbone
-from detrkit.model.heads import MLP, ExtraQueries, Images, layer_outputs, to_float
+from detrkit.model.heads import MLP, ExtraQueries, Images, in_precision, layer_outputs
 from detrkit.model.transformer import Transformer
 from detrkit.predict import Predicts
 
@@ -76,13 +76,7 @@ class DETR(nn.Module, Predicts):
             one per decoder layer before the last.
         """
         x, mask = self._batch(images)
-        if self.precision != "bf16":
-            # No autocast context of our own: `autocast(enabled=False)` here would switch off
-            # the autocast a caller runs the model under (bf16/fp16 training).
-            return self._forward(x, mask, extra)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16):
-            out = self._forward(x, mask, extra)
-        return to_float(out)  # losses, matching and postprocessing always see float32
+        return in_precision(self.precision, x.device.type, lambda: self._forward(x, mask, extra))
 
     def _forward(self, x: Tensor, mask: Tensor, extra: Optional[ExtraQueries] = None) -> dict:
         """The network on a padded batch ``x (B, 3, H, W)``, ``mask (B, H, W)``."""

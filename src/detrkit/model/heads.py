@@ -4,7 +4,7 @@ extra queries (and the attention block of hybrid ones), the per-layer output dic
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +61,18 @@ def layer_outputs(logits: Sequence[Tensor], boxes: Sequence[Tensor], aux_loss: b
     if aux_loss:
         out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
     return out
+
+
+def in_precision(precision: str, device_type: str, forward: Callable[[], dict]) -> dict:
+    """``forward()`` in a model's inference precision: as it is for "fp32", with no autocast context
+    of its own (``autocast(enabled=False)`` would switch off the autocast a caller runs the model
+    under: bf16/fp16 training); for "bf16" under bfloat16 autocast, its outputs then in float32
+    (losses, matching and postprocessing always see float32)."""
+    if precision != "bf16":
+        return forward()
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        out = forward()
+    return to_float(out)
 
 
 def to_float(out):

@@ -45,7 +45,7 @@ from detrkit.config import ModelConfig
 from detrkit.data.batch import pad_images
 from detrkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from detrkit.model.backbone import ResNetVd
-from detrkit.model.heads import ExtraQueries, Images, layer_outputs, to_float
+from detrkit.model.heads import ExtraQueries, Images, in_precision, layer_outputs
 from detrkit.model.hybrid_encoder import HybridEncoder
 from detrkit.model.rtdetr_decoder import RTDETRDecoder
 from detrkit.predict import Predicts
@@ -111,12 +111,7 @@ class RTDETR(nn.Module, Predicts):
             layer: the tokens Hugging Face's and RT-DETR's losses train as the encoder term.
         """
         x, mask = self._batch(images)
-        if self.precision != "bf16":
-            # No autocast context of our own: it would switch off a caller's (bf16/fp16 training).
-            return self._forward(x, mask, extra)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16):
-            out = self._forward(x, mask, extra)
-        return to_float(out)  # losses, matching and postprocessing always see float32
+        return in_precision(self.precision, x.device.type, lambda: self._forward(x, mask, extra))
 
     def _forward(self, x: Tensor, mask: Optional[Tensor], extra: Optional[ExtraQueries]) -> dict:
         """The network on a normalised canvas ``x (B, 3, H, W)`` (H, W multiples of the stride)."""
