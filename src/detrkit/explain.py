@@ -47,13 +47,10 @@ from detrkit.model.transformer import capture_attention
 
 
 @dataclass
-class Explanation:
-    """The detections of one image and the attention behind them (see the module docstring).
-
-    Boxes and points are in pixels of the original image ``(H, W)``. Attention maps are over
-    the feature map ``(h, w)`` (stride ``model.backbone.stride`` of the resized input); each
-    sums to 1. :meth:`upsample` puts maps onto the image's pixels.
-    """
+class Detections:
+    """The detections of one image that an explanation explains (fields shared by
+    :class:`Explanation` and :class:`SamplingExplanation`). Boxes are in pixels of the original
+    image ``(H, W)``; detection ``n`` comes from decoder query ``queries[n]``."""
 
     image: Tensor  # (3, H, W) uint8, as given
     boxes: Tensor  # (N, 4) absolute (x0, y0, x1, y1)
@@ -61,6 +58,17 @@ class Explanation:
     labels: Tensor  # (N,) dataset category ids
     names: list[str]  # N class names
     queries: Tensor  # (N,) int64: the decoder query behind each detection
+
+
+@dataclass
+class Explanation(Detections):
+    """The detections of one image and the attention behind them (see the module docstring).
+
+    Boxes and points are in pixels of the original image ``(H, W)``. Attention maps are over
+    the feature map ``(h, w)`` (stride ``model.backbone.stride`` of the resized input); each
+    sums to 1. :meth:`upsample` puts maps onto the image's pixels.
+    """
+
     decoder_attention: Tensor  # (N, h, w): last decoder layer, cross-attention, mean over heads
     points: Tensor  # (P, 2) float (x, y) reference points
     encoder_attention: Tensor  # (P, h, w): last encoder layer, self-attention of each point's cell, mean over heads
@@ -144,8 +152,7 @@ def explain(model: DETR, image, *, points: Optional[Sequence[Sequence[float]]] =
     self_attn = captured[_last("transformer.encoder.layers", len(model.transformer.encoder.layers), "self_attn")]
     encoder_attention = self_attn[0].mean(0)[rows * w + cols].view(-1, h, w)  # (P, h, w): row-major cells
 
-    return Explanation(image=original, boxes=boxes, scores=found["scores"], labels=found["labels"],
-                       names=found["names"], queries=queries, decoder_attention=decoder_attention, points=points,
+    return Explanation(image=original, **found, decoder_attention=decoder_attention, points=points,
                        encoder_attention=encoder_attention, cell_size=cell, attention=captured)
 
 
@@ -159,8 +166,9 @@ def _prepared(model, image) -> tuple[Tensor, Tensor, tuple[int, int]]:
 
 
 def _detections(model, out: dict, threshold: float, max_objects: int, height: int, width: int) -> dict:
-    """One candidate per query (its best class), the best above ``threshold``: ``queries``, ``scores``,
-    ``boxes`` (absolute xyxy), ``labels`` (category ids), ``names``."""
+    """One candidate per query (its best class), the best above ``threshold``: the fields of
+    :class:`Detections` but the image (``queries``, ``scores``, ``boxes`` absolute xyxy, ``labels``
+    category ids, ``names``)."""
     logits = out["pred_logits"][0].float().cpu()
     prob = logits.sigmoid() if model.sigmoid_class else logits.softmax(-1)[:, :-1]  # (Q, K)
     scores, classes = prob.max(-1)  # (Q,)
@@ -174,7 +182,7 @@ def _detections(model, out: dict, threshold: float, max_objects: int, height: in
 
 
 @dataclass
-class SamplingExplanation:
+class SamplingExplanation(Detections):
     """The detections of one image and where RT-DETR's last decoder layer sampled for each.
 
     Boxes and points are in pixels of the original image ``(H, W)`` (points may lie outside it:
@@ -183,12 +191,6 @@ class SamplingExplanation:
     i.e. to 1 per head), on feature level ``levels[p]`` (0 = the finest, stride ``strides[0]``).
     """
 
-    image: Tensor  # (3, H, W) uint8, as given
-    boxes: Tensor  # (N, 4) absolute (x0, y0, x1, y1)
-    scores: Tensor  # (N,)
-    labels: Tensor  # (N,) dataset category ids
-    names: list[str]  # N class names
-    queries: Tensor  # (N,) int64: the decoder query behind each detection
     points: Tensor  # (N, heads, P, 2) float (x, y) sampling locations
     weights: Tensor  # (N, heads, P) attention weight of each location (sums to 1 per head)
     levels: Tensor  # (P,) int64 the feature level each point samples
@@ -217,8 +219,7 @@ def explain_sampling(model: RTDETR, image, *, threshold: float = 0.5, max_object
     scale = torch.tensor([canvas_w * width / x.shape[-1], canvas_h * height / x.shape[-2]])
     counts = record["num_points"]
     return SamplingExplanation(
-        image=original, queries=found["queries"], boxes=found["boxes"], scores=found["scores"],
-        labels=found["labels"], names=found["names"],
+        image=original, **found,
         points=record["locations"][0].cpu()[found["queries"]] * scale,  # (N, heads, P, 2)
         weights=record["weights"][0].cpu()[found["queries"]],
         levels=torch.cat([torch.full((n,), i) for i, n in enumerate(counts)]),

@@ -25,8 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detrkit.model.backbone import ACTIVATIONS, ConvNorm
-from detrkit.model.dropout import Dropout
-from detrkit.model.transformer import MultiheadAttention
+from detrkit.model.transformer import EncoderLayer
 
 
 def sincos_position_2d(h: int, w: int, dim: int, temperature: float = 10000.0, device: torch.device | None = None,
@@ -49,36 +48,6 @@ def sincos_position_2d(h: int, w: int, dim: int, temperature: float = 10000.0, d
     y = ys.reshape(-1, 1) * freq  # (hw, dim/4)
     x = xs.reshape(-1, 1) * freq
     return torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], dim=1)[None]  # (1, hw, dim)
-
-
-class AIFILayer(nn.Module):
-    """A transformer encoder layer (self-attention + FFN, residual + LayerNorm after each, or before
-    with ``pre_norm``), the sin-cos position added to the queries and keys, not the values."""
-
-    def __init__(self, d_model: int, nheads: int, dim_feedforward: int, dropout: float = 0.0,
-                 activation: str = "gelu", pre_norm: bool = False) -> None:
-        super().__init__()
-        self.self_attn = MultiheadAttention(d_model, nheads, dropout)
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.dropout = Dropout(dropout)  # inside the FFN
-        self.dropout1 = Dropout(dropout)
-        self.dropout2 = Dropout(dropout)
-        self.activation = {"gelu": F.gelu, "relu": F.relu}[activation]
-        self.pre_norm = pre_norm
-
-    def forward(self, src: Tensor, pos: Tensor) -> Tensor:
-        """``src (B, HW, D)``, ``pos (1, HW, D)`` -> ``(B, HW, D)``."""
-        x = self.norm1(src) if self.pre_norm else src
-        q = k = x + pos
-        src = src + self.dropout1(self.self_attn(q, k, x))
-        if not self.pre_norm:
-            src = self.norm1(src)
-        x = self.norm2(src) if self.pre_norm else src
-        src = src + self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
-        return src if self.pre_norm else self.norm2(src)
 
 
 class RepVggBlock(nn.Module):
@@ -164,7 +133,7 @@ class HybridEncoder(nn.Module):
         self.pe_temperature = pe_temperature
         self.input_proj = nn.ModuleList(ConvNorm(c, hidden_dim, 1) for c in in_channels)
         self.aifi = nn.ModuleList(
-            nn.ModuleList(AIFILayer(hidden_dim, nheads, dim_feedforward, dropout, enc_act, pre_norm)
+            nn.ModuleList(EncoderLayer(hidden_dim, nheads, dim_feedforward, dropout, pre_norm, enc_act)
                           for _ in range(enc_layers))
             for _ in self.encode_levels
         )
@@ -205,5 +174,5 @@ class HybridEncoder(nn.Module):
         pos = sincos_position_2d(h, w, d, self.pe_temperature, x.device,
                                  torch.promote_types(src.dtype, torch.float32)).to(src.dtype)
         for layer in layers:
-            src = layer(src, pos)
+            src = layer(src, pos, None)  # AIFI: one map, no padding to mask
         return src.view(b, h, w, d).permute(0, 3, 1, 2)  # channels-last view, no copy

@@ -139,6 +139,7 @@ class _Sublayers(nn.Module):
     before it (pre-norm)."""
 
     pre_norm: bool
+    activation = staticmethod(F.relu)  # of the feed-forward network (the paper's); RT-DETR's AIFI: GELU
 
     def residual(self, x: Tensor, sublayer, norm: nn.LayerNorm, drop: nn.Module) -> Tensor:
         """``norm(x + drop(sublayer(x)))``, or ``x + drop(sublayer(norm(x)))`` with pre-norm."""
@@ -147,14 +148,17 @@ class _Sublayers(nn.Module):
         return norm(x + drop(sublayer(x)))
 
     def feed_forward(self, x: Tensor) -> Tensor:
-        return self.linear2(self.dropout(F.relu(self.linear1(x))))
+        return self.linear2(self.dropout(self.activation(self.linear1(x))))
 
 
 class EncoderLayer(_Sublayers):
-    """Self-attention + FFN, each with a residual connection and LayerNorm (after, or before)."""
+    """Self-attention + FFN, each with a residual connection and LayerNorm (after, or before).
+    RT-DETR's AIFI is this layer with a GELU feed-forward network (``activation="gelu"``)."""
 
-    def __init__(self, d_model: int, nheads: int, dim_feedforward: int, dropout: float, pre_norm: bool) -> None:
+    def __init__(self, d_model: int, nheads: int, dim_feedforward: int, dropout: float, pre_norm: bool,
+                 activation: str = "relu") -> None:
         super().__init__()
+        self.activation = {"relu": F.relu, "gelu": F.gelu}[activation]
         self.self_attn = MultiheadAttention(d_model, nheads, dropout)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
@@ -166,7 +170,8 @@ class EncoderLayer(_Sublayers):
         self.pre_norm = pre_norm
 
     def forward(self, src: Tensor, pos: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
-        """``src``, ``pos (B, HW, D)``, ``key_padding_mask (B, HW)`` -> ``(B, HW, D)``."""
+        """``src``, ``pos (B, HW, D)`` (or ``(1, HW, D)``), ``key_padding_mask (B, HW)`` or None ->
+        ``(B, HW, D)``."""
         def self_attention(x: Tensor) -> Tensor:
             q = k = x + pos  # position on queries and keys, not values
             return self.self_attn(q, k, x, key_padding_mask=key_padding_mask)
