@@ -14,7 +14,7 @@ key and shape is checked later, when the state is loaded into the model
 * The RT-DETR v1/v2 release (lyuwenyu/RT-DETR): a ``.pth`` whose ``ema`` -> ``module`` (or ``model``)
   entry is the state dict, its config read from the shapes; in its own module,
   :mod:`detrkit.rtdetr_release`, which uses the helpers here (:func:`torch_load`,
-  :func:`resnet_vd_trunk`, :func:`check_point_scale`, :data:`COCO_NAMES`).
+  :func:`resnet_vd_trunk`, :func:`check_point_scale`, :func:`denoising_aids`, :data:`COCO_NAMES`).
 """
 from __future__ import annotations
 
@@ -439,13 +439,21 @@ def load_hf_rtdetr(path: Path, cfg: dict) -> Loaded:
     """
     config = rtdetr_config(cfg, str(path / "config.json"))
     state, label_embed = hf_rtdetr_to_detrkit(_hf_weights(path), config)
-    if label_embed is not None and tuple(label_embed.shape) != (config.num_classes + 1, config.d_model):
-        raise CheckpointError(f"{path}: model.denoising_class_embed.weight {tuple(label_embed.shape)} != "
-                              f"{(config.num_classes + 1, config.d_model)}")
+    aids = denoising_aids(label_embed, config, f"{path}: model.denoising_class_embed.weight")
     id2label = {int(k): v for k, v in cfg.get("id2label", {}).items()}
     classes = [{"index": i, "id": i, "name": id2label.get(i, str(i))} for i in range(config.num_classes)]
-    aids = None if label_embed is None else {"denoising.label_embed.weight": label_embed[:config.num_classes]}
     return Loaded(config, state, classes, {"image_size": 640, "max_size": None, "resize": "square"}, aids)
+
+
+def denoising_aids(label_embed: Optional[Tensor], config: ModelConfig, what: str) -> Optional[dict[str, Tensor]]:
+    """RT-DETR's denoising label table as :attr:`Loaded.aids` (None: the checkpoint has none). It has
+    K + 1 rows, the last the padding row, which detrkit's label table does not have; ``what`` names
+    the tensor (file and key) in the error when its shape is not ``(K + 1, d_model)``."""
+    if label_embed is None:
+        return None
+    if tuple(label_embed.shape) != (config.num_classes + 1, config.d_model):
+        raise CheckpointError(f"{what} {tuple(label_embed.shape)} != {(config.num_classes + 1, config.d_model)}")
+    return {"denoising.label_embed.weight": label_embed[:config.num_classes]}
 
 
 # COCO 2017 category ids -> names (the ids official DETR checkpoints predict; gaps are "N/A").

@@ -54,7 +54,7 @@ import torch
 from torch import Tensor
 
 from detrkit.config import ModelConfig
-from detrkit.convert import COCO_NAMES, Loaded, check_point_scale, resnet_vd_trunk, torch_load
+from detrkit.convert import COCO_NAMES, Loaded, check_point_scale, denoising_aids, resnet_vd_trunk, torch_load
 from detrkit.errors import CheckpointError
 from detrkit.model.hybrid_encoder import sincos_position_2d
 from detrkit.model.rtdetr_decoder import anchors_for
@@ -145,12 +145,7 @@ def load_release(path: Path) -> Loaded:
     state = _release_state(torch_load(path), path)
     config = release_config(state, str(path))
     weights, label_embed, size = release_to_detrkit(state, config, str(path))
-    aids = None
-    if label_embed is not None:
-        if tuple(label_embed.shape) != (config.num_classes + 1, config.d_model):
-            raise CheckpointError(f"{path}: decoder.denoising_class_embed.weight {tuple(label_embed.shape)} != "
-                                  f"{(config.num_classes + 1, config.d_model)}")
-        aids = {"denoising.label_embed.weight": label_embed[:config.num_classes]}
+    aids = denoising_aids(label_embed, config, f"{path}: decoder.denoising_class_embed.weight")
     side = size[0] if size is not None and size[0] == size[1] else RELEASE_SIZE
     inference = {"image_size": side, "max_size": None, "resize": "square"}
     return Loaded(config, weights, release_classes(config.num_classes), inference, aids)
