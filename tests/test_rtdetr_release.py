@@ -240,3 +240,33 @@ def test_predict_command_reads_a_release_file(release, tmp_path):
     records = json.loads((out / "detections.json").read_text())
     assert (out / "a.png").exists() and len(records) == 1 and records[0]["detections"]
     assert {d["category_id"] for d in records[0]["detections"]} <= set(range(7))  # 7 classes: index = id
+
+
+def test_fine_tuning_from_a_release_file(synthetic, tmp_path, capsys):
+    """``train --weights FILE.pth``: the model and recipe come from the file's shapes, every class head
+    starts afresh for other classes, everything else starts from the file (lr 0: nothing moves). A
+    quarter-width v2 whose 4 heads its num_points_scale gives away; 300 queries, the release's."""
+    backbone = dict(model_type="rt_detr_resnet", depths=[1, 1, 1, 1], layer_type="basic",
+                    hidden_sizes=[16, 32, 64, 128], embedding_size=16, out_indices=[2, 3, 4])
+    config = transformers.RTDetrV2Config(
+        backbone_config=backbone, encoder_in_channels=[32, 64, 128], encoder_hidden_dim=32, encoder_ffn_dim=64,
+        d_model=32, decoder_ffn_dim=64, encoder_attention_heads=4, decoder_attention_heads=4, decoder_layers=2,
+        num_queries=300, decoder_n_points=2, decoder_offset_scale=0.5, hidden_expansion=0.5, num_labels=80,
+        decoder_in_channels=[32, 32, 32], use_pretrained_backbone=False)
+    torch.manual_seed(0)
+    state = to_release(transformers.RTDetrV2ForObjectDetection(config).state_dict(), v2=True)
+    path = tmp_path / "rtdetrv2_tiny.pth"
+    torch.save({"ema": {"module": state}}, path)
+    read = load_state(path)
+    assert (read.config.nheads, read.config.num_points, read.config.backbone_depths) == (4, (2, 2, 2), (1, 1, 1, 1))
+    assert read.classes[:2] == [{"index": 0, "id": 1, "name": "person"}, {"index": 1, "id": 2, "name": "bicycle"}]
+    data = synthetic(6, 2)
+    assert main(["train", "--train-json", str(data["train_json"]), "--train-images", str(data["train_images"]),
+                 "--image-size", "64", "--workers", "0", "--device", "cpu", "--batch-size", "2", "--epochs", "1",
+                 "--lr", "0", "--lr-backbone", "0", "--weights", str(path), "--out", str(tmp_path / "ft")]) == 0
+    assert "new class head" in capsys.readouterr().out
+    tuned = torch.load(tmp_path / "ft" / "last" / "train_state.pt", weights_only=True)["model"]
+    start = load_model(path).state_dict()
+    assert tuned["decoder.class_embed.0.weight"].shape[0] != 80
+    assert torch.equal(tuned["decoder.layers.1.cross_attn.sampling_offsets.weight"],
+                       start["decoder.layers.1.cross_attn.sampling_offsets.weight"])
