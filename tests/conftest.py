@@ -202,8 +202,9 @@ R18 = dict(backbone_config=R18_BACKBONE, encoder_in_channels=[128, 256, 512], hi
 
 def hf_rtdetr(kind: str, **config):
     """A Hugging Face RT-DETR in the R18 or R50 configuration of the published checkpoints ("r18",
-    "r50"), or an RT-DETRv2 R18 with non-default sampling options ("v2", "v2_discrete"); fewer
-    queries and classes, for speed; ``config``: more config values."""
+    "r50"), or an RT-DETRv2 R18 with non-default sampling options ("v2", "v2_discrete"; "v2_release":
+    3 points per level at the offset scale the release always uses, 0.5); fewer queries and classes,
+    for speed; ``config``: more config values."""
     from transformers import RTDetrConfig, RTDetrForObjectDetection, RTDetrV2Config, RTDetrV2ForObjectDetection
 
     common = {"num_queries": 30, "num_labels": 7, "use_pretrained_backbone": False, **config}
@@ -212,7 +213,8 @@ def hf_rtdetr(kind: str, **config):
     if kind == "r50":
         return RTDetrForObjectDetection(RTDetrConfig(**common))
     method = "discrete" if kind == "v2_discrete" else "default"
-    v2 = RTDetrV2Config(**R18, **common, decoder_n_points=3, decoder_offset_scale=0.75, decoder_method=method)
+    offset_scale = 0.5 if kind == "v2_release" else 0.75
+    v2 = RTDetrV2Config(**R18, **common, decoder_n_points=3, decoder_offset_scale=offset_scale, decoder_method=method)
     return RTDetrV2ForObjectDetection(v2)
 
 

@@ -232,6 +232,28 @@ def test_every_parameter_gets_a_gradient(hybrid, method):
     assert not missing, f"no (finite, non-zero) gradient for {missing}"
 
 
+def test_an_input_with_fewer_cells_than_queries_takes_extra_queries():
+    """A 64 x 64 input has 64 + 16 + 4 = 84 cells, fewer than 100 queries: every cell becomes a query,
+    and the training-only queries' mask, made for the model's 100, is cut to them: the outputs are
+    those of the same weights with 84 queries."""
+    torch.manual_seed(0)
+    models = [_small(num_queries=100).train(), _small(num_queries=84).train()]
+    models[1].load_state_dict(models[0].state_dict())
+    gen = torch.Generator().manual_seed(0)
+    images, content, boxes = [torch.randn(3, 64, 64, generator=gen)], torch.randn(1, 4, 32), torch.rand(1, 4, 4)
+    outs = []
+    for model in models:
+        q = model.num_queries
+        mask = torch.zeros(q + 4, q + 4, dtype=torch.bool)
+        mask[:q, q:] = True
+        with torch.no_grad():
+            outs.append(model(images, ExtraQueries(content, mask, boxes=boxes * 0.5 + 0.2)))
+    assert outs[0]["pred_logits"].shape == (1, 84, 3) and outs[0]["extra_outputs"]["pred_logits"].shape == (1, 4, 3)
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(outs[0][key], outs[1][key])
+        torch.testing.assert_close(outs[0]["extra_outputs"][key], outs[1]["extra_outputs"][key])
+
+
 def test_boxes_are_relative_to_each_image():
     """A padded image gets the boxes the same canvas gives, re-expressed in its own size."""
     torch.manual_seed(0)

@@ -8,6 +8,7 @@ from conftest import make_targets, tiny_config
 
 from detrkit import build_criterion, build_model, load_model, postprocess, preset, save_model
 from detrkit.config import LossConfig, ModelConfig
+from detrkit.model.heads import ExtraQueries
 from detrkit.model.position import box_sine_embedding
 from detrkit.model.transformer import MultiheadAttention
 from detrkit.model.two_stage import ConditionalAttention, TwoStageDETR, inverse_sigmoid
@@ -53,6 +54,29 @@ def test_every_parameter_learns_after_one_step(conditional):
         opt.step()
     no_grad = {n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0}
     assert no_grad == set()
+
+
+def test_an_input_with_fewer_tokens_than_queries_takes_extra_queries():
+    """A 64 x 64 input has 4 x 4 tokens, fewer than 100 queries: every token becomes a query, and the
+    training-only queries' mask, made for the model's 100, is cut to them: the outputs are those of
+    the same weights with 16 queries."""
+    torch.manual_seed(0)
+    models = [build_model(dataclasses.replace(CFG, num_queries=q)).eval() for q in (100, 16)]
+    models[1].load_state_dict(models[0].state_dict())
+    gen = torch.Generator().manual_seed(0)
+    images, content = [torch.randn(3, 64, 64, generator=gen)], torch.randn(1, 3, 32, generator=gen)
+    boxes = torch.rand(1, 3, 4, generator=gen) * 0.5 + 0.2
+    outs = []
+    for model in models:
+        q = model.num_queries
+        mask = torch.zeros(q + 3, q + 3, dtype=torch.bool)
+        mask[:q, q:] = True
+        with torch.no_grad():
+            outs.append(model(images, ExtraQueries(content, mask, boxes=boxes)))
+    assert outs[0]["pred_logits"].shape == (1, 16, 3) and outs[0]["extra_outputs"]["pred_logits"].shape == (1, 3, 3)
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(outs[0][key], outs[1][key])
+        torch.testing.assert_close(outs[0]["extra_outputs"][key], outs[1]["extra_outputs"][key])
 
 
 def test_box_refinement_starts_at_the_reference():

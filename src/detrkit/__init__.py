@@ -3,7 +3,7 @@
 The public API::
 
     import detrkit
-    model = detrkit.load_model("weights/")       # detrkit, official DETR .pth or Hugging Face folder
+    model = detrkit.load_model("weights/")       # detrkit, official DETR / RT-DETR .pth or Hugging Face folder
     outputs = model([image])                     # pred_logits, pred_boxes, aux_outputs
     detections = model.predict(["photo.jpg"], threshold=0.5)
     run_dir = detrkit.train(data="my_coco_dir", model="detr_r18_small", minutes=10)

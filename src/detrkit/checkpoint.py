@@ -13,10 +13,11 @@ beside it, then two renames), so a process killed during a save leaves the previ
 whole, training state included.
 
 ``load_model`` also reads an official DETR checkpoint (``.pth``: a dict whose ``model`` entry
-is the state dict, as published for R50/R101/DC5) and a Hugging Face ``DetrForObjectDetection``,
+is the state dict, as published for R50/R101/DC5), a Hugging Face ``DetrForObjectDetection``,
 ``RTDetrForObjectDetection`` or ``RTDetrV2ForObjectDetection`` folder (``config.json`` +
-``model.safetensors`` or ``pytorch_model.bin``), through :mod:`detrkit.convert`. Every key and shape is checked; nothing is ever unpickled beyond
-tensors (``torch.load(weights_only=True)``).
+``model.safetensors`` or ``pytorch_model.bin``), through :mod:`detrkit.convert`, and an RT-DETR v1/v2
+release ``.pth`` (lyuwenyu/RT-DETR), through :mod:`detrkit.rtdetr_release`. Every key and shape is
+checked; nothing is ever unpickled beyond tensors (``torch.load(weights_only=True)``).
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ from detrkit.errors import CheckpointError, DetrkitError
 from detrkit.files import read_json
 from detrkit.model.build import build_model
 from detrkit.model.detr import DETR
+from detrkit.rtdetr_release import is_release_file, load_release, release_file_config
 
 FORMAT_VERSION = 1
 PathLike = Union[str, Path]
@@ -263,7 +265,11 @@ def _detrkit_config(weights: Path) -> tuple[ModelConfig, dict]:
 # The one entry point
 # ---------------------------------------------------------------------------------------------
 def detect_format(path: PathLike) -> str:
-    """``"detrkit"``, ``"huggingface"`` or ``"official"``, from the files alone."""
+    """``"detrkit"``, ``"huggingface"``, ``"official"`` (DETR) or ``"rtdetr_release"``, from the files alone.
+
+    A ``.pth`` is an RT-DETR release file when its state dict has the release's keys (looked at with
+    the tensors left on disk), otherwise an official DETR one, whose reader then names what is missing.
+    """
     path = readable_folder(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
@@ -280,20 +286,22 @@ def detect_format(path: PathLike) -> str:
                               f"reads ({', '.join(HF_MODEL_TYPES)}); got model_type {cfg.get('model_type')!r}")
     if path.suffix == ".safetensors":
         return "detrkit"
-    return "official"
+    return "rtdetr_release" if is_release_file(path) else "official"
 
 
 def load_state(path: PathLike) -> Loaded:
     """Read any supported checkpoint: its config, its state dict in our names, its class mapping
     and its image sizing (a :class:`~detrkit.convert.Loaded`)."""
     path = readable_folder(path)
-    loader = {"detrkit": _load_detrkit, "huggingface": load_huggingface, "official": load_official}
+    loader = {"detrkit": _load_detrkit, "huggingface": load_huggingface, "official": load_official,
+              "rtdetr_release": load_release}
     return loader[detect_format(path)](path)
 
 
 def checkpoint_config(path: PathLike) -> ModelConfig:
     """The :class:`ModelConfig` of any checkpoint :func:`load_model` reads; folders are not read
-    beyond their config (an official ``.pth`` is read whole: its config is in its shapes)."""
+    beyond their config (an official ``.pth`` is read whole, a release one's shapes only: their
+    config is in their shapes)."""
     path = readable_folder(path)
     kind = detect_format(path)
     if kind == "detrkit":
@@ -301,6 +309,8 @@ def checkpoint_config(path: PathLike) -> ModelConfig:
     if kind == "huggingface":
         return hf_model_config(read_json(path / "config.json", CheckpointError, "checkpoint config"),
                                str(path / "config.json"))
+    if kind == "rtdetr_release":
+        return release_file_config(path)
     return load_official(path).config
 
 
@@ -321,7 +331,8 @@ def check_and_load(model: DETR, state: dict[str, Tensor], source: str) -> None:
 
 
 def load_model(path: PathLike, device: Union[str, torch.device] = "cpu", precision: str = "fp32") -> DETR:
-    """Load a detrkit, official DETR or Hugging Face DETR / RT-DETR (v1, v2) checkpoint, ready for inference.
+    """Load a detrkit, official DETR, Hugging Face DETR / RT-DETR (v1, v2) or RT-DETR release checkpoint,
+    ready for inference.
 
     Returns the model in eval mode on ``device`` with its class mapping in ``model.classes``.
     Inference is exact (the outputs of the plain modules to float32 rounding) and faster than

@@ -177,7 +177,7 @@ def _train_parser(sub) -> argparse.ArgumentParser:
                         f"and flags win (default: {', '.join(f'{r} for {a}* presets' for a, r in FAMILY_RECIPES.items())}, else none)")
     g = p.add_argument_group("model")
     _flag(g, TrainConfig, "model", f"model preset: {', '.join(PRESETS)}")
-    _flag(g, TrainConfig, "weights", "start from a checkpoint (detrkit, official .pth or Hugging Face folder); "
+    _flag(g, TrainConfig, "weights", "start from a checkpoint (detrkit, official DETR / RT-DETR .pth or Hugging Face folder); "
           "the class head is re-initialised when the classes differ", metavar="PATH")
     _flag(g, TrainConfig, "backbone_weights", "local torchvision ImageNet ResNet state dict", metavar="FILE")
     g.add_argument("--conditional-attention", action="store_const", const=True, default=None,
@@ -213,7 +213,7 @@ def _train_parser(sub) -> argparse.ArgumentParser:
 
 def _eval_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="COCO metrics of a checkpoint on a data set")
-    p.add_argument("--weights", required=True, metavar="PATH", help="checkpoint (detrkit, official or Hugging Face)")
+    p.add_argument("--weights", required=True, metavar="PATH", help="checkpoint (detrkit, official DETR / RT-DETR .pth or Hugging Face)")
     _data_flags(p)
     p.add_argument("--out", default=None, help="folder for metrics.json, detections.json, per_class.csv, "
                    "pr_curves.png, confusion_matrix.png/.json and f1_curve.png/.json (default: eval/ beside the weights)")
@@ -232,7 +232,7 @@ def _predict_parser(sub) -> argparse.ArgumentParser:
                        "OUT/detections.json. Unreadable files are skipped (a line each), then named again; exit status 2")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
     p.add_argument("--weights", required=True, metavar="PATH",
-                   help="checkpoint (detrkit, official or Hugging Face) or an exported .onnx file")
+                   help="checkpoint (detrkit, official DETR / RT-DETR .pth or Hugging Face) or an exported .onnx file")
     p.add_argument("--threshold", type=float, default=0.5, help="minimum score (default: 0.5)")
     p.add_argument("--out", default="runs/predict", help="output folder (default: runs/predict)")
     p.add_argument("--batch-size", type=int, default=8, help="images per batch (default: 8)")
@@ -264,7 +264,7 @@ def _explain_parser(sub) -> argparse.ArgumentParser:
                        "With --matching: a training image with each target, the prediction the Hungarian matcher "
                        "assigned to it (and the cost terms), and the unmatched queries faded.")
     p.add_argument("image", nargs="?", metavar="IMAGE", help="image file to explain (not with --matching)")
-    p.add_argument("--weights", required=True, metavar="PATH", help="checkpoint (detrkit, official or Hugging Face)")
+    p.add_argument("--weights", required=True, metavar="PATH", help="checkpoint (detrkit, official DETR / RT-DETR .pth or Hugging Face)")
     p.add_argument("--out", default=None, metavar="FILE",
                    help="PNG to write (default: runs/explain/IMAGE-NAME.png, or runs/explain/matching-SPLIT-INDEX.png)")
     p.add_argument("--device", default="auto", help="cpu, cuda ... (default: auto)")

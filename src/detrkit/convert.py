@@ -11,6 +11,10 @@ key and shape is checked later, when the state is loaded into the model
 * Hugging Face ``DetrForObjectDetection``, ``RTDetrForObjectDetection`` and
   ``RTDetrV2ForObjectDetection``: a folder with ``config.json`` (``model_type`` one of
   :data:`HF_MODEL_TYPES`, which chooses the reader) and ``model.safetensors`` or ``pytorch_model.bin``.
+* The RT-DETR v1/v2 release (lyuwenyu/RT-DETR): a ``.pth`` whose ``ema`` -> ``module`` (or ``model``)
+  entry is the state dict, its config read from the shapes; in its own module,
+  :mod:`detrkit.rtdetr_release`, which uses the helpers here (:func:`torch_load`,
+  :func:`resnet_vd_trunk`, :func:`check_point_scale`, :func:`denoising_aids`, :data:`COCO_NAMES`).
 """
 from __future__ import annotations
 
@@ -50,15 +54,17 @@ class Loaded(NamedTuple):
 # ---------------------------------------------------------------------------------------------
 # Official DETR (facebookresearch/detr) checkpoints
 # ---------------------------------------------------------------------------------------------
-def torch_load(path: Path) -> object:
+def torch_load(path: Path, mmap: bool = False) -> object:
     """``torch.load`` that refuses anything but tensors and plain containers.
 
     ``argparse.Namespace`` is allowed too: official training checkpoints store their
-    command-line arguments in one, and rebuilding it runs no code.
+    command-line arguments in one, and rebuilding it runs no code. ``mmap=True`` leaves the
+    tensor data on disk until it is read (files in PyTorch's zip format only): a cheap look at
+    the keys and shapes.
     """
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path}: refused to load: the file holds Python objects other than tensors, which could run "
@@ -307,7 +313,7 @@ def rtdetr_config(cfg: dict, source: str = "") -> ModelConfig:
         raise fail(f"backbone {bb.get('model_type') or cfg.get('backbone')!r} (only RTDetrResNet)")
     layout = (bb.get("layer_type", "bottleneck"), tuple(bb.get("depths", (3, 4, 6, 3))),
               tuple(bb.get("hidden_sizes", (256, 512, 1024, 2048))), bb.get("embedding_size", STEM_WIDTH))
-    trunk = _resnet_vd(*layout)
+    trunk = resnet_vd_trunk(*layout)
     if trunk is None:
         raise fail(f"ResNet layout (layer_type, depths, hidden_sizes, embedding_size) {layout}")
     checks = {
@@ -362,9 +368,10 @@ def rtdetr_config(cfg: dict, source: str = "") -> ModelConfig:
         raise CheckpointError(f"{source}: invalid RT-DETR config ({e})") from None
 
 
-def _resnet_vd(kind: str, depths: tuple, widths: tuple, stem: int) -> Optional[dict]:
+def resnet_vd_trunk(kind: str, depths: tuple, widths: tuple, stem: int) -> Optional[dict]:
     """The ModelConfig trunk fields (``backbone``, ``backbone_width``, ``backbone_depths``) of a
-    Hugging Face ResNet-vd layout: a published one, or one of them narrower or with other depths."""
+    ResNet-vd layout (Hugging Face's, or read from the release's shapes): a published one, or one of
+    them narrower or with other depths; None for anything else."""
     named = [(n, d, w) for n, (k, d, w) in RESNET_VD.items() if k == kind]
     named.sort(key=lambda entry: entry[1] != depths)  # the ResNet with these very depths first
     for name, named_depths, named_widths in named:
@@ -392,7 +399,7 @@ def hf_rtdetr_to_detrkit(state: dict[str, Tensor], config: ModelConfig) -> tuple
             tied["decoder." + key] = value
             continue
         if key.endswith(".encoder_attn.n_points_scale"):
-            _check_point_scale(key, value, config)
+            check_point_scale(key, value, config)
             continue
         for pattern, repl in _RENAMES + _LAYER_NORMS:
             key = re.sub(pattern, repl, key)
@@ -413,11 +420,14 @@ def hf_rtdetr_to_detrkit(state: dict[str, Tensor], config: ModelConfig) -> tuple
     return out, label_embed
 
 
-def _check_point_scale(key: str, value: Tensor, config: ModelConfig) -> None:
+def check_point_scale(key: str, value: Tensor, config: ModelConfig, source: str = "") -> None:
+    """RT-DETRv2's per-point offset scale buffer (``1 / n`` for each of the n points of each level) must
+    be the one ``config.num_points`` gives: ours is computed from them, so the buffer is dropped."""
     expected = torch.tensor([1.0 / n for n in config.num_points for _ in range(n)])
     if value.shape != expected.shape or not torch.allclose(value.float(), expected):
-        raise CheckpointError(f"{key}: per-point scales {value.tolist()} do not match decoder_n_points "
-                              f"{config.num_points} (1 / points of each level)")
+        where = f"{source}: " if source else ""
+        raise CheckpointError(f"{where}{key}: per-point scales {value.tolist()} do not match the points per level "
+                              f"{config.num_points} (1 / the points of each level)")
 
 
 def load_hf_rtdetr(path: Path, cfg: dict) -> Loaded:
@@ -429,13 +439,21 @@ def load_hf_rtdetr(path: Path, cfg: dict) -> Loaded:
     """
     config = rtdetr_config(cfg, str(path / "config.json"))
     state, label_embed = hf_rtdetr_to_detrkit(_hf_weights(path), config)
-    if label_embed is not None and tuple(label_embed.shape) != (config.num_classes + 1, config.d_model):
-        raise CheckpointError(f"{path}: model.denoising_class_embed.weight {tuple(label_embed.shape)} != "
-                              f"{(config.num_classes + 1, config.d_model)}")
+    aids = denoising_aids(label_embed, config, f"{path}: model.denoising_class_embed.weight")
     id2label = {int(k): v for k, v in cfg.get("id2label", {}).items()}
     classes = [{"index": i, "id": i, "name": id2label.get(i, str(i))} for i in range(config.num_classes)]
-    aids = None if label_embed is None else {"denoising.label_embed.weight": label_embed[:config.num_classes]}
     return Loaded(config, state, classes, {"image_size": 640, "max_size": None, "resize": "square"}, aids)
+
+
+def denoising_aids(label_embed: Optional[Tensor], config: ModelConfig, what: str) -> Optional[dict[str, Tensor]]:
+    """RT-DETR's denoising label table as :attr:`Loaded.aids` (None: the checkpoint has none). It has
+    K + 1 rows, the last the padding row, which detrkit's label table does not have; ``what`` names
+    the tensor (file and key) in the error when its shape is not ``(K + 1, d_model)``."""
+    if label_embed is None:
+        return None
+    if tuple(label_embed.shape) != (config.num_classes + 1, config.d_model):
+        raise CheckpointError(f"{what} {tuple(label_embed.shape)} != {(config.num_classes + 1, config.d_model)}")
+    return {"denoising.label_embed.weight": label_embed[:config.num_classes]}
 
 
 # COCO 2017 category ids -> names (the ids official DETR checkpoints predict; gaps are "N/A").

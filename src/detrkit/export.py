@@ -328,7 +328,7 @@ class OnnxDetector:
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``detrkit export`` (``--debug`` is the CLI's common flag, not added here)."""
     parser.add_argument("--weights", required=True, metavar="PATH",
-                        help="checkpoint to export (detrkit, official or Hugging Face)")
+                        help="checkpoint to export (detrkit, official DETR / RT-DETR .pth or Hugging Face)")
     parser.add_argument("--format", default="onnx", choices=["onnx"], help="export format (default: onnx)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                         help=f"ONNX opset version, at least {MIN_OPSET} (default: {DEFAULT_OPSET})")

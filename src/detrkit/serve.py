@@ -309,7 +309,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                           "to try it; GET /health, GET /model. See docs/serving.md.")
     defaults = ServeConfig()
     parser.add_argument("--weights", required=True, metavar="PATH",
-                        help="checkpoint (detrkit, official or Hugging Face) or an exported .onnx file (onnxruntime)")
+                        help="checkpoint (detrkit, official DETR / RT-DETR .pth or Hugging Face) or an exported .onnx file "
+                             "(onnxruntime)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on; 0.0.0.0 listens on every interface (default: 127.0.0.1, "
                              "this machine only)")

@@ -84,6 +84,16 @@ def to_float(out):
     return out.float()
 
 
+def cut_to_queries(mask: Tensor, planned: int, q: int) -> Tensor:
+    """A ``(planned + E, planned + E)`` mask of the training-only queries, made for the model's
+    ``planned`` own queries, cut to the ``q`` an input with fewer tokens than that gets (every token
+    becomes a query): ``(q + E, q + E)``, the rows and columns of the missing queries left out."""
+    if q == planned:
+        return mask
+    keep = torch.cat([torch.arange(q, device=mask.device), torch.arange(planned, mask.shape[0], device=mask.device)])
+    return mask[keep[:, None], keep[None, :]]
+
+
 def with_hybrid_block(mask: Tensor, q: int, m: int) -> Tensor:
     """A ``(Q+E, Q+E)`` attention mask (True = blocked) with ``m`` hybrid queries inserted after
     the first ``q``: ``(Q+M+E, Q+M+E)``, where the hybrid queries see only each other and no
