@@ -51,7 +51,7 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-# Problem sizes: the R50 cases, a --quick smoke run and a --tiny plumbing check (tests).
+# Problem sizes: the R50 cases of the speed targets, a --quick smoke run and a --tiny plumbing check (tests).
 SIZES = {
     "full": {"arch": "r50", "infer": (800, 1066), "train": [(512, 683), (480, 640)], "matcher": (8, 300, 50),
              "peak_n": 2048, "conv": (256, 100, 134), "attention": (2, 8, 324, 32), "repeats": 7, "warmup": 2},
