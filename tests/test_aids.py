@@ -177,13 +177,13 @@ def test_hybrid_queries_are_a_separate_branch(denoising):
 
 
 def test_hybrid_block_sees_only_itself():
-    from detrkit.model.heads import with_hybrid_block
+    from detrkit.model.heads import fit_extra_mask
 
     q, m, e = 3, 2, 4
     dn = Denoising(_model(True), groups=2, box_noise=1.0, label_noise=0.0)
     dn.model_queries = q
     mask = dn.mask(1, 2)  # (Q + E, Q + E): two denoising groups of 2
-    full = with_hybrid_block(mask, q, m)
+    full = fit_extra_mask(mask, q, q, m)
     hyb = slice(q, q + m)
     assert full.shape == (q + m + e, q + m + e)
     assert not full[hyb, hyb].any() and full[hyb, :q].all() and full[hyb, q + m:].all()

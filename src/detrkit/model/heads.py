@@ -84,20 +84,26 @@ def to_float(out):
     return out.float()
 
 
-def cut_to_queries(mask: Tensor, planned: int, q: int) -> Tensor:
-    """A ``(planned + E, planned + E)`` mask of the training-only queries, made for the model's
-    ``planned`` own queries, cut to the ``q`` an input with fewer tokens than that gets (every token
-    becomes a query): ``(q + E, q + E)``, the rows and columns of the missing queries left out."""
+def _cut_to_queries(mask: Tensor, planned: int, q: int) -> Tensor:
+    """``(planned + E, planned + E)`` -> ``(q + E, q + E)``: the rows and columns of the own queries
+    past the first ``q`` left out."""
     if q == planned:
         return mask
     keep = torch.cat([torch.arange(q, device=mask.device), torch.arange(planned, mask.shape[0], device=mask.device)])
     return mask[keep[:, None], keep[None, :]]
 
 
-def with_hybrid_block(mask: Tensor, q: int, m: int) -> Tensor:
-    """A ``(Q+E, Q+E)`` attention mask (True = blocked) with ``m`` hybrid queries inserted after
-    the first ``q``: ``(Q+M+E, Q+M+E)``, where the hybrid queries see only each other and no
-    other query sees them (H-DETR keeps its two branches apart)."""
+def fit_extra_mask(mask: Tensor, planned: int, q: int, m: int) -> Tensor:
+    """The attention mask (True = blocked) of the training-only queries, made for the model's
+    ``planned`` own queries and ``E`` extra ones: ``(planned + E, planned + E)``, fitted to one
+    forward pass: ``(q + M + E, q + M + E)``.
+
+    - ``q`` own queries: fewer than ``planned`` when the input has fewer tokens than that (every
+      token becomes a query); the rows and columns of the missing ones are left out.
+    - ``m`` hybrid queries inserted after them, which see only each other and which no other query
+      sees (H-DETR keeps its two branches apart).
+    """
+    mask = _cut_to_queries(mask, planned, q)
     if m == 0:
         return mask
     n = mask.shape[0] + m

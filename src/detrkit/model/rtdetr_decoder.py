@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from detrkit.model.backbone import ConvNorm
 from detrkit.model.deformable import MSDeformableAttention
 from detrkit.model.dropout import Dropout
-from detrkit.model.heads import MLP, ExtraQueries, cut_to_queries, with_hybrid_block
+from detrkit.model.heads import MLP, ExtraQueries, fit_extra_mask
 from detrkit.model.transformer import MultiheadAttention
 
 ANCHOR_SIZE = 0.05  # anchor width/height at stride 8, doubling per level (RT-DETR's grid_size)
@@ -171,7 +171,7 @@ class RTDETRDecoder(nn.Module):
             tgt = torch.cat([tgt, extra.content.to(tgt.dtype)], 1)  # (B, N, D)
             # Round trip through logits, as the reference computes its denoising boxes.
             ref = torch.cat([ref, inverse_sigmoid(extra.boxes.to(ref.dtype))], 1)  # (B, N, 4)
-            attn_mask = with_hybrid_block(cut_to_queries(extra.attn_mask, self.num_queries, q), q, m)
+            attn_mask = fit_extra_mask(extra.attn_mask, self.num_queries, q, m)
         logits, boxes = self.decode(tgt, ref, memory, shapes, attn_mask)
         return {"logits": logits, "boxes": boxes, "enc_logits": enc_logits[:, :q], "enc_boxes": enc_boxes[:, :q],
                 "num_queries": q, "num_hybrid": m}

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from detrkit.model.backbone import Backbone
 from detrkit.model.detr import DETR
-from detrkit.model.heads import MLP, ExtraQueries, cut_to_queries, layer_outputs, with_hybrid_block
+from detrkit.model.heads import MLP, ExtraQueries, fit_extra_mask, layer_outputs
 from detrkit.model.position import box_sine_embedding
 from detrkit.model.transformer import DecoderLayer, MultiheadAttention, Transformer
 
@@ -122,7 +122,7 @@ class TwoStageDETR(DETR):
         if extra is not None:  # training-only queries (denoising) after the Q (+ M) chosen ones
             tgt = torch.cat([tgt, extra.content.to(tgt.dtype)], 1)  # (B, Q + M + E, D)
             ref = torch.cat([ref, extra.boxes.to(ref.dtype)], 1)  # (B, Q + M + E, 4)
-            attn_mask = with_hybrid_block(cut_to_queries(extra.attn_mask, self.num_queries, k), k, m)
+            attn_mask = fit_extra_mask(extra.attn_mask, self.num_queries, k, m)
 
         logits, boxes = self._decode(tgt, ref, memory, pos, flat_mask, attn_mask)  # per layer (B, Q + M + E, .)
         out = layer_outputs([a[:, :k] for a in logits], [b[:, :k] for b in boxes], self.aux_loss)
