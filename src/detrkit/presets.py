@@ -37,12 +37,13 @@ PRESETS: dict[str, dict] = {
         backbone="resnet18", d_model=128, nheads=8, enc_layers=3, dec_layers=3,
         dim_feedforward=512, num_queries=30, frozen_stages=0,
     ),
-    # The fast-convergence model for CPUs and small data: the small preset's sizes, queries chosen
+    # The fast-convergence model for CPUs and small data: the small preset's widths, queries chosen
     # from the encoder with refined box references (docs/training.md).
     "detr_r18_fast": dict(
         backbone="resnet18", d_model=128, nheads=8, dec_layers=3,
         # One encoder layer, as RT-DETR's one AIFI layer: at 128 px two more cost 1.4x the training
-        # time and learn no more per epoch (5 minutes on the demo set: AP 0.714 vs 0.663; docs/benchmarks.md)
+        # time and learn no more per epoch (5 minutes on the demo set: AP 0.714 vs 0.663;
+        # docs/benchmarks.md)
         enc_layers=1,
         dim_feedforward=512, num_queries=30, frozen_stages=0, arch="two_stage",
         backbone_stages=2,  # stride 8: at 128 px, stride 16 puts two small objects in one cell (AP 0.15 vs 0.32 at 4 min)
@@ -171,8 +172,9 @@ RECIPE_BACKBONES: dict[str, dict[str, dict[str, dict]]] = {
 # shorter side): that model attends over every stride-8 cell, so its cost grows with the square of
 # the pixels and auto sizing scales such images down; RT-DETR's grows with the pixels. Measured
 # (docs/benchmarks.md), 15 minutes on a 640 px stand-in (3000 images, objects of 8-64 px): rtdetr_n
-# at 640 px AP 0.755 (APs 0.711), detr_r18_fast at 256 px AP 0.503 (APs 0.469); on the demo's 128 px images
-# detr_r18_fast is the better (rtdetr_n memorises 2000 small images: 0.370 at 2 minutes, 0.298 at 10).
+# at 640 px AP 0.755 (APs 0.711), detr_r18_fast (three encoder layers then) at 256 px AP 0.503
+# (APs 0.469); on the demo's 128 px images detr_r18_fast is the better (rtdetr_n memorises 2000
+# small images: 0.370 at 2 minutes, 0.298 at 10).
 FAST_LARGE_IMAGES = "rtdetr_n"
 
 
