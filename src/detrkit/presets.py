@@ -172,9 +172,9 @@ RECIPE_BACKBONES: dict[str, dict[str, dict[str, dict]]] = {
 # shorter side): that model attends over every stride-8 cell, so its cost grows with the square of
 # the pixels and auto sizing scales such images down; RT-DETR's grows with the pixels. Measured
 # (docs/benchmarks.md), 15 minutes on a 640 px stand-in (3000 images, objects of 8-64 px): rtdetr_n
-# at 640 px AP 0.755 (APs 0.711), detr_r18_fast (three encoder layers then) at 256 px AP 0.503
-# (APs 0.469); on the demo's 128 px images detr_r18_fast is the better (rtdetr_n memorises 2000
-# small images: 0.370 at 2 minutes, 0.298 at 10).
+# at 640 px AP 0.755 (APs 0.711), detr_r18_fast at 256 px AP 0.581 (APs 0.508; 0.503 with three
+# encoder layers); on the demo's 128 px images detr_r18_fast is the better (rtdetr_n memorises
+# 2000 small images: 0.370 at 2 minutes, 0.298 at 10).
 FAST_LARGE_IMAGES = "rtdetr_n"
 
 
