@@ -162,7 +162,7 @@ def test_precision_auto_is_decided_once_for_all_processes_and_leaves_the_run_unt
         env=runs["env"], capture_output=True, text=True, timeout=600)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     lines = [line for line in (job.stdout + job.stderr).splitlines() if line.startswith("precision auto")]
-    assert lines == ["precision auto: fp32 (a training step took 1000 ms in fp32, 1250 ms in bf16; median of 3 steps each)"]
+    assert lines == ["precision auto: fp32 (a training step took 1000 ms in fp32, 1250 ms in bf16; median of 5 steps each)"]
     assert "precision: fp32" in (tmp_path / "auto" / "config.yaml").read_text()
     ddp = load_file(tmp_path / "auto" / "last" / "model.safetensors")
     for k, v in runs["one_epoch1"].items():

@@ -32,9 +32,13 @@ class FakeClock:
 
 
 def test_measure_alternates_skips_the_warm_up_and_takes_medians(monkeypatch):
-    # Warm-up round (not counted): bf16 very slow. Timed rounds: fp32 1.0, 1.0, 9.0 (an outlier);
-    # bf16 0.5, 0.6, 0.55. Counting the warm-up or taking means would change the numbers.
-    monkeypatch.setattr(precision, "clock", FakeClock(0.1, 5.0, 1.0, 0.5, 1.0, 0.6, 9.0, 0.55))
+    # Warm-up rounds (not counted): bf16 very slow. Timed rounds: fp32 1.0 but for one outlier
+    # (9.0); bf16 spread around 0.55. Counting the warm-up or taking means would change the numbers.
+    timed = precision.TIMED_STEPS
+    fp32 = [1.0] * (timed - 1) + [9.0]
+    bf16 = [0.55 + 0.01 * (i - timed // 2) * (-1) ** i for i in range(timed)]
+    steps = [0.1, 5.0] * precision.WARMUP_STEPS + [t for pair in zip(fp32, bf16) for t in pair]
+    monkeypatch.setattr(precision, "clock", FakeClock(*steps))
     order = []
     seconds = precision.measure(order.append, torch.device("cpu"))
     assert order == ["fp32", "bf16"] * (precision.WARMUP_STEPS + precision.TIMED_STEPS)
@@ -45,10 +49,10 @@ def test_measure_alternates_skips_the_warm_up_and_takes_medians(monkeypatch):
 def test_bf16_must_be_clearly_faster():
     assert precision.BF16_MARGIN == 0.95
     assert precision.pick({"fp32": 1.0, "bf16": 0.9}) == "bf16"
-    assert precision.pick({"fp32": 1.0, "bf16": 0.96}) == "fp32"  # within the noise of 3 steps: fp32, exact
+    assert precision.pick({"fp32": 1.0, "bf16": 0.96}) == "fp32"  # within the noise of a few steps: fp32, exact
     assert precision.pick({"fp32": 1.0, "bf16": 1.9}) == "fp32"
     line = precision.report("fp32", {"fp32": 0.25, "bf16": 0.4})
-    assert line == "precision auto: fp32 (a training step took 250 ms in fp32, 400 ms in bf16; median of 3 steps each)"
+    assert line == "precision auto: fp32 (a training step took 250 ms in fp32, 400 ms in bf16; median of 5 steps each)"
 
 
 def test_a_gpu_without_native_bf16_takes_fp32_untimed(monkeypatch):
@@ -83,7 +87,7 @@ def test_a_run_that_measured_equals_a_run_given_its_choice(shapes, tmp_path, mon
     """Dropout on (the random streams matter): measuring leaves no trace on the run."""
     monkeypatch.setattr(precision, "clock", FakeClock(1.0, 0.5))  # bf16 twice as fast
     auto = train_run(*_configs(shapes, tmp_path / "auto", precision="auto"))
-    assert "precision auto: bf16 (a training step took 500 ms in bf16, 1000 ms in fp32; median of 3 steps each)" \
+    assert "precision auto: bf16 (a training step took 500 ms in bf16, 1000 ms in fp32; median of 5 steps each)" \
         in capsys.readouterr().out
     assert yaml.safe_load((auto / "config.yaml").read_text())["train"]["precision"] == "bf16"
     given = train_run(*_configs(shapes, tmp_path / "bf16", precision="bf16"))
