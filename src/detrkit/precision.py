@@ -39,10 +39,8 @@ from detrkit.rng import rng_state, set_rng_state
 
 PRECISIONS = ("fp32", "bf16")  # what "auto" chooses between (fp16 needs loss scaling and a GPU: never chosen)
 # Untimed steps per precision first (memory allocation, oneDNN / cuDNN kernel choice), then timed
-# ones. Ours, the fast preset on 2 CPU cores (AMD EPYC) where bf16 trains 1.15x faster: with 1 + 3
-# steps five start-ups in a row picked fp32 twice (bf16 at 0.97x and 0.99x of fp32's median), with
-# 3 + 3 twice, with 3 + 5 none (0.89x-0.92x); later runs with 3 + 5 picked bf16 once and fp32 once
-# (both 136 ms). 16 steps: two seconds for that preset, about a minute for DETR-R50 at 800 px.
+# ones: with fewer (1 + 3, 3 + 3) the fast preset's start-ups kept fp32 two times in five where bf16
+# trains it 1.15x faster (docs/training.md, "Precision: auto"). 16 steps in all.
 WARMUP_STEPS = 3
 TIMED_STEPS = 5
 # bf16 must take less than this share of fp32's step time. Within 5 % a few steps on a shared
