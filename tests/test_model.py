@@ -6,7 +6,8 @@ import torch
 from conftest import TINY_TRANSFORMER, make_targets
 
 from detrkit import build_criterion, build_model, preset
-from detrkit.config import LossConfig, ModelConfig
+from detrkit.config import LossConfig, ModelConfig, TrainConfig
+from detrkit.engine import make_optimizer
 from detrkit.model.position import PositionEmbeddingLearned, PositionEmbeddingSine
 
 TINY = dict(TINY_TRANSFORMER, num_queries=7, num_classes=3)  # the backbone is each test's
@@ -200,6 +201,30 @@ def test_folded_batchnorm_equals_the_torchvision_modules(overrides):
     features, _ = backbone(x, mask)
     features.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("name", ["rtdetr_tiny", "detr_r18_tiny"])
+def test_evaluation_between_training_steps_sees_the_new_weights(name):
+    """``detrkit train`` evaluates between epochs: the folded BatchNorm weights cached by one
+    evaluation must not serve the next. The fused AdamW step and BatchNorm's running statistics
+    change tensors without bumping their version counters, so the cache's key alone misses them."""
+    torch.manual_seed(0)
+    model = build_model(preset(name, num_classes=3, backbone_norm="batch"))
+    optimizer = make_optimizer(model, TrainConfig(lr=1e-3, lr_backbone=1e-3))  # fused, as detrkit train's
+    images = [torch.rand(3, 64, 64) for _ in range(2)]
+    for _ in range(2):
+        with torch.inference_mode():
+            model.eval()(images)  # an evaluation: fills the caches
+        out = model.train()(images)
+        (out["pred_logits"].sum() + out["pred_boxes"].sum()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    fresh = build_model(model.config)
+    fresh.load_state_dict(model.state_dict())
+    with torch.inference_mode():
+        ours, ref = model.eval()(images), fresh.eval()(images)
+    torch.testing.assert_close(ours["pred_logits"], ref["pred_logits"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours["pred_boxes"], ref["pred_boxes"], atol=1e-5, rtol=1e-5)
 
 
 def test_folded_frozen_batchnorm_trains_like_the_modules():

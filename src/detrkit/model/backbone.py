@@ -116,8 +116,7 @@ class Backbone(nn.Module):
         return conv_bn(x, conv, bn, self._fold_cache, F.relu_ if relu else None)
 
     def train(self, mode: bool = True) -> "Backbone":
-        if mode:  # the cached weights of layers about to learn would go stale, unused
-            self._fold_cache.clear()
+        self._fold_cache.clear()  # the cache cannot see training's updates (see folded)
         return super().train(mode)
 
 
@@ -163,6 +162,14 @@ def folded(conv: nn.Conv2d, bn: nn.Module, x: Tensor, cache: dict) -> tuple[Tens
     differentiable and cheap next to the convolution). Otherwise cached in ``cache[conv]``, in
     the dtype the convolution will run in (bfloat16 under bfloat16 autocast, so autocast does
     not cast the weights again on every call) and in the memory layout of the activations ``x``.
+
+    The cache's key sees in-place changes that bump a tensor's version counter (``copy_``, so
+    ``load_state_dict``; the ``torch._foreach_*`` ops of the EMA) and moves (``.to()``), but
+    training's own updates bump nothing: BatchNorm writes its running statistics inside its
+    kernel, and the fused AdamW step (``torch._fused_adamw_``) writes the weights likewise. So
+    every owner of a cache clears it on each switch between training and eval mode
+    (``Backbone.train``, ``ConvNorm.train``); stale folded weights would make every evaluation
+    during training score an early snapshot of the backbone.
     """
     if torch.is_grad_enabled() and conv.weight.requires_grad:
         return _fold(conv, bn)
@@ -262,6 +269,10 @@ class ConvNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return conv_bn(x, self.conv, self.bn, self._fold_cache, ACTIVATIONS[self.act])
+
+    def train(self, mode: bool = True) -> "ConvNorm":
+        self._fold_cache.clear()  # the cache cannot see training's updates (see folded)
+        return super().train(mode)
 
     def folds(self) -> bool:
         """Whether the BatchNorm uses fixed statistics now (so the pair is one affine convolution)."""
