@@ -269,16 +269,17 @@ def test_fast_recipe_trains_and_evaluates(shapes, tmp_path):
     assert main(["train", "--recipe", "fast", *_data_flags(shapes), "--image-size", "64", "--batch-size", "4",
                  "--epochs", "1", "--out", str(run)]) == 0
     cfg = yaml.safe_load((run / "config.yaml").read_text())
-    assert cfg["model"]["arch"] == "two_stage" and cfg["model"]["backbone_norm"] == "batch"
+    assert cfg["train"]["model"] == "rtdetr_n" and cfg["model"]["arch"] == "rtdetr"
+    assert cfg["model"]["backbone_norm"] == "batch"
     assert cfg["data"]["augment"] == "flip" and cfg["train"]["lr"] == 5e-4 and cfg["loss"]["loss_ce"] == 2.0
     assert cfg["train"]["precision"] in ("fp32", "bf16")  # "auto" measured, and the choice recorded
     metrics = json.loads((run / "metrics.json").read_text())
     assert 0 <= metrics["AP"] <= 1
     dets = json.loads((run / "detections.json").read_text())
     assert len(dets) == 6 * 100  # top-100 (query, class) pairs per image
-    # Flags still win over the recipe.
+    # Flags still win over the recipe; the two-stage DETR, the recipe's model before rtdetr_n, with its own options.
     assert main(["train", "--recipe", "fast", *_data_flags(shapes), "--image-size", "64", "--batch-size", "4",
-                 "--epochs", "1", "--lr", "1e-4", "--precision", "fp32", "--conditional-attention", "--encoder-repeats", "2",
+                 "--epochs", "1", "--model", "detr_r18_fast", "--lr", "1e-4", "--precision", "fp32", "--conditional-attention", "--encoder-repeats", "2",
                  "--hybrid-queries", "20", "--hybrid-repeats", "3", "--out", str(tmp_path / "f2")]) == 0
     cfg = yaml.safe_load((tmp_path / "f2" / "config.yaml").read_text())
     assert cfg["train"]["lr"] == 1e-4 and cfg["model"]["conditional_attention"] and cfg["loss"]["encoder_repeats"] == 2

@@ -306,18 +306,16 @@ def test_auto_size_on_large_images_names_the_multi_scale_preset(tmp_path, capsys
     assert planned("rtdetr_tiny") == (310, [])  # the median shorter side, under RT-DETR's cap
 
 
-def test_the_fast_recipe_takes_the_multi_scale_preset_for_large_images(tmp_path):
-    """--recipe fast with no --model: rtdetr_n when auto sizing would scale the images down to the
-    two-stage model's cap; the two-stage model otherwise, or when the user names a model or a size."""
-    large = _coco_set(tmp_path / "large", [(300, 400), (320, 330), (310, 500)])  # median shorter side 310
-    small = _coco_set(tmp_path / "small", [(128, 128), (120, 160)])
+def test_the_fast_recipe_trains_the_cpu_sized_rtdetr_at_any_image_size(tmp_path):
+    """--recipe fast with no --model: rtdetr_n, auto-sized up to its family's cap (small images at
+    their own size, large ones up to 640 px); a model the user names wins."""
+    large = _coco_set(tmp_path / "large", [(700, 900), (720, 730), (710, 800)])  # median shorter side 710
+    small = _coco_set(tmp_path / "small", [(128, 128), (120, 160), (130, 140)])  # median shorter side 128
 
-    def chosen(data: dict, **train) -> tuple[str, str]:
-        model_cfg, _, _, train_cfg = resolve("fast", {"train": train, "data": data})
-        return train_cfg.model, model_cfg.arch
+    def chosen(data: dict, **train) -> tuple[str, str, int]:
+        cfg = resolve("fast", {"train": {"out": str(tmp_path / "run"), **train}, "data": data})
+        return cfg[3].model, cfg[0].arch, plan(*cfg, torch.device("cpu")).data.image_size
 
-    assert chosen(large) == ("rtdetr_n", "rtdetr")
-    assert chosen(small) == ("detr_r18_fast", "two_stage")
-    assert chosen(large, model="detr_r18_fast") == ("detr_r18_fast", "two_stage")  # the user's choice
-    assert chosen({**large, "image_size": 256}) == ("detr_r18_fast", "two_stage")  # a size given: no auto
-    assert chosen({}) == ("detr_r18_fast", "two_stage")  # auto, but no data named (e.g. a config check)
+    assert chosen(large) == ("rtdetr_n", "rtdetr", 640)  # scaled down to the family's cap
+    assert chosen(small) == ("rtdetr_n", "rtdetr", 128)  # at their own size
+    assert chosen(small, model="detr_r18_fast")[:2] == ("detr_r18_fast", "two_stage")  # the user's choice

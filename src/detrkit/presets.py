@@ -14,8 +14,7 @@ import dataclasses
 from typing import Optional
 
 from detrkit.checkpoint import checkpoint_config
-from detrkit.config import AUTO_IMAGE_SIZE, DataConfig, LossConfig, ModelConfig, TrainConfig, config_from_dict
-from detrkit.data.build import median_shorter_side
+from detrkit.config import DataConfig, LossConfig, ModelConfig, TrainConfig, config_from_dict
 
 # ---------------------------------------------------------------------------------------------
 # Presets. The paper's four (d 256, 8 heads, 6+6 layers, FFN 2048, dropout 0.1, 100 queries)
@@ -101,10 +100,13 @@ def preset(name: str, **overrides) -> ModelConfig:
 RECIPES: dict[str, dict[str, dict]] = {
     # The paper's: DETR-R50, AdamW 1e-4 / 1e-5, 300 epochs with the lr drop at 200 (the dataclass defaults).
     "paper": {"train": {"model": "detr_r50"}},
-    # Learns in minutes from random weights on a CPU: the two-stage preset, focal loss weighted as
-    # in Deformable DETR, a 5x larger learning rate with warm-up and cosine decay, flip-only augmentation.
+    # Learns in minutes from random weights on a CPU: the CPU-sized RT-DETR, focal-family loss weighted
+    # as in Deformable DETR, a 5x larger learning rate with warm-up and cosine decay, flip-only
+    # augmentation. The options below were chosen on detr_r18_fast, its model until 2026-11-29.
     "fast": {
-        "train": dict(model="detr_r18_fast",  # or rtdetr_n for large images: fast_model below
+        # rtdetr_n against detr_r18_fast (docs/benchmarks.md): the demo set in 10 minutes, AP 0.822 vs
+        # 0.788; 15 minutes on a 640 px stand-in, 0.755 vs 0.581 (detr_r18_fast must shrink it to 256 px).
+        "train": dict(model="rtdetr_n",
                       lr=5e-4, lr_backbone=5e-4, schedule="cosine", warmup=0.03,
                       batch_size=8,  # more updates per minute: AP 0.632 vs 0.592 at batch 16 in 10 min
                       epochs=1000,
@@ -112,8 +114,8 @@ RECIPES: dict[str, dict[str, dict]] = {
         # Varifocal targets and 3 denoising groups: AP 0.261 vs 0.209 (focal, none) after 1000 steps.
         # Encoder one-to-many matching x4: AP 0.722 vs 0.599 after 10 minutes (docs/benchmarks.md).
         "loss": dict(loss_ce=2.0, cost_class=2.0, class_loss="varifocal", denoising=3, encoder_repeats=4),
-        # image_size "auto": native size up to the model family's cap (config.AUTO_IMAGE_SIZE: 256 px
-        # for detr_r18_fast, whose encoder attends over (side / 8)^2 tokens; 640 for rtdetr_n). On 2
+        # image_size "auto": native size up to the model family's cap (config.AUTO_IMAGE_SIZE: 640 px
+        # for rtdetr_n; 256 for detr_r18_fast, whose encoder attends over (side / 8)^2 tokens). On 2
         # cores a loader process steals more than it gives.
         "data": dict(augment="flip", workers=0, image_size="auto"),
     },
@@ -168,24 +170,6 @@ RECIPE_BACKBONES: dict[str, dict[str, dict[str, dict]]] = {
     },
 }
 
-# The `fast` recipe's model for images larger than the two-stage model's auto size cap (their median
-# shorter side): that model attends over every stride-8 cell, so its cost grows with the square of
-# the pixels and auto sizing scales such images down; RT-DETR's grows with the pixels. Measured
-# (docs/benchmarks.md), 15 minutes on a 640 px stand-in (3000 images, objects of 8-64 px): rtdetr_n
-# at 640 px AP 0.755 (APs 0.711), detr_r18_fast at 256 px AP 0.581 (APs 0.508; 0.503 with three
-# encoder layers); on the demo's 128 px images detr_r18_fast is the better (rtdetr_n memorises
-# 2000 small images: 0.370 at 2 minutes, 0.298 at 10).
-FAST_LARGE_IMAGES = "rtdetr_n"
-
-
-def fast_model(data: DataConfig) -> str:
-    """The `fast` recipe's model for this data: :data:`FAST_LARGE_IMAGES` when the images are auto-sized
-    and their median shorter side is over the two-stage model's cap; else the recipe's own."""
-    large = data.image_size == "auto" and (data.data is not None or data.train_json is not None) \
-        and median_shorter_side(data) > AUTO_IMAGE_SIZE["two_stage"]
-    return FAST_LARGE_IMAGES if large else RECIPES["fast"]["train"]["model"]
-
-
 # The recipe a model family trains with when no recipe is named: RT-DETR presets train as RT-DETR
 # does (the paper's DETR recipe, the dataclass defaults, would give them DETR's softmax loss settings).
 FAMILY_RECIPES = {"rtdetr": "rtdetr"}
@@ -205,8 +189,7 @@ def resolve(recipe_name: Optional[str], *layers: dict[str, dict]):
     (``train.weights``), of the checkpoint's own model config (its architecture, and its dropout,
     frozen stages and backbone BatchNorm unless the layers set them). Without a recipe name, a model family with its
     own recipe (:data:`FAMILY_RECIPES`) gets that one; the recipe's entry in :data:`RECIPE_BACKBONES`
-    for the model's backbone adds to its defaults. The `fast` recipe with no model named picks one for
-    the data (:func:`fast_model`: it reads the training annotations' image sizes).
+    for the model's backbone adds to its defaults.
     """
     merged: dict[str, dict] = {}
     for layer in layers:
@@ -217,7 +200,6 @@ def resolve(recipe_name: Optional[str], *layers: dict[str, dict]):
         raise ValueError(f"unknown config sections: {', '.join(unknown)}")
     weights = merged.get("train", {}).get("weights")
     base = checkpoint_config(weights) if weights is not None else None  # fine-tuning: the checkpoint's model
-    chosen_model = "model" in merged.get("train", {}) or base is not None
     if recipe_name is None:  # the model family's own recipe, if it has one
         arch = merged.get("model", {}).get("arch") or (base.arch if base is not None else PRESETS.get(
             merged.get("train", {}).get("model", TrainConfig.model), {}).get("arch", "detr"))
@@ -230,8 +212,6 @@ def resolve(recipe_name: Optional[str], *layers: dict[str, dict]):
         for section, values in RECIPE_BACKBONES.get(recipe_name, {}).get(backbone, {}).items():
             defaults.setdefault(section, {}).update(values)
         merged = {s: {**defaults.get(s, {}), **merged.get(s, {})} for s in set(merged) | set(defaults)}
-    if recipe_name == "fast" and not chosen_model:
-        merged["train"]["model"] = fast_model(config_from_dict(DataConfig, merged.get("data", {})))
     if recipe_name == "fast" and base is None and not merged["train"].get("backbone_weights"):
         # From random weights, so the backbone's BatchNorm trains: a frozen one (the published presets'
         # setting, for pretrained statistics) would keep identity statistics and normalise nothing.
