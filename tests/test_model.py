@@ -227,6 +227,32 @@ def test_evaluation_between_training_steps_sees_the_new_weights(name):
     torch.testing.assert_close(ours["pred_boxes"], ref["pred_boxes"], atol=1e-5, rtol=1e-5)
 
 
+def test_the_ema_model_evaluates_with_its_current_average():
+    """The EMA copy stays in eval mode, so its folded weights are cached across updates; its
+    update must reach them (``_foreach_lerp_`` and ``copy_`` bump the version counters)."""
+    from detrkit.ema import ModelEMA
+
+    torch.manual_seed(0)
+    model = build_model(preset("rtdetr_tiny", num_classes=3))
+    ema = ModelEMA(model, decay=0.9, warmup=0)
+    optimizer = make_optimizer(model, TrainConfig(lr=1e-3, lr_backbone=1e-3))
+    images = [torch.rand(3, 64, 64) for _ in range(2)]
+    for _ in range(2):
+        with torch.inference_mode():
+            ema.module(images)  # fills the EMA copy's caches
+        out = model.train()(images)
+        (out["pred_logits"].sum() + out["pred_boxes"].sum()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        ema.update(model)
+    fresh = build_model(model.config)
+    fresh.load_state_dict(ema.module.state_dict())
+    with torch.inference_mode():
+        ours, ref = ema.module(images), fresh.eval()(images)
+    torch.testing.assert_close(ours["pred_logits"], ref["pred_logits"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours["pred_boxes"], ref["pred_boxes"], atol=1e-5, rtol=1e-5)
+
+
 def test_folded_frozen_batchnorm_trains_like_the_modules():
     """Training with frozen BN folded: the same loss and the same gradient for every weight."""
     from detrkit.model.backbone import Backbone
