@@ -203,52 +203,46 @@ def test_folded_batchnorm_equals_the_torchvision_modules(overrides):
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
-@pytest.mark.parametrize("name", ["rtdetr_tiny", "detr_r18_tiny"])
-def test_evaluation_between_training_steps_sees_the_new_weights(name):
-    """``detrkit train`` evaluates between epochs: the folded BatchNorm weights cached by one
-    evaluation must not serve the next. The fused AdamW step and BatchNorm's running statistics
-    change tensors without bumping their version counters, so the cache's key alone misses them."""
-    torch.manual_seed(0)
-    model = build_model(preset(name, num_classes=3, backbone_norm="batch"))
+def _evaluations_between_training_steps(model, evaluated, update=lambda: None) -> tuple[dict, dict]:
+    """Two rounds of (evaluate ``evaluated()``, one fused AdamW step of ``model``, ``update()``), as
+    ``detrkit train`` runs them; then ``evaluated()``'s outputs and those of a fresh model given its
+    weights. The folded BatchNorm weights cached by one evaluation must not serve the next."""
     optimizer = make_optimizer(model, TrainConfig(lr=1e-3, lr_backbone=1e-3))  # fused, as detrkit train's
     images = [torch.rand(3, 64, 64) for _ in range(2)]
     for _ in range(2):
         with torch.inference_mode():
-            model.eval()(images)  # an evaluation: fills the caches
+            evaluated()(images)  # fills the caches
         out = model.train()(images)
         (out["pred_logits"].sum() + out["pred_boxes"].sum()).backward()
         optimizer.step()
         optimizer.zero_grad()
+        update()
     fresh = build_model(model.config)
-    fresh.load_state_dict(model.state_dict())
+    fresh.load_state_dict(evaluated().state_dict())
     with torch.inference_mode():
-        ours, ref = model.eval()(images), fresh.eval()(images)
+        return evaluated()(images), fresh.eval()(images)
+
+
+@pytest.mark.parametrize("name", ["rtdetr_tiny", "detr_r18_tiny"])
+def test_evaluation_between_training_steps_sees_the_new_weights(name):
+    """The fused AdamW step and BatchNorm's running statistics change tensors without bumping
+    their version counters, so the cache's key alone misses them: the switch to eval mode must."""
+    torch.manual_seed(0)
+    model = build_model(preset(name, num_classes=3, backbone_norm="batch"))
+    ours, ref = _evaluations_between_training_steps(model, model.eval)
     torch.testing.assert_close(ours["pred_logits"], ref["pred_logits"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours["pred_boxes"], ref["pred_boxes"], atol=1e-5, rtol=1e-5)
 
 
 def test_the_ema_model_evaluates_with_its_current_average():
-    """The EMA copy stays in eval mode, so its folded weights are cached across updates; its
+    """The EMA copy never leaves eval mode, so its folded weights stay cached across updates; its
     update must reach them (``_foreach_lerp_`` and ``copy_`` bump the version counters)."""
     from detrkit.ema import ModelEMA
 
     torch.manual_seed(0)
     model = build_model(preset("rtdetr_tiny", num_classes=3))
     ema = ModelEMA(model, decay=0.9, warmup=0)
-    optimizer = make_optimizer(model, TrainConfig(lr=1e-3, lr_backbone=1e-3))
-    images = [torch.rand(3, 64, 64) for _ in range(2)]
-    for _ in range(2):
-        with torch.inference_mode():
-            ema.module(images)  # fills the EMA copy's caches
-        out = model.train()(images)
-        (out["pred_logits"].sum() + out["pred_boxes"].sum()).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        ema.update(model)
-    fresh = build_model(model.config)
-    fresh.load_state_dict(ema.module.state_dict())
-    with torch.inference_mode():
-        ours, ref = ema.module(images), fresh.eval()(images)
+    ours, ref = _evaluations_between_training_steps(model, lambda: ema.module, lambda: ema.update(model))
     torch.testing.assert_close(ours["pred_logits"], ref["pred_logits"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours["pred_boxes"], ref["pred_boxes"], atol=1e-5, rtol=1e-5)
 

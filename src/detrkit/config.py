@@ -284,8 +284,9 @@ AUGMENTS = ("detr", "flip", "rtdetr")  # DataConfig.augment (detrkit.data.transf
 
 # The largest size "auto" picks, per model family (ModelConfig.arch). DETR and the two-stage model
 # attend over every stride-8 (or 32) cell, so their cost grows with the square of the pixels: on 2
-# CPU cores detr_r18_fast trains at ~59 img/s at 128 px, ~16 at 256 px and ~9 at 320 px, and 256 px
-# still gives a few thousand images several epochs in a quarter of an hour. RT-DETR attends only at
+# CPU cores (AMD EPYC, fp32, benchmarks/train_speed.py) detr_r18_fast trains at ~59 img/s at 128 px,
+# ~16 at 256 px and ~9 at 320 px, and 256 px still gives a few thousand images several epochs in a
+# quarter of an hour. RT-DETR attends only at
 # stride 32 and samples a few points elsewhere, so its cost grows with the pixels: 640 px, the size
 # its published weights know (training speeds: docs/benchmarks.md). Larger images are scaled down.
 AUTO_IMAGE_SIZE = {"detr": 256, "two_stage": 256, "rtdetr": 640}

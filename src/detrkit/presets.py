@@ -104,8 +104,9 @@ RECIPES: dict[str, dict[str, dict]] = {
     # as in Deformable DETR, a 5x larger learning rate with warm-up and cosine decay, flip-only
     # augmentation. The options below were chosen on detr_r18_fast, its model until 2026-11-29.
     "fast": {
-        # rtdetr_n against detr_r18_fast (docs/benchmarks.md): the demo set in 10 minutes, AP 0.822 vs
-        # 0.788; 15 minutes on a 640 px stand-in, 0.755 vs 0.581 (detr_r18_fast must shrink it to 256 px).
+        # rtdetr_n against detr_r18_fast (2-core AMD EPYC, docs/benchmarks.md): the demo set after 10
+        # minutes, AP 0.820 vs 0.788; a 640 px stand-in after 15, 0.755 vs 0.581 (detr_r18_fast must
+        # shrink it to 256 px).
         "train": dict(model="rtdetr_n",
                       lr=5e-4, lr_backbone=5e-4, schedule="cosine", warmup=0.03,
                       batch_size=8,  # more updates per minute: AP 0.632 vs 0.592 at batch 16 in 10 min
